@@ -104,7 +104,9 @@ def copy_hf_folder(source: Path, dest: Path, progress: ProgressFn | None = None)
     tokenizer.save_pretrained(str(dest))
 
 
-def make_tiny_model(dest: Path, seed: int = 0, tokenizer=None, hidden_size: int = 64, layers: int = 2) -> Path:
+def make_tiny_model(
+    dest: Path, seed: int = 0, tokenizer=None, hidden_size: int = 64, layers: int = 2
+) -> Path:
     """A randomly initialised Llama of SmolLM2's shape family, small enough for tests, with the real tokenizer.
 
     Deterministic for a given seed, so tests that train it are reproducible.

@@ -1,0 +1,110 @@
+"""Settings shared by the web app, the workers and the CLI (PREFLOOP_* env vars or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "change-me-development-only"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PREFLOOP_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    environment: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Field(default=Path("var"), description="Database file, model registry, exports.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite in data_dir.")
+    broker_url: str = Field(
+        default="", description="Celery broker; empty means a SQLite-backed kombu broker in data_dir."
+    )
+    redis_url: str = Field(
+        default="", description="Redis for policy wake-up messages; empty disables pub/sub (polling only)."
+    )
+    secret_key: str = DEFAULT_SECRET
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N for training and generation.")
+    base_model: Path | None = Field(
+        default=None, description="Local HF folder used instead of SmolLM2 by `prefloop init`."
+    )
+    serve_policy: bool = Field(
+        default=True, description="Load the live policy in the web process (playground, health)."
+    )
+    policy_poll_seconds: float = 5.0
+    session_max_age_seconds: int = 14 * 24 * 3600
+    assignment_ttl_seconds: int = 30 * 60
+    task_overlap: int = 1
+    responses_per_task: int = 4
+    refill_below: int = 20
+    refill_prompts: int = 16
+    auto_round_min_comparisons: int = 0
+    templates_dir: Path = PROJECT_ROOT / "templates"
+    static_dir: Path = PROJECT_ROOT / "static"
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> Settings:
+        if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
+            raise ValueError(
+                "PREFLOOP_SECRET_KEY is still the development default; set a long random value "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`) before running in production."
+            )
+        if self.environment == "production" and len(self.secret_key) < 32:
+            raise ValueError("PREFLOOP_SECRET_KEY must be at least 32 characters in production.")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.resolved_data_dir / "registry"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.resolved_data_dir / "runs"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.resolved_data_dir / "exports"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url.replace("postgres://", "postgresql+psycopg://", 1).replace(
+                "postgresql://", "postgresql+psycopg://", 1
+            )
+        return f"sqlite:///{self.resolved_data_dir / 'prefloop.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        # kombu's SQLAlchemy transport: a real broker with no server to run (embedded default).
+        return f"sqla+sqlite:///{self.resolved_data_dir / 'broker.db'}"
+
+    @property
+    def is_embedded(self) -> bool:
+        return not self.broker_url
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (the CLI and tests change env vars before the app starts)."""
+    get_settings.cache_clear()

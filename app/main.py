@@ -1,0 +1,98 @@
+"""create_app(): lifespan (engine, policy holder), static files, routers, error pages."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from urllib.parse import quote
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
+
+from app.config import Settings, get_settings
+from app.db import make_engine, session_factory
+from app.routes import ROUTERS
+from app.security import CSRF_COOKIE
+from app.serving import PolicyHolder
+
+log = logging.getLogger(__name__)
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    if path.startswith(("/api/", "/healthz")):
+        return False
+    return "text/html" in request.headers.get("accept", "")
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    owns_engine = engine is None
+    engine = engine or make_engine(settings.sqlalchemy_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        holder = PolicyHolder(app.state.sessionmaker, settings)
+        app.state.policy_holder = holder
+        holder.start()
+        try:
+            yield
+        finally:
+            holder.stop()
+            if owns_engine:
+                engine.dispose()
+
+    app = FastAPI(
+        title="prefloop",
+        description="Human-feedback loop: rank responses, train a reward model, run PPO-max, hot-load the policy.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = session_factory(engine)
+    app.state.policy_holder = None
+    app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
+    for router in ROUTERS:
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def csrf_cookie(request: Request, call_next):
+        response: Response = await call_next(request)
+        token = getattr(request.state, "new_csrf_token", None)
+        if token:
+            response.set_cookie(CSRF_COOKIE, token, httponly=False, samesite="lax", secure=False)
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 401 and _wants_html(request):
+            return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+        if _wants_html(request) and exc.status_code in (403, 404, 409):
+            from app.templating import render
+
+            return render(
+                request,
+                "error.html",
+                {"status": exc.status_code, "detail": exc.detail},
+                status_code=exc.status_code,
+            )
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        # Say which field is wrong and why, in words a client can act on.
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"detail": "; ".join(problems), "errors": jsonable_errors(exc)}, status_code=422)
+
+    return app
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict]:
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]

@@ -1,0 +1,236 @@
+"""Passwords, session cookies, CSRF, API tokens and the role checks every route declares."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from fastapi import Depends, HTTPException, Request, status
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings, get_settings
+from app.deps import DbSession
+from app.models import ROLES, ApiToken, User
+
+SESSION_COOKIE = "prefloop_session"
+CSRF_COOKIE = "prefloop_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+TOKEN_PREFIX = "pfl_"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+_hasher = PasswordHasher()
+# Verifying against a fixed hash when the user does not exist keeps login timing uniform.
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+# ---------------------------------------------------------------- passwords
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password: str, password_hash: str | None) -> bool:
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def authenticate(db: Session, username: str, password: str) -> User | None:
+    user = db.scalar(select(User).where(User.username == username))
+    ok = verify_password(password, user.password_hash if user else None)
+    return user if ok and user and user.is_active else None
+
+
+# ---------------------------------------------------------------- API tokens
+
+
+def hash_token(token: str) -> str:
+    # Tokens carry 256 bits of randomness, so a fast hash is enough (unlike passwords).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_api_token(db: Session, user: User, name: str) -> str:
+    """Store a new token hashed and return the plain value (shown once)."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    db.add(ApiToken(user_id=user.id, name=name, prefix=token[:12], token_hash=hash_token(token)))
+    db.flush()
+    return token
+
+
+def user_for_token(db: Session, token: str) -> User | None:
+    row = db.scalar(
+        select(ApiToken).where(ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None))
+    )
+    if row is None or not row.user.is_active:
+        return None
+    db.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=datetime.now(UTC)))
+    db.commit()
+    return row.user
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def _serializer(settings: Settings) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(settings.secret_key, salt="prefloop-session")
+
+
+def make_session_cookie(user: User, settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    return _serializer(settings).dumps({"uid": user.id, "gen": user.session_generation})
+
+
+def user_for_session_cookie(db: Session, cookie: str, settings: Settings | None = None) -> User | None:
+    settings = settings or get_settings()
+    try:
+        data = _serializer(settings).loads(cookie, max_age=settings.session_max_age_seconds)
+    except BadSignature:
+        return None
+    user = db.get(User, data.get("uid"))
+    if user is None or not user.is_active or user.session_generation != data.get("gen"):
+        return None
+    return user
+
+
+# ---------------------------------------------------------------- CSRF (signed double-submit cookie)
+
+
+def new_csrf_token(settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    nonce = secrets.token_urlsafe(16)
+    mac = hmac.new(settings.secret_key.encode(), nonce.encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{nonce}.{mac}"
+
+
+def csrf_token_is_valid(token: str | None, settings: Settings | None = None) -> bool:
+    settings = settings or get_settings()
+    if not token or "." not in token:
+        return False
+    nonce, mac = token.rsplit(".", 1)
+    expected = hmac.new(settings.secret_key.encode(), nonce.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.compare_digest(mac, expected)
+
+
+def csrf_token_for(request: Request) -> str:
+    """The request's CSRF token: the cookie's if valid, else a fresh one (set by middleware on the response)."""
+    existing = request.cookies.get(CSRF_COOKIE)
+    if csrf_token_is_valid(existing):
+        return existing  # type: ignore[return-value]
+    token = getattr(request.state, "new_csrf_token", None)
+    if token is None:
+        token = new_csrf_token()
+        request.state.new_csrf_token = token
+    return token
+
+
+async def check_csrf(request: Request) -> None:
+    """Unsafe browser requests must echo the CSRF cookie in a header (htmx) or a form field."""
+    if request.method in SAFE_METHODS or request.headers.get("authorization", "").lower().startswith(
+        "bearer "
+    ):
+        return
+    cookie = request.cookies.get(CSRF_COOKIE)
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        form = await request.form()
+        sent = form.get(CSRF_FIELD)  # type: ignore[assignment]
+    if not (cookie and sent and hmac.compare_digest(cookie, str(sent)) and csrf_token_is_valid(cookie)):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "CSRF token missing or invalid; reload the page and submit again."
+        )
+
+
+# ---------------------------------------------------------------- principals and roles
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: int
+    username: str
+    role: str
+    via_token: bool
+
+
+class LoginRequired(HTTPException):
+    """Anonymous request: pages redirect to the login form, the API answers 401."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            status.HTTP_401_UNAUTHORIZED,
+            "Authentication required: log in, or send 'Authorization: Bearer <token>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def current_principal(request: Request, db: DbSession) -> Principal | None:
+    auth = request.headers.get("authorization", "")
+    user: User | None = None
+    via_token = False
+    if auth.lower().startswith("bearer "):
+        user = user_for_token(db, auth[7:].strip())
+        via_token = True
+        if user is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or revoked API token.")
+    elif cookie := request.cookies.get(SESSION_COOKIE):
+        user = user_for_session_cookie(db, cookie)
+    if user is None:
+        return None
+    principal = Principal(id=user.id, username=user.username, role=user.role, via_token=via_token)
+    request.state.principal = principal
+    return principal
+
+
+OptionalPrincipal = Annotated[Principal | None, Depends(current_principal)]
+
+
+def require_role(*roles: str) -> Callable[..., Principal]:
+    """Dependency factory: the route is open to these roles only. Routes list it in `dependencies`
+    or take its result as a parameter; the route audit test reads `allowed_roles` off it."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}")
+
+    async def dependency(request: Request, principal: OptionalPrincipal) -> Principal:
+        if principal is None:
+            raise LoginRequired()
+        if principal.role not in roles:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"This needs the {' or '.join(roles)} role; you are signed in as {principal.role}.",
+            )
+        if not principal.via_token:
+            await check_csrf(request)
+        return principal
+
+    dependency.allowed_roles = frozenset(roles)  # type: ignore[attr-defined]
+    return dependency
+
+
+def public(request: Request) -> None:
+    """Marks a route as deliberately open to anonymous users (login, health)."""
+
+
+public.allowed_roles = frozenset({"anonymous"})  # type: ignore[attr-defined]
+
+ANNOTATE_ROLES = ("annotator", "admin")
+EXPORT_ROLES = ("researcher", "admin")
+ANY_ROLE = ROLES
+
+Annotator = Annotated[Principal, Depends(require_role(*ANNOTATE_ROLES))]
+Admin = Annotated[Principal, Depends(require_role("admin"))]
+Researcher = Annotated[Principal, Depends(require_role(*EXPORT_ROLES))]
+AnyUser = Annotated[Principal, Depends(require_role(*ANY_ROLE))]

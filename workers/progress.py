@@ -1,0 +1,129 @@
+"""Run rows as the source of truth: claiming, throttled progress and metrics, cancel checks, finishing."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import Run, RunMetric, utcnow
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10.0
+# A running row whose heartbeat is older than this belongs to a dead worker and may be taken over.
+STALE_AFTER = timedelta(seconds=6 * HEARTBEAT_SECONDS)
+
+
+def claim_run(db: Session, run_id: int) -> bool:
+    """Atomically move a run to 'running'. False when another delivery already owns it (or it ended).
+
+    A 'running' row with a stale heartbeat is taken over: its worker died and the broker redelivered.
+    """
+    now = utcnow()
+    result = db.execute(
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.cancel_requested.is_(False),
+            or_(Run.status == "queued", (Run.status == "running") & (Run.heartbeat_at < now - STALE_AFTER)),
+        )
+        .values(status="running", started_at=now, heartbeat_at=now, attempts=Run.attempts + 1, error="")
+    )
+    db.commit()
+    return result.rowcount == 1
+
+
+def finish_run(
+    db: Session, run_id: int, status: str, result: dict[str, Any] | None = None, error: str = ""
+) -> None:
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
+    if result is not None:
+        values["result"] = result
+    if status == "succeeded":
+        values["progress"] = 1.0
+    db.execute(update(Run).where(Run.id == run_id).values(**values))
+    db.commit()
+
+
+def fail_run(db: Session, run_id: int, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    finish_run(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{text}")
+
+
+def request_cancel(db: Session, run_id: int) -> bool:
+    """Ask a run to stop; a queued run is cancelled at once, a running one at its next check."""
+    run = db.get(Run, run_id)
+    if run is None or run.status in ("succeeded", "failed", "cancelled"):
+        return False
+    run.cancel_requested = True
+    if run.status == "queued":
+        run.status = "cancelled"
+        run.finished_at = utcnow()
+    db.commit()
+    return True
+
+
+def upsert_metrics(db: Session, run_id: int, rows: dict[tuple[int, str], float]) -> None:
+    """Write (step, name) → value; a step repeated after a resume overwrites instead of duplicating."""
+    if not rows:
+        return
+    values = [{"run_id": run_id, "step": s, "name": n, "value": float(v)} for (s, n), v in rows.items()]
+    insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(RunMetric).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "step", "name"], set_={"value": stmt.excluded.value}
+    )
+    db.execute(stmt)
+    db.commit()
+
+
+class DbReporter:
+    """The trainers' Reporter over the runs and run_metrics tables, throttled to a write every few seconds."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, every_seconds: float = 2.0):
+        self._sessions = sessions
+        self.run_id = run_id
+        self._every = every_seconds
+        self._pending: dict[tuple[int, str], float] = {}
+        self._progress: tuple[int, int, str] | None = None
+        self._last_flush = 0.0
+        self._cancelled = False
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        self._progress = (done, total, message)
+        self._maybe_flush()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self._pending[(step, name)] = float(value)
+        self._maybe_flush()
+
+    def should_stop(self) -> bool:
+        self._maybe_flush()
+        return self._cancelled
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self._every:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        with self._sessions() as db:
+            upsert_metrics(db, self.run_id, self._pending)
+            self._pending = {}
+            values: dict[str, Any] = {"heartbeat_at": utcnow()}
+            if self._progress is not None:
+                done, total, message = self._progress
+                values["progress"] = min(1.0, done / total) if total else 0.0
+                values["progress_message"] = message or f"{done}/{total}"
+            db.execute(update(Run).where(Run.id == self.run_id).values(**values))
+            db.commit()
+            self._cancelled = bool(db.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))
