@@ -45,11 +45,16 @@ def make_engine(url: str, pool_size: int = 20) -> Engine:
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
-@lru_cache
 def get_engine(url: str | None = None) -> Engine:
+    """The process-wide engine for a URL (default: the settings' database)."""
     from app.config import get_settings
 
-    return make_engine(url or get_settings().sqlalchemy_url)
+    return _engine_for(url or get_settings().sqlalchemy_url)
+
+
+@lru_cache
+def _engine_for(url: str) -> Engine:
+    return make_engine(url)
 
 
 def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 import app.models  # noqa: F401 - registers every table on Base.metadata
 from app.db import Base, make_engine
@@ -43,18 +43,20 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _configure(connection)
+    given = config.attributes.get("connection")
+    if isinstance(given, Connection):
+        _configure(given)
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = make_engine(_url())
+    # pytest-alembic hands in an Engine; otherwise the URL comes from Settings.
+    engine = given if isinstance(given, Engine) else make_engine(_url())
     with engine.connect() as conn:
         _configure(conn)
         with context.begin_transaction():
             context.run_migrations()
-    engine.dispose()
+    if engine is not given:
+        engine.dispose()
 
 
 if context.is_offline_mode():
