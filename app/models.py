@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -212,7 +213,16 @@ class Task(Base):
         CheckConstraint(_in("status", TASK_STATUSES), name="status"),
         CheckConstraint("required_annotations >= 1", name="required_positive"),
         CheckConstraint("annotation_count <= required_annotations", name="not_overfilled"),
+        # Slots handed out (active + submitted assignments) never exceed what the task asks for.
+        CheckConstraint("claimed_count >= 0 AND claimed_count <= required_annotations", name="claims_in_range"),
         Index("ix_tasks_status_id", "status", "id"),
+        # Only tasks with a free slot: the assignment query walks this index in id order.
+        Index(
+            "ix_tasks_claimable",
+            "id",
+            postgresql_where=text("status = 'open' AND claimed_count < required_annotations"),
+            sqlite_where=text("status = 'open' AND claimed_count < required_annotations"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -221,6 +231,9 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(8), default="open")
     required_annotations: Mapped[int] = mapped_column(Integer, default=1)
     annotation_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Slots taken by active or submitted assignments; changed only by a conditional UPDATE on this row,
+    # which is what keeps concurrent annotators from taking the same slot (app/assignment.py).
+    claimed_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     gold_response_id: Mapped[int | None] = mapped_column(ForeignKey("responses.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = Timestamp()
