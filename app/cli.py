@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -280,23 +281,55 @@ def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
         logins = ", ".join(f"{u} / {p}" for u, _role, p in DEMO_USERS)
         click.echo(f"  demo logins (after `prefloop init --demo`): {logins}")
     try:
-        uvicorn.run(
-            "app.main:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=web_workers,
-            log_level="warning",
-        )
+        if web_workers > 1:
+            uvicorn.run(
+                "app.main:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=web_workers,
+                log_level="warning",
+            )
+        else:
+            config = uvicorn.Config(
+                "app.main:create_app", factory=True, host=host, port=port, log_level="warning"
+            )
+            _QuietServer(config).run()
     finally:
         _stop_children(children)
         click.echo("prefloop stopped")
 
 
+class _QuietServer:
+    """uvicorn's server, stopped by SIGINT/SIGTERM without re-raising the signal afterwards,
+    so Ctrl-C ends with a clean shutdown of the app and then of the worker, not a traceback."""
+
+    def __init__(self, config) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextmanager
+            def capture_signals(self):
+                def stop(_signum, _frame):
+                    self.should_exit = True
+
+                previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        self._server = Server(config)
+
+    def run(self) -> None:
+        self._server.run()
+
+
 def _stop_children(children: list[subprocess.Popen], timeout: float = 20.0) -> None:
     for child in children:
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)  # Celery's warm shutdown: finish or requeue the task
+            child.terminate()  # Celery's warm shutdown: the current task finishes or is redelivered
     deadline = time.monotonic() + timeout
     for child in children:
         try:

@@ -40,7 +40,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         # A fresh child per task: GPU memory is returned and a crashed CUDA context does not linger.
         worker_max_tasks_per_child=1 if not settings.is_embedded else None,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        # Redis only: kombu's SQLAlchemy transport hands its options to create_engine().
+        broker_transport_options={} if settings.is_embedded else {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],

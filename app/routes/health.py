@@ -17,7 +17,7 @@ def check_broker(url: str, timeout: float = 2.0) -> tuple[bool, str]:
     from kombu import Connection
 
     try:
-        with Connection(url, connect_timeout=timeout, transport_options={"max_retries": 0}) as conn:
+        with Connection(url, connect_timeout=timeout) as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
         return True, "ok"
     except Exception as exc:

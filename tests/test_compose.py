@@ -1,0 +1,70 @@
+"""docker-compose.yml: the stack DESIGN.md §2 describes, and every command it runs exists in the CLI."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from app.cli import main as cli
+
+COMPOSE = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+
+
+def _prefloop_invocations(command) -> list[list[str]]:
+    """Each `prefloop …` call in a service command (list form or `sh -c "a && b"`)."""
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if command[:2] == ["sh", "-c"]:
+        calls = []
+        for part in command[2].replace("&&", ";").split(";"):
+            words = shlex.split(part)
+            if words and words[0] == "prefloop":
+                calls.append(words)
+        return calls
+    return [command] if command and command[0] == "prefloop" else []
+
+
+def _parse_with_cli(args: list[str]) -> None:
+    """Resolve subcommands and parse options exactly as the CLI would, without running anything."""
+    ctx = cli.make_context("prefloop", list(args), resilient_parsing=False)
+    group, rest = cli, ctx.protected_args + ctx.args
+    while rest:
+        name, command, rest = group.resolve_command(ctx, rest)
+        assert command is not None, f"unknown command {name}"
+        ctx = command.make_context(name, rest, parent=ctx)
+        if isinstance(command, click.Group):
+            group, rest = command, ctx.protected_args + ctx.args
+        else:
+            rest = []
+
+
+def test_compose_has_the_whole_stack():
+    services = COMPOSE["services"]
+    assert {"postgres", "redis", "migrate", "web", "worker-gpu", "worker-default", "beat"} <= set(services)
+    assert services["postgres"]["healthcheck"] and services["redis"]["healthcheck"]
+    assert services["web"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    gpu = services["worker-gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert gpu["command"][2:] == ["--queues", "gpu", "--concurrency", "1"]
+    assert {"pgdata", "registry"} <= set(COMPOSE["volumes"])
+
+
+def test_migrate_waits_for_the_database_then_upgrades():
+    command = " ".join(COMPOSE["services"]["migrate"]["command"])
+    assert "pg_isready" in command and "prefloop migrate" in command
+
+
+@pytest.mark.parametrize("service", sorted(COMPOSE["services"]))
+def test_every_prefloop_command_exists_in_the_cli(service):
+    spec = COMPOSE["services"][service]
+    for args in _prefloop_invocations(spec.get("command", [])):
+        _parse_with_cli(args[1:])
+
+
+def test_an_unknown_command_would_be_caught():
+    with pytest.raises((click.UsageError, AssertionError)):
+        _parse_with_cli(["no-such-command"])
