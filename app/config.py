@@ -43,6 +43,23 @@ class Settings(BaseSettings):
     refill_below: int = 20
     refill_prompts: int = 16
     auto_round_min_comparisons: int = 0
+    # Quality control (app/quality).
+    # One assignment in twenty is a gold task: enough to measure each annotator within a few dozen
+    # tasks while costing little of their time.
+    gold_share: float = Field(default=0.05, ge=0.0, le=1.0, description="Share of assignments that are gold tasks.")
+    # Gold tasks are chosen clear-cut, so careful annotators put the known best response on top far
+    # more often than chance (1/K, 25% for K=4); below 60% the judgements look careless or adversarial.
+    gold_min_accuracy: float = Field(
+        default=0.6, ge=0.0, le=1.0, description="Gold accuracy under which an annotator is flagged."
+    )
+    # A single miss must not flag anyone: judge only after this many answered gold tasks.
+    gold_min_answers: int = Field(default=5, ge=1, description="Answered gold tasks before flagging.")
+    # Flagged annotators' comparisons stay in the database but leave training data and exports.
+    exclude_flagged_annotators: bool = Field(
+        default=True, description="Drop flagged annotators' comparisons from training and exports."
+    )
+    # Gold tasks are shown to every annotator once, so their annotation cap is set this high.
+    gold_max_annotations: int = Field(default=100_000, ge=1, description="Annotation cap of a gold task.")
     templates_dir: Path = PROJECT_ROOT / "templates"
     static_dir: Path = PROJECT_ROOT / "static"
 

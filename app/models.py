@@ -371,3 +371,18 @@ class RunMetric(Base):
     step: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
+
+
+class RoundAnnotation(Base):
+    """The annotations whose comparisons a round trained on, recorded when the round reads its data.
+
+    Exclusion of flagged annotators is decided at that moment, so this table is what makes a
+    round's training data reproducible after flags change.
+    """
+
+    __tablename__ = "round_annotations"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(
+        ForeignKey("annotations.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
