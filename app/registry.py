@@ -8,7 +8,9 @@ after commit, a wake-up message. A row therefore only ever points at a complete 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,25 @@ def publish_policy(
     build: Builder,
     *,
     kind: str,
+    settings: Settings | None = None,
+    **row: Any,
+) -> Policy:
+    """Write a policy folder atomically (build → fsync → hash → rename) and register it."""
+    from workers.training.checkpoint import atomic_publish
+
+    settings = settings or get_settings()
+    staging = settings.registry_dir / "staging" / uuid.uuid4().hex
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    sha256 = atomic_publish(build, staging)
+    return register_policy_folder(db, staging, sha256, kind=kind, settings=settings, **row)
+
+
+def register_policy_folder(
+    db: Session,
+    folder: Path,
+    sha256: str,
+    *,
+    kind: str,
     parent: Policy | None = None,
     round_id: int | None = None,
     reward_model_id: int | None = None,
@@ -66,9 +87,9 @@ def publish_policy(
     make_live: bool = False,
     settings: Settings | None = None,
 ) -> Policy:
-    """Write a policy folder atomically and register it; commits, then wakes the holders if it went live."""
-    from workers.training.checkpoint import atomic_publish
-
+    """Move a complete, hashed folder (e.g. a trainer's atomic output) into registry/policies/<version>
+    with one rename, then insert its row (and move the alias) in one transaction; wakes holders after commit.
+    """
     settings = settings or get_settings()
     root = policies_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +97,7 @@ def publish_policy(
     while (root / str(version)).exists():  # a folder left by a publish whose transaction failed
         version += 1
     dest = root / str(version)
-    sha256 = atomic_publish(build, dest)
+    os.replace(folder, dest)
     policy = Policy(
         version=version,
         parent_id=parent.id if parent else None,

@@ -1,5 +1,5 @@
 """One router per area; create_app() includes every router listed here."""
 
-from app.routes import auth, health
+from app.routes import api_rounds, auth, health
 
-ROUTERS = [health.router, auth.router]
+ROUTERS = [health.router, auth.router, api_rounds.router]

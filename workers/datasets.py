@@ -1,0 +1,61 @@
+"""From our tables to the trainers' plain inputs: comparisons up to a snapshot, prompts by split."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, aliased
+
+from app.models import Annotation, Comparison, Prompt, Response
+from workers.training.data import Comparison as TrainingComparison
+
+
+def comparison_snapshot(db: Session) -> int:
+    """The highest comparison id now: a run trains on everything up to it, however long it waits."""
+    return db.scalar(select(func.max(Comparison.id))) or 0
+
+
+def load_comparisons(
+    db: Session, snapshot: int, exclude_user_ids: set[int] | frozenset[int] = frozenset()
+) -> list[TrainingComparison]:
+    """Every accepted comparison with id <= snapshot, joined to its prompt and both response texts."""
+    chosen = aliased(Response)
+    rejected = aliased(Response)
+    query = (
+        select(
+            Comparison.id,
+            Comparison.prompt_id,
+            Comparison.annotation_id,
+            Prompt.messages,
+            chosen.text,
+            rejected.text,
+            Comparison.margin,
+        )
+        .join(Prompt, Prompt.id == Comparison.prompt_id)
+        .join(chosen, chosen.id == Comparison.chosen_response_id)
+        .join(rejected, rejected.id == Comparison.rejected_response_id)
+        .join(Annotation, Annotation.id == Comparison.annotation_id)
+        .where(Comparison.id <= snapshot)
+        .order_by(Comparison.id)
+    )
+    if exclude_user_ids:
+        query = query.where(Annotation.user_id.not_in(exclude_user_ids))
+    return [
+        TrainingComparison(
+            comparison_id=row[0],
+            prompt_id=row[1],
+            group_id=row[2],
+            prompt=row[3],
+            chosen=row[4],
+            rejected=row[5],
+            margin=float(row[6] or 0.0),
+        )
+        for row in db.execute(query)
+    ]
+
+
+def load_prompts(db: Session, split: str, limit: int | None = None) -> list[list[dict]]:
+    """Chat prompts of one split (train for PPO rollouts, eval for the gate), oldest first."""
+    query = select(Prompt.messages).where(Prompt.split == split).order_by(Prompt.id)
+    if limit:
+        query = query.limit(limit)
+    return list(db.scalars(query))

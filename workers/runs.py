@@ -1,0 +1,176 @@
+"""Run bodies: what a worker does for a run row of each kind (reward, ppo/dpo, evaluate).
+
+Every body follows the same lifecycle (`execute`): claim the row (a redelivered message or a second
+worker does nothing), report progress and metrics through DbReporter, stop on cancel, record the
+result or the full error on the row. Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so a
+run whose worker died resumes where it stopped when the message is delivered again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
+from app.db import session_factory
+from app.models import Policy, RewardModel, Run, utcnow
+from app.registry import live_policy, policy_by_version, register_reward_model, reward_models_dir
+from workers.progress import DbReporter, claim_run, fail_run, finish_run
+from workers.training.reporting import RunCancelled
+
+log = logging.getLogger(__name__)
+
+TASK_FOR_KIND = {
+    "reward": "workers.tasks.train_reward_model",
+    "ppo": "workers.tasks.train_policy",
+    "dpo": "workers.tasks.train_policy",
+    "evaluate": "workers.tasks.evaluate_policy",
+}
+
+Body = Callable[[int, dict[str, Any], DbReporter], dict[str, Any]]
+
+
+def run_dir(run_id: int, settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).runs_dir / str(run_id)
+
+
+def dataclass_from(cls, knobs: dict[str, Any] | None):
+    """Build a trainer config from user knobs, refusing names the config does not have."""
+    knobs = dict(knobs or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(knobs) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(knobs)
+    return cls(**knobs)
+
+
+# ---------------------------------------------------------------- creating and enqueueing
+
+
+def create_run(
+    db: Session, kind: str, config: dict[str, Any], round_id: int | None = None, created_by: int | None = None
+) -> Run:
+    run = Run(kind=kind, config=config, round_id=round_id, created_by=created_by, status="queued")
+    db.add(run)
+    db.flush()
+    return run
+
+
+def enqueue_run(run_id: int, kind: str) -> None:
+    """Send the run's task; call after the transaction that created the row has committed."""
+    from workers.celery_app import celery_app
+
+    celery_app.send_task(TASK_FOR_KIND[kind], args=[run_id])
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = None) -> str | None:
+    """Claim, run the body, finish. Returns the final status, or None when the run was not ours."""
+    sessions = sessions or session_factory()
+    with sessions() as db:
+        if not claim_run(db, run_id):
+            log.info("run %s is owned by another delivery or already finished; nothing to do", run_id)
+            return None
+        config = dict(db.get(Run, run_id).config)
+    reporter = DbReporter(sessions, run_id)
+    try:
+        result = body(run_id, config, reporter)
+    except RunCancelled:
+        reporter.flush()
+        with sessions() as db:
+            finish_run(db, run_id, "cancelled", error="cancelled on request")
+        return "cancelled"
+    except Exception as exc:
+        log.exception("run %s failed", run_id)
+        reporter.flush()
+        with sessions() as db:
+            fail_run(db, run_id, exc)
+        return "failed"
+    reporter.flush()
+    with sessions() as db:
+        finish_run(db, run_id, "succeeded", result=result)
+    return "succeeded"
+
+
+def _policy_for(db: Session, version: int | None) -> Policy:
+    policy = policy_by_version(db, version) if version is not None else live_policy(db)
+    if policy is None:
+        raise ValueError("no policy to start from: run `prefloop init` to register the base policy")
+    return policy
+
+
+# ---------------------------------------------------------------- reward model
+
+
+def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
+    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
+        from workers.datasets import load_comparisons
+        from workers.training.checkpoint import sha256_folder
+        from workers.training.reward import RewardConfig, train_reward_model
+
+        trainer_config = dataclass_from(RewardConfig, config.get("knobs"))
+        with sessions() as db:
+            existing = db.scalar(select(RewardModel).where(RewardModel.run_id == run_id))
+            if existing is not None:  # registered by an earlier delivery that died before finishing
+                return {"reward_model_id": existing.id, **existing.metrics}
+            policy = _policy_for(db, config.get("policy_version"))
+            snapshot = int(config["comparison_snapshot"])
+            comparisons = load_comparisons(db, snapshot, _excluded_annotators(db))
+        if not comparisons:
+            raise ValueError(
+                "there are no comparisons to train on yet: annotators must rank some tasks first"
+            )
+        output = reward_models_dir(settings) / f"run-{run_id}"
+        if not (output / "reward_stats.json").exists():
+            train_reward_model(
+                Path(policy.path),
+                comparisons,
+                output,
+                run_dir(run_id, settings) / "checkpoints",
+                trainer_config,
+                reporter,
+            )
+        metrics = json.loads((output / "reward_stats.json").read_text())
+        with sessions() as db:
+            row = register_reward_model(
+                db,
+                output,
+                sha256_folder(output),
+                metrics=metrics,
+                comparison_snapshot=snapshot,
+                base_policy_id=policy.id,
+                round_id=config.get("round_id"),
+                run_id=run_id,
+            )
+            db.commit()
+            return {"reward_model_id": row.id, "comparisons": len(comparisons), **metrics}
+
+    return body
+
+
+def _excluded_annotators(db: Session) -> set[int]:
+    from app.quality.gold import excluded_annotator_ids
+
+    return set(excluded_annotator_ids(db))
+
+
+def execute_reward_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
+    sessions = sessions or session_factory()
+    return execute(run_id, reward_body(sessions, get_settings()), sessions)
+
+
+def now_iso() -> str:
+    return utcnow().isoformat()
