@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.db import session_factory
-from app.models import Policy, RewardModel, Run, utcnow
+from app.models import Policy, RewardModel, Run
 from app.registry import live_policy, policy_by_version, register_reward_model, reward_models_dir
 from workers.progress import DbReporter, claim_run, fail_run, finish_run
 from workers.training.reporting import RunCancelled
@@ -172,5 +172,156 @@ def execute_reward_run(run_id: int, sessions: sessionmaker[Session] | None = Non
     return execute(run_id, reward_body(sessions, get_settings()), sessions)
 
 
-def now_iso() -> str:
-    return utcnow().isoformat()
+# ---------------------------------------------------------------- policy (PPO-max or DPO)
+
+
+def _base_policy(db: Session) -> Policy:
+    base = db.scalar(select(Policy).where(Policy.kind == "base").order_by(Policy.version))
+    if base is None:
+        raise ValueError("no base policy registered: run `prefloop init`")
+    return base
+
+
+def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
+    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
+        from app.registry import register_policy_folder
+        from workers.datasets import load_comparisons, load_prompts
+        from workers.training.checkpoint import sha256_folder
+
+        algorithm = config.get("algorithm", "ppo")
+        source = f"run:{run_id}"
+        with sessions() as db:
+            existing = db.scalar(select(Policy).where(Policy.source == source))
+            if existing is not None:  # registered by an earlier delivery that died before finishing
+                return {"policy_version": existing.version, **existing.metrics}
+            start = _policy_for(db, config.get("policy_version"))
+            start_path, start_id = Path(start.path), start.id
+            reference_path = Path(_base_policy(db).path)
+            reward_model = (
+                db.get(RewardModel, config["reward_model_id"]) if config.get("reward_model_id") else None
+            )
+            prompts = load_prompts(db, "train")
+            comparisons = (
+                load_comparisons(db, int(config["comparison_snapshot"]), _excluded_annotators(db))
+                if algorithm == "dpo"
+                else []
+            )
+        workdir = run_dir(run_id, settings)
+        output = workdir / "policy"
+        metrics: dict[str, Any]
+        if (output / "config.json").exists():
+            metrics = json.loads((workdir / "policy-metrics.json").read_text())
+        elif algorithm == "ppo":
+            from workers.training.ppo import PPOConfig, train_ppo
+
+            if reward_model is None:
+                raise ValueError("PPO needs a reward model: the round's reward stage did not produce one")
+            if not prompts:
+                raise ValueError("PPO needs train-split prompts: upload a prompt set first")
+            result = train_ppo(
+                start_path,
+                reference_path,
+                Path(reward_model.path),
+                prompts,
+                output,
+                workdir / "checkpoints",
+                dataclass_from(PPOConfig, config.get("knobs")),
+                reporter,
+            )
+            if result.rejected_reason:
+                return {"rejected_reason": result.rejected_reason, **result.final_metrics}
+            metrics = dict(result.final_metrics)
+        else:
+            from workers.training.dpo import DPOConfig, train_dpo
+
+            result = train_dpo(
+                start_path,
+                comparisons,
+                output,
+                workdir / "checkpoints",
+                dataclass_from(DPOConfig, config.get("knobs")),
+                reporter,
+            )
+            metrics = dict(getattr(result, "final_metrics", None) or getattr(result, "metrics", {}) or {})
+        (workdir / "policy-metrics.json").write_text(json.dumps(metrics))
+        with sessions() as db:
+            parent = db.get(Policy, start_id)
+            policy = register_policy_folder(
+                db,
+                output,
+                sha256_folder(output),
+                kind=algorithm,
+                parent=parent,
+                round_id=config.get("round_id"),
+                reward_model_id=config.get("reward_model_id"),
+                comparison_snapshot=config.get("comparison_snapshot"),
+                metrics=metrics,
+                status="candidate",
+                source=source,
+                settings=settings,
+            )
+            return {"policy_version": policy.version, **metrics}
+
+    return body
+
+
+def execute_policy_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
+    sessions = sessions or session_factory()
+    return execute(run_id, policy_body(sessions, get_settings()), sessions)
+
+
+# ---------------------------------------------------------------- evaluation gate
+
+
+def evaluation_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
+    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
+        from dataclasses import asdict, is_dataclass
+
+        from workers.datasets import load_prompts
+        from workers.training.evaluation import GateConfig, evaluate_candidate
+        from workers.training.generation import SamplingConfig
+
+        with sessions() as db:
+            candidate = policy_by_version(db, int(config["candidate_version"]))
+            baseline = policy_by_version(db, int(config["baseline_version"]))
+            reward_model = (
+                db.get(RewardModel, config["reward_model_id"]) if config.get("reward_model_id") else None
+            )
+            eval_prompts = load_prompts(db, "eval", limit=int(config.get("eval_prompts", 32)))
+            if candidate is None or baseline is None:
+                raise ValueError("candidate or baseline policy is missing from the registry")
+            candidate_id, candidate_path, baseline_path = candidate.id, candidate.path, baseline.path
+        if reward_model is None:
+            raise ValueError("evaluation needs the round's reward model")
+        if not eval_prompts:
+            raise ValueError(
+                "no eval-split prompts: upload a prompt set (a share of it is held out for evaluation)"
+            )
+        reporter.progress(0, 1, "sampling both policies on held-out prompts")
+        sampling = SamplingConfig(**config.get("sampling", {"max_new_tokens": 64}))
+        report = evaluate_candidate(
+            Path(candidate_path),
+            Path(baseline_path),
+            Path(reward_model.path),
+            eval_prompts,
+            sampling,
+            dataclass_from(GateConfig, config.get("gate")),
+        )
+        result = asdict(report) if is_dataclass(report) else dict(report)
+        with sessions() as db:
+            policy = db.get(Policy, candidate_id)
+            policy.metrics = {
+                **policy.metrics,
+                "evaluation": {k: v for k, v in result.items() if k != "samples"},
+            }
+            policy.status = "approved" if report.passed else "rejected"
+            db.commit()
+        reporter.progress(1, 1, "passed" if report.passed else "; ".join(report.reasons))
+        return result
+
+    return body
+
+
+def execute_evaluation_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
+    sessions = sessions or session_factory()
+    return execute(run_id, evaluation_body(sessions, get_settings()), sessions)

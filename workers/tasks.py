@@ -23,3 +23,38 @@ def periodic_maintenance() -> dict[str, int]:
     if expired:
         log.info("expired %d stale assignments", expired)
     return {"expired_assignments": expired}
+
+
+# ---------------------------------------------------------------- training (gpu queue)
+
+
+@celery_app.task(name="workers.tasks.train_reward_model")
+def train_reward_model(run_id: int) -> str | None:
+    """Train a Bradley-Terry reward model for a run row of kind 'reward'."""
+    from workers.runs import execute_reward_run
+
+    return execute_reward_run(run_id)
+
+
+@celery_app.task(name="workers.tasks.train_policy")
+def train_policy(run_id: int) -> str | None:
+    """Train a candidate policy (PPO-max or DPO, from the run's config) and register it."""
+    from workers.runs import execute_policy_run
+
+    return execute_policy_run(run_id)
+
+
+@celery_app.task(name="workers.tasks.evaluate_policy")
+def evaluate_policy(run_id: int) -> str | None:
+    """Evaluate a candidate against a baseline on held-out prompts and apply the gate."""
+    from workers.runs import execute_evaluation_run
+
+    return execute_evaluation_run(run_id)
+
+
+@celery_app.task(name="workers.tasks.run_round")
+def run_round(round_id: int) -> str:
+    """Drive a round through all of its stages."""
+    from workers.rounds import execute_round
+
+    return execute_round(round_id)

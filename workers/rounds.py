@@ -1,0 +1,135 @@
+"""A round, executed in one gpu-queue task: reward model → policy → evaluation → promote → refill.
+
+Each stage is a run row of the round (one per kind), executed inline with the usual lifecycle, so a
+redelivered round skips the stages that already succeeded and resumes the one in progress from its
+checkpoint. The round row records the stage it is at; the admin console reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import get_settings
+from app.db import session_factory
+from app.models import Policy, Round, Run
+from app.registry import promote
+from app.rounds import after_promote, finish_round
+from workers.runs import create_run, evaluation_body, execute, policy_body, reward_body
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _stage(sessions: sessionmaker[Session], round_id: int, kind: str, config: dict[str, Any], body) -> dict:
+    """Run (or skip, when it already succeeded) the round's run of this kind; returns its result."""
+    with sessions() as db:
+        round_ = db.get(Round, round_id)
+        round_.stage = kind
+        run = db.scalar(select(Run).where(Run.round_id == round_id, Run.kind == kind).order_by(Run.id.desc()))
+        if run is None or run.status in ("failed", "cancelled"):
+            if run is not None and run.status == "cancelled":
+                raise StageFailed(f"{kind} run {run.id} was cancelled")
+            run = create_run(db, kind, {**config, "round_id": round_id}, round_id=round_id)
+        db.commit()
+        run_id = run.id
+        if run.status == "succeeded":
+            return dict(run.result)
+    status = execute(run_id, body, sessions)
+    with sessions() as db:
+        run = db.get(Run, run_id)
+        if run.status != "succeeded":
+            detail = run.error.splitlines()[0] if run.error else run.status
+            raise StageFailed(f"{kind} run {run_id} {status or run.status}: {detail}")
+        return dict(run.result)
+
+
+def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) -> str:
+    """Drive one round to its end; returns the round's final status."""
+    sessions = sessions or session_factory()
+    settings = get_settings()
+    with sessions() as db:
+        round_ = db.get(Round, round_id)
+        if round_ is None or round_.status not in ("queued", "running"):
+            return round_.status if round_ else "missing"
+        round_.status = "running"
+        db.commit()
+        algorithm, knobs, snapshot = round_.algorithm, dict(round_.config), round_.comparison_snapshot
+        start = db.get(Policy, round_.base_policy_id)
+        start_version = start.version
+    try:
+        reward = _stage(
+            sessions,
+            round_id,
+            "reward",
+            {
+                "comparison_snapshot": snapshot,
+                "policy_version": start_version,
+                "knobs": knobs.get("reward", {}),
+            },
+            reward_body(sessions, settings),
+        )
+        trained = _stage(
+            sessions,
+            round_id,
+            algorithm,
+            {
+                "algorithm": algorithm,
+                "policy_version": start_version,
+                "comparison_snapshot": snapshot,
+                "reward_model_id": reward["reward_model_id"],
+                "knobs": knobs.get("policy", {}),
+            },
+            policy_body(sessions, settings),
+        )
+        if trained.get("rejected_reason"):
+            raise StageFailed(f"candidate rejected during training: {trained['rejected_reason']}")
+        candidate_version = trained["policy_version"]
+        evaluation = _stage(
+            sessions,
+            round_id,
+            "evaluate",
+            {
+                "candidate_version": candidate_version,
+                "baseline_version": start_version,
+                "reward_model_id": reward["reward_model_id"],
+                "gate": knobs.get("gate", {}),
+            },
+            evaluation_body(sessions, settings),
+        )
+    except StageFailed as exc:
+        with sessions() as db:
+            current = db.get(Round, round_id)
+            cancelled = current.status == "cancelled"
+            if not cancelled:
+                finish_round(db, current, "failed", error=str(exc))
+        return "cancelled" if cancelled else "failed"
+
+    with sessions() as db:
+        round_ = db.get(Round, round_id)
+        if not evaluation.get("passed"):
+            reasons = "; ".join(evaluation.get("reasons", [])) or "gate not passed"
+            finish_round(
+                db, round_, "failed", error=f"candidate v{candidate_version} rejected by the gate: {reasons}"
+            )
+            return "failed"
+        if not knobs.get("auto_promote", True):
+            round_.stage = "awaiting_approval"
+            finish_round(db, round_, "awaiting_approval")
+            return "awaiting_approval"
+        round_.stage = "promote"
+        db.commit()
+        previous = db.scalar(select(Policy).where(Policy.version == start_version))
+        policy = promote(db, candidate_version, settings)
+        round_.stage = "refill"
+        db.commit()
+        after_promote(db, policy, previous)
+        finish_round(db, round_, "succeeded")
+    log.info("round %s succeeded: v%s is live", round_id, candidate_version)
+    return "succeeded"
