@@ -43,10 +43,17 @@ class Settings(BaseSettings):
     refill_below: int = 20
     refill_prompts: int = 16
     auto_round_min_comparisons: int = 0
+    # Runs beat a heartbeat while they work; a running row silent for run_stale_seconds belongs to a
+    # dead worker, and maintenance queues it again (it resumes from its last checkpoint).
+    run_heartbeat_seconds: float = 10.0
+    run_stale_seconds: float = 60.0
+    run_max_attempts: int = 3
     # Quality control (app/quality).
     # One assignment in twenty is a gold task: enough to measure each annotator within a few dozen
     # tasks while costing little of their time.
-    gold_share: float = Field(default=0.05, ge=0.0, le=1.0, description="Share of assignments that are gold tasks.")
+    gold_share: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Share of assignments that are gold tasks."
+    )
     # Gold tasks are chosen clear-cut, so careful annotators put the known best response on top far
     # more often than chance (1/K, 25% for K=4); below 60% the judgements look careless or adversarial.
     gold_min_accuracy: float = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -13,13 +14,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import get_settings
 from app.models import Run, RunMetric, utcnow
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 10.0
-# A running row whose heartbeat is older than this belongs to a dead worker and may be taken over.
-STALE_AFTER = timedelta(seconds=6 * HEARTBEAT_SECONDS)
+
+def stale_after() -> timedelta:
+    """A running row whose heartbeat is older than this belongs to a dead worker and may be taken over."""
+    return timedelta(seconds=get_settings().run_stale_seconds)
 
 
 def claim_run(db: Session, run_id: int) -> bool:
@@ -33,7 +36,7 @@ def claim_run(db: Session, run_id: int) -> bool:
         .where(
             Run.id == run_id,
             Run.cancel_requested.is_(False),
-            or_(Run.status == "queued", (Run.status == "running") & (Run.heartbeat_at < now - STALE_AFTER)),
+            or_(Run.status == "queued", (Run.status == "running") & (Run.heartbeat_at < now - stale_after())),
         )
         .values(status="running", started_at=now, heartbeat_at=now, attempts=Run.attempts + 1, error="")
     )
@@ -127,3 +130,58 @@ class DbReporter:
             db.execute(update(Run).where(Run.id == self.run_id).values(**values))
             db.commit()
             self._cancelled = bool(db.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))
+
+
+class Heartbeat:
+    """Touches the run row every few seconds from a background thread while a body works, so a long
+    step (a model load, a slow rollout) never looks like a dead worker."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, every_seconds: float | None = None):
+        import threading
+
+        self._sessions = sessions
+        self._run_id = run_id
+        self._every = every_seconds or get_settings().run_heartbeat_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                with self._sessions() as db:
+                    db.execute(
+                        update(Run)
+                        .where(Run.id == self._run_id, Run.status == "running")
+                        .values(heartbeat_at=utcnow())
+                    )
+                    db.commit()
+            except Exception as exc:  # a missed beat is harmless; the next one retries
+                log.debug("heartbeat for run %s failed: %s", self._run_id, exc)
+
+
+def requeue_stale_runs(db: Session, send: Callable[[Run], None]) -> list[int]:
+    """Runs whose worker died (stale heartbeat): queue them again, or fail them after too many attempts."""
+    settings = get_settings()
+    stale = db.scalars(
+        select(Run).where(Run.status == "running", Run.heartbeat_at < utcnow() - stale_after())
+    ).all()
+    requeued = []
+    for run in stale:
+        if run.attempts >= settings.run_max_attempts:
+            run.status, run.finished_at = "failed", utcnow()
+            run.error = f"the worker running this run was lost {run.attempts} times; giving up"
+            db.commit()
+            continue
+        run.status = "queued"
+        db.commit()
+        send(run)
+        requeued.append(run.id)
+    return requeued

@@ -22,7 +22,7 @@ from app.config import Settings, get_settings
 from app.db import session_factory
 from app.models import Policy, RewardModel, Run
 from app.registry import live_policy, policy_by_version, register_reward_model, reward_models_dir
-from workers.progress import DbReporter, claim_run, fail_run, finish_run
+from workers.progress import DbReporter, Heartbeat, claim_run, fail_run, finish_run
 from workers.training.reporting import RunCancelled
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,15 @@ def create_run(
     return run
 
 
-def enqueue_run(run_id: int, kind: str) -> None:
-    """Send the run's task; call after the transaction that created the row has committed."""
+def enqueue_run(run: Run) -> None:
+    """Send the task that executes a run (its round's task when it belongs to one).
+    Call after the transaction that created or re-queued the row has committed."""
     from workers.celery_app import celery_app
 
-    celery_app.send_task(TASK_FOR_KIND[kind], args=[run_id])
+    if run.round_id is not None:
+        celery_app.send_task("workers.tasks.run_round", args=[run.round_id])
+    else:
+        celery_app.send_task(TASK_FOR_KIND[run.kind], args=[run.id])
 
 
 # ---------------------------------------------------------------- lifecycle
@@ -87,7 +91,8 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
         config = dict(db.get(Run, run_id).config)
     reporter = DbReporter(sessions, run_id)
     try:
-        result = body(run_id, config, reporter)
+        with Heartbeat(sessions, run_id):
+            result = body(run_id, config, reporter)
     except RunCancelled:
         reporter.flush()
         with sessions() as db:

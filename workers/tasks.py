@@ -15,14 +15,19 @@ log = logging.getLogger(__name__)
 
 @celery_app.task(name="workers.tasks.periodic_maintenance")
 def periodic_maintenance() -> dict[str, int]:
-    """Beat: return expired assignments to the pool."""
+    """Beat: return expired assignments to the pool; re-queue runs whose worker died."""
     from app.assignment import expire_stale_assignments
+    from workers.progress import requeue_stale_runs
+    from workers.runs import enqueue_run
 
     with session_scope() as db:
         expired = expire_stale_assignments(db)
+        requeued = requeue_stale_runs(db, enqueue_run)
     if expired:
         log.info("expired %d stale assignments", expired)
-    return {"expired_assignments": expired}
+    if requeued:
+        log.warning("re-queued runs whose worker was lost: %s", requeued)
+    return {"expired_assignments": expired, "requeued_runs": len(requeued)}
 
 
 # ---------------------------------------------------------------- training (gpu queue)
