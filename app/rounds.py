@@ -77,9 +77,9 @@ def start_round(
         winner = active_round(db)
         raise RoundConflict(winner.id if winner else -1) from None
     if enqueue:
-        from workers.celery_app import celery_app
+        from workers.celery_app import send_task
 
-        celery_app.send_task(ROUND_TASK, args=[round_.id])
+        send_task(ROUND_TASK, args=[round_.id])
     return round_
 
 

@@ -7,6 +7,7 @@ Queues: `gpu` (generation and training, one task at a time per GPU host) and `de
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import lru_cache
 
 from celery import Celery
 from kombu import Queue
@@ -41,7 +42,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # A fresh child per task: GPU memory is returned and a crashed CUDA context does not linger.
         worker_max_tasks_per_child=1 if not settings.is_embedded else None,
         # Redis only: kombu's SQLAlchemy transport hands its options to create_engine().
-        broker_transport_options={} if settings.is_embedded else {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        broker_transport_options={}
+        if settings.is_embedded
+        else {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         accept_content=["json"],
@@ -56,3 +59,17 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 celery_app = make_celery()
+
+
+@lru_cache(maxsize=4)
+def _sender_for(broker_url: str) -> Celery:
+    return make_celery(get_settings())
+
+
+def send_task(name: str, args: list) -> None:
+    """Enqueue a task by name on the broker of the current settings (web app, CLI, beat, tests).
+
+    The module-level app is fixed at import time for the worker; senders resolve the broker now, so a
+    process whose settings changed after import (tests, `prefloop` subcommands) still reaches the right one.
+    """
+    _sender_for(get_settings().celery_broker_url).send_task(name, args=args)

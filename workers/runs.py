@@ -70,12 +70,12 @@ def create_run(
 def enqueue_run(run: Run) -> None:
     """Send the task that executes a run (its round's task when it belongs to one).
     Call after the transaction that created or re-queued the row has committed."""
-    from workers.celery_app import celery_app
+    from workers.celery_app import send_task
 
     if run.round_id is not None:
-        celery_app.send_task("workers.tasks.run_round", args=[run.round_id])
+        send_task("workers.tasks.run_round", args=[run.round_id])
     else:
-        celery_app.send_task(TASK_FOR_KIND[run.kind], args=[run.id])
+        send_task(TASK_FOR_KIND[run.kind], args=[run.id])
 
 
 # ---------------------------------------------------------------- lifecycle
