@@ -1,0 +1,85 @@
+"""Point estimates with confidence intervals, shared by the quality modules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic and its confidence interval; NaN where the data cannot define it."""
+
+    value: float
+    low: float = math.nan
+    high: float = math.nan
+
+    @property
+    def defined(self) -> bool:
+        return not math.isnan(self.value)
+
+    def as_dict(self) -> dict[str, float | None]:
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else round(float(x), 6)
+
+        return {"value": clean(self.value), "low": clean(self.low), "high": clean(self.high)}
+
+
+NAN = Estimate(math.nan)
+
+
+def percentile_interval(value: float, draws: np.ndarray, confidence: float) -> Estimate:
+    """Percentile bootstrap interval: the (1-c)/2 and (1+c)/2 quantiles of the finite draws."""
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if math.isnan(value) or draws.size == 0:
+        return Estimate(value)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(draws, [tail, 1.0 - tail])
+    return Estimate(float(value), float(low), float(high))
+
+
+def ratio_bootstrap(
+    numerators: np.ndarray, denominators: np.ndarray, n_boot: int, rng: np.random.Generator, confidence: float
+) -> Estimate:
+    """sum(num)/sum(den) with a cluster bootstrap: clusters (tasks) are resampled with replacement."""
+    numerators = np.asarray(numerators, dtype=float)
+    denominators = np.asarray(denominators, dtype=float)
+    total = denominators.sum()
+    if total <= 0:
+        return NAN
+    value = float(numerators.sum() / total)
+    if n_boot <= 0 or len(numerators) < 2:
+        return Estimate(value)
+    counts = rng.multinomial(len(numerators), np.full(len(numerators), 1.0 / len(numerators)), size=n_boot)
+    den = counts @ denominators
+    with np.errstate(invalid="ignore", divide="ignore"):
+        draws = (counts @ numerators) / den
+    return percentile_interval(value, draws, confidence)
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> Estimate:
+    """Wilson score interval for a proportion: honest at small counts, unlike the normal approximation."""
+    if trials <= 0:
+        return NAN
+    z = _z(confidence)
+    p = successes / trials
+    denom = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _z(confidence: float) -> float:
+    # Two-sided normal quantile by bisection on erf: avoids a scipy dependency for one number.
+    target = confidence
+    lo, hi = 0.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if math.erf(mid / math.sqrt(2)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
