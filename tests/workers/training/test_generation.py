@@ -1,0 +1,376 @@
+"""Batched generation: the sampling math on toy distributions, and decoding on the tiny Llama.
+
+The sampling tests compare against probabilities computed here by hand from the definitions
+(softmax with temperature, the smallest nucleus whose mass reaches top_p, the CTRL penalty).
+The decoding tests compare against Hugging Face's own forward and greedy `generate`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workers.training.generation import (
+    BatchedGenerator,
+    SamplingConfig,
+    apply_repetition_penalty,
+    sample_next_tokens,
+    top_p_candidates,
+)
+
+GREEDY = SamplingConfig(max_new_tokens=12, do_sample=False, repetition_penalty=1.1)
+# Full-vocabulary sampling: a row's draws depend only on its own logits and the seed, so runs that differ
+# only in where rows stop give every row the same tokens up to its stop.
+VARIED = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, repetition_penalty=1.1)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about rain on a tin roof in the early morning."}],
+    [
+        {"role": "system", "content": "You answer in one sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+    [{"role": "user", "content": "Hi"}],
+]
+
+
+def nucleus_by_hand(logits: list[float], temperature: float, top_p: float) -> dict[int, float]:
+    """Renormalised nucleus probabilities straight from the definitions, in plain Python."""
+    exps = [math.exp(x / temperature) for x in logits]
+    total = sum(exps)
+    probs = sorted(((e / total, i) for i, e in enumerate(exps)), reverse=True)
+    kept, mass = [], 0.0
+    for p, i in probs:
+        kept.append((p, i))
+        mass += p
+        if mass >= top_p:
+            break
+    return {i: p / mass for p, i in kept}
+
+
+def empirical(logits: list[float], sampling: SamplingConfig, draws: int, seed: int = 0) -> torch.Tensor:
+    rng = torch.Generator().manual_seed(seed)
+    batch = torch.tensor(logits).expand(draws, -1)
+    tokens = sample_next_tokens(batch, sampling, rng)
+    return torch.bincount(tokens, minlength=len(logits)).double() / draws
+
+
+# --- sampling math ------------------------------------------------------------------------------
+
+
+def test_config_rejects_invalid_settings():
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError):
+        SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingConfig(repetition_penalty=0.0)
+    assert SamplingConfig(temperature=0.0, do_sample=False).temperature == 0.0
+
+
+def test_repetition_penalty_matches_hand_computed_values():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -0.2], [2.0, -1.0, 0.5, 3.0, -0.2]])
+    previous = torch.tensor([[0, 1, 1], [4, 3, 4]])  # repeats count once
+    out = apply_repetition_penalty(logits, previous, 2.0)
+    expected = torch.tensor([[1.0, -2.0, 0.5, 3.0, -0.2], [2.0, -1.0, 0.5, 1.5, -0.4]])
+    torch.testing.assert_close(out, expected)
+    assert logits[0, 0] == 2.0  # the input is left alone
+
+
+def test_greedy_takes_the_argmax_after_the_penalty():
+    logits = torch.tensor([[3.0, 2.0, -1.0]])
+    greedy = SamplingConfig(do_sample=False, repetition_penalty=2.0)
+    assert sample_next_tokens(logits, greedy).tolist() == [0]
+    # Token 0 seen before: 3.0 / 2 = 1.5 < 2.0, so token 1 wins.
+    assert sample_next_tokens(logits, greedy, previous_tokens=torch.tensor([[0]])).tolist() == [1]
+
+
+def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.2, 0.15], [0.9, 0.02, 0.03, 0.04, 0.01]])
+    weights, ids = top_p_candidates(probs, 0.8)
+    kept = [
+        sorted(i for w, i in zip(wr, ir, strict=True) if w > 0)
+        for wr, ir in zip(weights.tolist(), ids.tolist(), strict=True)
+    ]
+    # Row 0: 0.5 + 0.2 = 0.7 < 0.8, adding 0.15 reaches 0.85 -> {1, 3, 4}. Row 1: 0.9 alone reaches it.
+    assert kept == [[1, 3, 4], [0]]
+    for row, kept_ids in enumerate(kept):
+        for w, i in zip(weights[row].tolist(), ids[row].tolist(), strict=True):
+            assert w == pytest.approx(probs[row, i].item() if i in kept_ids else 0.0)
+
+
+def test_top_p_widens_the_search_when_the_nucleus_is_larger_than_the_first_look():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 1000) * 0.3, dim=-1)  # flat: the nucleus has hundreds of tokens
+    weights, ids = top_p_candidates(probs, 0.9, first_k=4)
+    for row in range(3):
+        ordered = probs[row].sort(descending=True)
+        before = ordered.values.cumsum(0) - ordered.values
+        expected = set(ordered.indices[before < 0.9].tolist())
+        got = {i for w, i in zip(weights[row].tolist(), ids[row].tolist(), strict=True) if w > 0}
+        assert got == expected
+        assert len(expected) > 100
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.8, 0.9), (1.0, 1.0), (2.0, 0.75), (0.5, 1.0)])
+def test_sampling_frequencies_match_the_renormalised_nucleus(temperature, top_p):
+    logits = [2.0, 1.5, 1.0, 0.2, -0.5, -3.0]
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, repetition_penalty=1.0)
+    draws = 200_000
+    freq = empirical(logits, sampling, draws)
+    expected = nucleus_by_hand(logits, temperature, top_p)
+    for token in range(len(logits)):
+        p = expected.get(token, 0.0)
+        if p == 0.0:
+            assert freq[token] == 0.0, f"token {token} is outside the nucleus but was drawn"
+        else:
+            sigma = math.sqrt(p * (1 - p) / draws)
+            assert abs(freq[token].item() - p) < 5 * sigma + 1e-9, (token, freq[token].item(), p)
+
+
+def test_temperature_scales_logits_as_hand_computed():
+    # logits 0, ln 2, ln 4: at T = 1 probabilities 1/7, 2/7, 4/7; at T = 0.5 they square: 1/21, 4/21, 16/21.
+    logits = [0.0, math.log(2), math.log(4)]
+    draws = 200_000
+    for temperature, expected in [(1.0, [1 / 7, 2 / 7, 4 / 7]), (0.5, [1 / 21, 4 / 21, 16 / 21])]:
+        freq = empirical(
+            logits, SamplingConfig(temperature=temperature, top_p=1.0, repetition_penalty=1.0), draws
+        )
+        for f, p in zip(freq.tolist(), expected, strict=True):
+            assert abs(f - p) < 5 * math.sqrt(p * (1 - p) / draws)
+
+
+def test_same_seed_same_draws():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3))
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95)
+    a = sample_next_tokens(logits, sampling, torch.Generator().manual_seed(7))
+    b = sample_next_tokens(logits, sampling, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+# --- decoding on the tiny Llama -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sharpen(model)
+    return model, tokenizer
+
+
+def sharpen(model) -> None:
+    """At its initial scale the tiny model (tied embeddings, small weights) greedily repeats the last prompt
+    token forever, which would make greedy comparisons trivial; larger weights give varied tokens."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(8.0)
+
+
+def hf_greedy(model, tokenizer, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
+    """Reference: transformers' greedy `generate` on the same left-padded prompts, cut after EOS."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=False,
+        repetition_penalty=sampling.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+    responses = []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        responses.append(row)
+    return responses
+
+
+def test_the_stop_token_is_the_tokenizers_eos(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(list(generator.stop_token_ids)) == ["<|im_end|>"]
+
+
+def test_fast_path_logits_match_the_transformers_forward(tiny):
+    from workers.training.generation import _LlamaDecoder
+
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    assert generator.fast_path_active()
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    valid = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    extra = torch.randint(0, len(tokenizer), (len(prompts), 3), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        decoder = _LlamaDecoder(model, len(prompts), width + 3, torch.device("cpu"))
+        ours = [decoder.prefill(ids, valid, positions)]
+        for step in range(2):
+            ours.append(decoder.step(extra[:, step], positions[:, -1] + step + 1))
+        full_ids = torch.cat([ids, extra[:, :2]], 1)
+        full_mask = torch.cat([valid, torch.ones_like(extra[:, :2])], 1)
+        full_pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        reference = model(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos).logits
+    for step, logits in enumerate(ours):
+        torch.testing.assert_close(logits, reference[:, width - 1 + step], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_greedy_equals_transformers_greedy_generate(tiny, fast, penalty):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    generator.use_fast_path = fast
+    sampling = SamplingConfig(max_new_tokens=12, do_sample=False, repetition_penalty=penalty)
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    rollout = generator.generate_ids(prompts, sampling)
+    assert len({t for r in rollout.response_ids for t in r}) > 20  # a real comparison, not a repeated token
+    assert rollout.response_ids == hf_greedy(model, tokenizer, prompts, sampling)
+    assert rollout.prompt_ids == prompts
+    assert rollout.texts == tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+
+
+def test_rows_stop_at_eos_and_the_others_go_on(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    free = BatchedGenerator(model, tokenizer)
+    free.stop_token_ids = ()
+    unstopped = free.generate_ids(prompts, VARIED, seed=3).response_ids
+    assert all(len(r) == VARIED.max_new_tokens for r in unstopped)
+    # Make a token that row 0 first emits at step j > 0 the stop token: row 0 must end right there, with
+    # the stop token included, and every row is its unstopped self cut after its first stop token.
+    row0 = unstopped[0]
+    j = next(j for j in range(1, len(row0)) if row0[j] not in row0[:j])
+    stop = row0[j]
+    generator.stop_token_ids = (stop,)
+    rollout = generator.generate_ids(prompts, VARIED, seed=3)
+    for row, full in zip(rollout.response_ids, unstopped, strict=True):
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert row == expected
+    assert rollout.response_ids[0] == row0[: j + 1]
+    assert any(len(r) > j + 1 for r in rollout.response_ids)  # other rows went on
+    assert rollout.ended_with_eos == [stop in full for full in unstopped]
+
+
+def test_decoding_ends_when_every_row_has_stopped(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    free = BatchedGenerator(model, tokenizer)
+    free.stop_token_ids = ()
+    unstopped = free.generate_ids(prompts, VARIED, seed=3).response_ids
+    # Every row's first token as a stop token: all rows finish at once, after one token each.
+    generator.stop_token_ids = tuple({r[0] for r in unstopped})
+    rollout = generator.generate_ids(prompts, VARIED, seed=3)
+    assert rollout.response_ids == [r[:1] for r in unstopped]
+    assert all(rollout.ended_with_eos)
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95)
+    a = generator.generate_ids(prompts, sampling, seed=11)
+    b = generator.generate_ids(prompts, sampling, seed=11)
+    c = generator.generate_ids(prompts, sampling, seed=12)
+    assert a.response_ids == b.response_ids
+    assert a.response_ids != c.response_ids
+
+
+def test_chunked_batches_give_the_same_greedy_tokens_in_order(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    whole = generator.generate_ids(prompts, GREEDY)
+    generator.max_batch_size = 3
+    assert generator.generate_ids(prompts, GREEDY).response_ids == whole.response_ids
+
+
+def test_training_flags_are_restored(tiny):
+    model, tokenizer = tiny
+    model.train()
+    model.model.layers[0].eval()  # a frozen part stays in eval mode
+    try:
+        BatchedGenerator(model, tokenizer).generate_chat(CONVERSATIONS[:1], SamplingConfig(max_new_tokens=3))
+        assert model.training and model.model.layers[1].training
+        assert not model.model.layers[0].training
+    finally:
+        model.eval()
+
+
+def test_generate_chat_returns_k_responses_per_conversation(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    out = generator.generate_chat(
+        CONVERSATIONS[:3], SamplingConfig(max_new_tokens=6), num_return_sequences=4, seed=0
+    )
+    assert [len(group) for group in out] == [4, 4, 4]
+    assert all(isinstance(text, str) for group in out for text in group)
+    assert len(set(out[0])) > 1  # independent samples, not copies
+
+
+def test_stream_pieces_join_to_the_full_response_and_leave_grad_mode_alone(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    sampling = SamplingConfig(max_new_tokens=16)
+    conversation = CONVERSATIONS[1]
+    pieces = []
+    for piece in generator.stream_chat(conversation, sampling, seed=5):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        pieces.append(piece)
+    assert len(pieces) > 1 and all(pieces)
+    whole = generator.generate_ids([generator.chat_prompt_ids(conversation)], sampling, seed=5)
+    assert "".join(pieces) == whole.texts[0]
+
+
+def test_lora_policy_uses_current_adapter_weights(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sharpen(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    generator = BatchedGenerator(model, tokenizer)
+    assert generator.fast_path_active()
+    reference = BatchedGenerator(model, tokenizer)
+    reference.use_fast_path = False  # peft's own forward
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    sampling = SamplingConfig(max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
+    before = generator.generate_ids(prompts, sampling).response_ids
+    with torch.no_grad():  # what an optimiser step does: change the adapter weights in place
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2.0, generator=torch.Generator().manual_seed(len(name)))
+    after = generator.generate_ids(prompts, sampling).response_ids
+    assert after != before
+    assert after == reference.generate_ids(prompts, sampling).response_ids
+
+
+def test_other_architectures_take_the_generic_path(tiny):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokenizer = tiny
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    generator = BatchedGenerator(model, tokenizer)
+    assert not generator.fast_path_active()
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    rollout = generator.generate_ids(prompts, GREEDY)
+    assert rollout.response_ids == hf_greedy(model, tokenizer, prompts, GREEDY)

@@ -1,0 +1,581 @@
+"""Batched sampling with a KV cache: PPO rollouts, responses for ranking tasks, the playground stream.
+
+One decoding loop serves all three callers. Prompts are left-padded so that every row's next token
+lands in the same cache column; a row that emits EOS stops contributing tokens while the others go on,
+until all rows are done or `max_new_tokens` is reached.
+
+Sampling (`sample_next_tokens`) follows the Hugging Face order and definitions: repetition penalty on
+every token already in the row (prompt and response), then temperature, then top-p (nucleus), then a
+draw. It only ever looks at the top of the distribution, which is where its speed comes from, but the
+kept set is exactly the nucleus, so the distribution is the one specified.
+
+Two forward backends produce next-token logits:
+
+- `_LlamaDecoder`, a fast path for Llama-architecture models (SmolLM2, Llama 2/3, also under peft
+  LoRA): a pre-allocated KV cache written in place, fused QKV and gate/up projections, grouped-query
+  attention without repeating K/V, and the LM head on the last position only. On x86 CPUs the
+  decode-step matmuls use MKL's packed-weight GEMM, which suits the skinny (batch x hidden) inputs.
+- `_HFDecoder`, the model's own forward with its own cache, for every other causal LM.
+
+Weights are read from the model at the start of every call (LoRA adapters merged into the fused
+copy), so PPO's updates between calls are always seen; nothing is cached across calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# --- configuration and results ------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled. Defaults are the PPO-max sampling settings of MOSS-RLHF."""
+
+    max_new_tokens: int = 128  # long enough for a chat answer of a small model, short enough for CPU rollouts
+    temperature: float = 0.8  # MOSS-RLHF PPO-max: slightly sharper than the raw policy
+    top_p: float = 0.9  # MOSS-RLHF PPO-max: drop the 10% tail mass where degenerate tokens live
+    repetition_penalty: float = 1.1  # MOSS-RLHF PPO-max: mild CTRL-style penalty against loops
+    do_sample: bool = True  # False = greedy (argmax after the repetition penalty), for evaluation
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[list[int]]  # unpadded prompt tokens, one list per sample
+    response_ids: list[list[int]]  # unpadded generated tokens, includes the EOS token if it was emitted
+    ended_with_eos: list[bool]
+    texts: list[str]  # decoded responses, special tokens skipped
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: Tensor, previous_tokens: Tensor, penalty: float) -> Tensor:
+    """CTRL / Hugging Face repetition penalty, returned as a new tensor.
+
+    Every token id present in a row of `previous_tokens` (B, T) gets its logit divided by `penalty` if
+    positive and multiplied by it if negative, once, however often it occurred. Every entry of
+    `previous_tokens` must be a real token of that row: pad a short row by repeating one of its tokens.
+    """
+    if penalty == 1.0 or previous_tokens.shape[-1] == 0:
+        return logits.clone()
+    seen = torch.gather(logits, 1, previous_tokens)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, previous_tokens, seen)
+
+
+def top_p_candidates(probs: Tensor, top_p: float, first_k: int = 64) -> tuple[Tensor, Tensor]:
+    """The nucleus of each row of `probs` (B, V): the smallest set of most likely tokens whose mass reaches `top_p`.
+
+    Returns (weights, token_ids), both (B, k) with k >= the largest nucleus: the probabilities of the kept
+    tokens, zero for the others (not renormalised; a draw normalises). Instead of sorting the whole
+    vocabulary (what `generate` does, and most of its sampling time), it looks at the top `first_k`
+    tokens and widens only while some row's nucleus is not inside them, so the kept set is exact.
+    """
+    vocab = probs.shape[-1]
+    k = min(vocab, first_k)
+    while True:
+        top, ids = probs.topk(k, dim=-1)  # sorted, largest first
+        cumulative = top.cumsum(-1)
+        if k == vocab or bool((cumulative[:, -1] >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    # A token is in the nucleus when the mass of the tokens ranked above it is still short of top_p;
+    # the most likely token always is (its preceding mass is 0).
+    keep = (cumulative - top) < top_p
+    return top.masked_fill(~keep, 0.0), ids
+
+
+def sample_next_tokens(
+    logits: Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    previous_tokens: Tensor | None = None,
+) -> Tensor:
+    """Pick the next token of each row from next-token `logits` (B, V); returns (B,) token ids.
+
+    Order as in Hugging Face `generate`: repetition penalty over `previous_tokens` (B, T), then greedy
+    argmax, or temperature, top-p and a draw from the renormalised kept probabilities using `generator`
+    (the global RNG when None). `logits` is not modified.
+    """
+    scores = logits.float()
+    if previous_tokens is not None and sampling.repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, previous_tokens, sampling.repetition_penalty)
+    if not sampling.do_sample:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    weights, ids = top_p_candidates(probs, sampling.top_p)
+    choice = torch.multinomial(weights, 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)
+
+
+# --- forward backends ---------------------------------------------------------------------------
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers are injected into it in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class _HFDecoder:
+    """Any causal LM through its own forward and its own KV cache (the generic, always-correct path)."""
+
+    def __init__(self, model: nn.Module, batch: int, total_len: int, device: torch.device):
+        self.model = model
+        params = inspect.signature(_unwrap_peft(model).forward).parameters
+        # Only the last position's logits are needed; models that support it skip the rest of the LM head.
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.mask = torch.ones(batch, total_len, dtype=torch.long, device=device)
+        self.length = 0
+        self.cache = None
+
+    def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
+        self.length = input_ids.shape[1]
+        self.mask[:, : self.length] = valid
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self.mask[:, : self.length],
+            position_ids=positions,
+            use_cache=True,
+            **self.keep_last,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        self.length += 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask[:, : self.length],
+            position_ids=positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
+def _lora_linear_class() -> type | None:
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:  # peft is a dependency, but the generator must not need it
+        return None
+    return Linear
+
+
+def _effective_weight(module: nn.Module) -> Tensor | None:
+    """The weight a bias-free linear layer computes with right now, or None when the fast path can't tell.
+
+    For a peft LoRA layer that is the base weight plus the active adapters' B @ A * scaling (what its
+    forward adds on the fly), unless the adapters are merged into the base or disabled.
+    """
+    if type(module) is nn.Linear:
+        return module.weight if module.bias is None else None
+    lora_linear = _lora_linear_class()
+    if lora_linear is None or not isinstance(module, lora_linear):
+        return None
+    base = module.base_layer
+    if type(base) is not nn.Linear or base.bias is not None:
+        return None
+    if module.disable_adapters:
+        # peft's forward would unmerge a merged adapter first; leave that to the generic path.
+        return None if module.merged else base.weight
+    if module.merged:
+        return base.weight
+    weight = base.weight
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False):
+            return None  # DoRA and friends change the forward, not just the weight
+        weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def _mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_linear")
+    )
+
+
+class _Linear:
+    """A bias-free projection. With `pack_rows`, inputs of exactly that many rows use MKL's packed GEMM.
+
+    The packed layout is built once per decoding call; it pays off because every decode step multiplies
+    the same weight by a (batch x hidden) input, where plain sgemm wastes much of its time on packing.
+    """
+
+    def __init__(self, weight: Tensor, pack_rows: int | None):
+        self.weight = weight
+        self.rows = pack_rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows) if pack_rows else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is not None and x.shape[0] == self.rows:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
+        return F.linear(x, self.weight)
+
+
+@dataclass
+class _Layer:
+    input_norm: Tensor
+    post_norm: Tensor
+    qkv: _Linear
+    out: _Linear
+    gate_up: _Linear
+    down: _Linear
+    scale: float
+
+
+class _LlamaDecoder:
+    """Llama-architecture forward for decoding, numerically the model's own computation.
+
+    Differences from the transformers forward are in bookkeeping only: the K/V cache is pre-allocated for
+    the whole call and written in place (no growing concatenation per step), Q/K/V and gate/up are one
+    matmul each, grouped-query attention folds the query heads of a K/V head into one attention call
+    instead of repeating K and V, and only the last position goes through the final norm and LM head.
+    """
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        from transformers import LlamaForCausalLM
+
+        inner = _unwrap_peft(model)
+        if not isinstance(inner, LlamaForCausalLM):
+            return False
+        config = inner.config
+        if (
+            config.hidden_act != "silu"
+            or getattr(config, "attention_bias", False)
+            or getattr(config, "mlp_bias", False)
+            or getattr(config, "pretraining_tp", 1) not in (None, 1)
+        ):
+            return False
+        if type(inner.model.embed_tokens) is not nn.Embedding or _effective_weight(inner.lm_head) is None:
+            return False
+        for layer in inner.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                attn.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            )
+            if any(_effective_weight(p) is None for p in projections):
+                return False
+        return True
+
+    def __init__(self, model: nn.Module, batch: int, total_len: int, device: torch.device):
+        inner = _unwrap_peft(model)
+        config, backbone = inner.config, inner.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embed = backbone.embed_tokens.weight
+        self.final_norm = backbone.norm.weight
+        self.rotary = backbone.rotary_emb
+        dtype = self.embed.dtype
+        pack = batch if _mkl_packing_available(device, dtype) else None
+        self.layers = []
+        for layer in backbone.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([_effective_weight(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+            gate_up = torch.cat([_effective_weight(p) for p in (mlp.gate_proj, mlp.up_proj)])
+            self.layers.append(
+                _Layer(
+                    input_norm=layer.input_layernorm.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    qkv=_Linear(qkv, pack),
+                    out=_Linear(_effective_weight(attn.o_proj), pack),
+                    gate_up=_Linear(gate_up, pack),
+                    down=_Linear(_effective_weight(mlp.down_proj), pack),
+                    scale=attn.scaling,
+                )
+            )
+        self.lm_head = _Linear(_effective_weight(inner.lm_head), pack)
+        shape = (len(self.layers), batch, self.kv_heads, total_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_valid = torch.ones(batch, 1, 1, total_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        # Half precision: normalise in float32 and scale after casting back, like LlamaRMSNorm.
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+    def _forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """Run `input_ids` (B, T) at cache columns [length, length + T); returns last-position logits."""
+        batch, width = input_ids.shape
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        start, end = self.length, self.length + width
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads: (B, T, 1, D)
+        half = dim // 2
+        rows = batch * width
+        for index, layer in enumerate(self.layers):
+            h = self._norm(x, layer.input_norm).view(rows, -1)
+            qkv = layer.qkv(h).view(batch, width, heads + 2 * kv_heads, dim)
+            qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+            # Rotary embedding on queries and keys together (rotate_half layout, as in transformers).
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+            keys, values = self.keys[index], self.values[index]
+            keys[:, :, start:end] = k.transpose(1, 2)
+            values[:, :, start:end] = v.transpose(1, 2)
+            keys, values = keys[:, :, :end], values[:, :, :end]
+            if width == 1:
+                # Query head h uses K/V head h // group, so the group's queries can share one call.
+                q = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scale)
+            else:
+                group = heads // kv_heads
+                attended = F.scaled_dot_product_attention(
+                    q.transpose(1, 2),
+                    keys.repeat_interleave(group, dim=1),
+                    values.repeat_interleave(group, dim=1),
+                    attn_mask=mask,
+                    scale=layer.scale,
+                ).transpose(1, 2)
+            x = x + layer.out(attended.reshape(rows, heads * dim)).view(batch, width, -1)
+            gate_up = layer.gate_up(self._norm(x, layer.post_norm).view(rows, -1))
+            inner = gate_up.shape[-1] // 2
+            x = x + layer.down(F.silu(gate_up[:, :inner]) * gate_up[:, inner:]).view(batch, width, -1)
+        self.length = end
+        return self.lm_head(self._norm(x[:, -1], self.final_norm))
+
+    def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
+        width = input_ids.shape[1]
+        self.key_valid[:, 0, 0, :width] = valid.bool()
+        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+        mask = causal & valid.bool()[:, None, None, :]
+        # Padding queries see only themselves, so no softmax row is empty (that would give NaN).
+        mask |= torch.eye(width, dtype=torch.bool, device=input_ids.device)
+        return self._forward(input_ids, positions, mask)
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        mask = self.key_valid[..., : self.length + 1]
+        return self._forward(tokens[:, None], positions[:, None], mask)
+
+
+# --- the decoding loop --------------------------------------------------------------------------
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the duration; every module's training flag is restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class _Decoding:
+    """One batched decoding run. Create it and call `advance()` under `_inference`, which produces the
+    next token of every row."""
+
+    def __init__(
+        self,
+        owner: BatchedGenerator,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        seed: int | None,
+    ):
+        device = owner.device
+        self.sampling = sampling
+        self.batch = len(prompt_ids)
+        self.width = max(len(p) for p in prompt_ids)
+        total = self.width + sampling.max_new_tokens
+        ids = torch.full((self.batch, self.width), owner.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(self.batch, self.width, dtype=torch.long)
+        # Tokens the repetition penalty looks at; padding repeats the row's last prompt token.
+        history = torch.empty(self.batch, total, dtype=torch.long)
+        for row, prompt in enumerate(prompt_ids):
+            pad = self.width - len(prompt)
+            ids[row, pad:] = torch.tensor(prompt)
+            valid[row, pad:] = 1
+            history[row, :pad] = prompt[-1]
+        history[:, : self.width].copy_(torch.where(valid.bool(), ids, history[:, : self.width]))
+        self.input_ids, self.valid, self.history = ids.to(device), valid.to(device), history.to(device)
+        self.positions = (self.valid.cumsum(-1) - 1).clamp(min=0)
+        self.stop_ids = torch.tensor(list(owner.stop_token_ids), dtype=torch.long, device=device)
+        self.pad_id = owner.pad_token_id
+        self.finished = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.rng = None
+        if seed is not None:
+            self.rng = torch.Generator(device=device)
+            self.rng.manual_seed(seed)
+        self.decoder = owner._decoder(self.batch, total)
+        self.steps = 0
+        self.last: Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.sampling.max_new_tokens or bool(self.finished.all())
+
+    def advance(self) -> tuple[Tensor, Tensor]:
+        """(tokens (B,), emitted (B,) bool): the new token of each row and whether the row produced it."""
+        if self.last is None:
+            logits = self.decoder.prefill(self.input_ids, self.valid, self.positions)
+            self.positions = self.positions[:, -1]
+        else:
+            self.positions = self.positions + 1
+            logits = self.decoder.step(self.last, self.positions)
+        column = self.width + self.steps
+        tokens = sample_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
+        emitted = ~self.finished
+        tokens = torch.where(emitted, tokens, torch.full_like(tokens, self.pad_id))
+        # Finished rows are never sampled again, so their history column only has to hold a real token.
+        self.history[:, column] = torch.where(emitted, tokens, self.history[:, column - 1])
+        if self.stop_ids.numel():
+            self.finished |= torch.isin(tokens, self.stop_ids)
+        self.last = tokens
+        self.steps += 1
+        return tokens, emitted
+
+
+class BatchedGenerator:
+    """Samples responses from a causal LM in batches with a KV cache.
+
+    `model` may be any Hugging Face causal LM, also wrapped by peft; its weights may change between
+    calls (PPO) and are read afresh each call. The model is used in eval mode under inference mode and
+    its training flags are restored after. Generation stops at the tokenizer's EOS token.
+    """
+
+    max_batch_size = (
+        64  # larger requests run in chunks of similar prompt length (less padding, bounded cache)
+    )
+
+    def __init__(self, model: nn.Module, tokenizer, device: str | torch.device | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        eos = tokenizer.eos_token_id
+        self.stop_token_ids: tuple[int, ...] = () if eos is None else (int(eos),)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = int(pad if pad is not None else (eos if eos is not None else 0))
+        self.use_fast_path = (
+            True  # the Llama fast path where the model allows it; False forces the generic one
+        )
+
+    def fast_path_active(self) -> bool:
+        """Whether the next call will use the Llama fast path (it checks the model's layers now)."""
+        return self.use_fast_path and _LlamaDecoder.supports(self.model)
+
+    def _decoder(self, batch: int, total_len: int):
+        backend = _LlamaDecoder if self.fast_path_active() else _HFDecoder
+        return backend(self.model, batch, total_len, self.device)
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int | None = None
+    ) -> Rollout:
+        """Sample one response per prompt (token ids in, token ids and texts out)."""
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        if any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        responses: list[list[int]] = [[] for _ in prompts]
+        ended = [False] * len(prompts)
+        # Chunks of similar length waste less compute on padding; the order is restored below.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        rng_seed = seed
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start : start + self.max_batch_size]
+            steps = []
+            with _inference(self.model):
+                decoding = _Decoding(self, [prompts[i] for i in chunk], sampling, rng_seed)
+                while not decoding.done:
+                    steps.append(decoding.advance())
+            tokens = torch.stack([t for t, _ in steps], 1).tolist()
+            emitted = torch.stack([e for _, e in steps], 1).tolist()
+            for row, index in enumerate(chunk):
+                responses[index] = [t for t, e in zip(tokens[row], emitted[row], strict=True) if e]
+                ended[index] = bool(responses[index]) and responses[index][-1] in self.stop_token_ids
+            if rng_seed is not None:
+                rng_seed += 1  # a different stream per chunk, still a function of the caller's seed
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
+        return Rollout(prompt_ids=prompts, response_ids=responses, ended_with_eos=ended, texts=list(texts))
+
+    def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
+        """Token ids of a conversation with the chat template and the assistant turn opened."""
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        # The template already writes the special tokens; the tokenizer must not add a second BOS.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate_chat(
+        self,
+        conversations: list[list[dict]],
+        sampling: SamplingConfig,
+        num_return_sequences: int = 1,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """`num_return_sequences` sampled responses for each conversation, all in one batched run."""
+        if num_return_sequences < 1:
+            raise ValueError("num_return_sequences must be at least 1")
+        prompts = [self.chat_prompt_ids(c) for c in conversations]
+        repeated = [p for p in prompts for _ in range(num_return_sequences)]
+        texts = self.generate_ids(repeated, sampling, seed).texts
+        k = num_return_sequences
+        return [texts[i * k : (i + 1) * k] for i in range(len(conversations))]
+
+    def stream_chat(
+        self, conversation: list[dict], sampling: SamplingConfig, seed: int | None = None
+    ) -> Iterator[str]:
+        """Yield the response's text in pieces as tokens arrive; the pieces join to the full response.
+
+        The model is in eval/inference mode only while a token is computed, never across a `yield`, so the
+        caller's code between pieces runs with its own autograd mode.
+        """
+        prompt = self.chat_prompt_ids(conversation)
+        with _inference(self.model):
+            decoding = _Decoding(self, [prompt], sampling, seed)
+        tokens: list[int] = []
+        shown = ""
+        while not decoding.done:
+            with _inference(self.model):
+                token, _ = decoding.advance()
+            token_id = int(token[0])
+            if token_id in self.stop_token_ids:
+                break
+            tokens.append(token_id)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            # A multi-byte character split across tokens decodes to U+FFFD until its last byte arrives.
+            if text.endswith("\ufffd") or not text.startswith(shown) or len(text) == len(shown):
+                continue
+            yield text[len(shown) :]
+            shown = text
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown) :]
