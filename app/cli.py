@@ -346,5 +346,13 @@ def _redact(url: str) -> str:
     return url
 
 
+def _register_subcommands() -> None:
+    from app.cli_rounds import round_group
+
+    main.add_command(round_group)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()
