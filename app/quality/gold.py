@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, delete, insert, literal, select, true, update
+from sqlalchemy import ColumnElement, Select, delete, func, insert, literal, select, true, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
@@ -169,8 +169,11 @@ def record_usable_annotations(
         .where(usable.c.annotation_id.not_in(already))
         .distinct()
     )
-    result = db.execute(insert(RoundAnnotation).from_select(["round_id", "annotation_id"], source))
-    return result.rowcount or 0
+    count = select(func.count()).select_from(RoundAnnotation).where(RoundAnnotation.round_id == round_id)
+    before = db.scalar(count) or 0
+    db.execute(insert(RoundAnnotation).from_select(["round_id", "annotation_id"], source))
+    # rowcount of INSERT ... SELECT is not reported by every driver; counting is.
+    return (db.scalar(count) or 0) - before
 
 
 def round_annotation_ids(db: Session, round_id: int) -> list[int]:

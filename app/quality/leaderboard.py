@@ -71,7 +71,9 @@ def fit_bradley_terry(
     tol: float = 1e-10,
     max_iter: int = 10_000,
 ) -> np.ndarray:
-    """Natural-log strengths theta (mean zero) maximising the Bradley-Terry likelihood.
+    """Natural-log strengths theta maximising the Bradley-Terry likelihood.
+
+    Mean zero without pseudo ties; with them, relative to the virtual opponent at theta = 0.
 
     wins[i, j] = wins of i over j, ties already counted as half a win to each side.
     Without pseudo ties the maximum must exist (the wins graph strongly connected), else ValueError.
@@ -93,7 +95,8 @@ def fit_bradley_terry(
         theta = _mm(wins, pseudo_ties, tol, max_iter)
     else:
         raise ValueError(f"unknown method {method!r}; use 'newton' or 'mm'")
-    return theta - theta.mean()
+    # Without pseudo ties strengths are defined up to a constant: report them with mean zero.
+    return theta - theta.mean() if pseudo_ties <= 0 else theta
 
 
 def _newton(wins: np.ndarray, a: float, tol: float, max_iter: int) -> np.ndarray:
