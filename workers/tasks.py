@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 @celery_app.task(name="workers.tasks.periodic_maintenance")
 def periodic_maintenance() -> dict[str, int]:
-    """Beat: return expired assignments to the pool; re-queue runs whose worker died."""
+    """Beat: return expired assignments to the pool; re-queue runs whose worker died; refill the pool."""
     from app.assignment import expire_stale_assignments
     from workers.progress import requeue_stale_runs
     from workers.runs import enqueue_run
@@ -27,7 +27,30 @@ def periodic_maintenance() -> dict[str, int]:
         log.info("expired %d stale assignments", expired)
     if requeued:
         log.warning("re-queued runs whose worker was lost: %s", requeued)
-    return {"expired_assignments": expired, "requeued_runs": len(requeued)}
+    refill_run = _refill_task_pool()
+    return {"expired_assignments": expired, "requeued_runs": len(requeued), "refill_run": refill_run or 0}
+
+
+def _refill_task_pool() -> int | None:
+    """Queue a generation run when the pool of tasks with free slots runs low (app/tasks_pool.py)."""
+    from app.tasks_pool import refill_if_low
+
+    with session_scope() as db:
+        run_id = refill_if_low(db)  # commits the run row, then enqueues generate_responses
+    if run_id is not None:
+        log.info("task pool is low: generation run %s queued", run_id)
+    return run_id
+
+
+# ---------------------------------------------------------------- generation (gpu queue)
+
+
+@celery_app.task(name="workers.tasks.generate_responses")
+def generate_responses(run_id: int) -> str | None:
+    """Sample K responses per prompt from the live policy and create rank (and arena) tasks."""
+    from app.tasks_pool import run_generation
+
+    return run_generation(run_id)
 
 
 # ---------------------------------------------------------------- training (gpu queue)

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import User
+from app.prompt_sets import install_demo_prompt_set
 from app.security import hash_password
 
 # username, role, password — printed by `prefloop serve` in development mode.
@@ -33,8 +34,4 @@ def install_demo(db: Session, settings: Settings) -> str:
 
 
 def _install_demo_prompts(db: Session) -> list[str]:
-    try:
-        from app.prompt_sets import install_demo_prompt_set
-    except ImportError:
-        return []
     return [install_demo_prompt_set(db)]

@@ -1,0 +1,146 @@
+"""Task assignment: overlap, never the same task twice, resuming a held task, expiry, kinds, gold."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.annotations import submit_annotation
+from app.assignment import (
+    assign_next_task,
+    expire_stale_assignments,
+    load_task_view,
+    next_task,
+    release_assignment,
+)
+from app.models import Assignment, Task, utcnow
+from app.schemas import AnnotationIn
+from app.tasks_pool import add_static_tasks
+
+TTL = 600
+
+
+def seed(db, n: int, required: int = 1, k: int = 3, kind: str = "rank") -> list[int]:
+    items = [(f"prompt {i}", [f"answer {i}.{j}" for j in range(k)]) for i in range(n)]
+    return add_static_tasks(db, items, required=required, kind=kind, prompt_set=f"set-{kind}-{n}-{k}")
+
+
+def rank_all(db, task_id: int, user_id: int) -> None:
+    view = load_task_view(db, task_id)
+    db.rollback()
+    payload = AnnotationIn(ranking=[[r.id] for r in view.responses])
+    submit_annotation(db, task_id, user_id, payload)
+
+
+def claimed(db, task_id: int) -> int:
+    db.expire_all()
+    return db.get(Task, task_id).claimed_count
+
+
+def test_oldest_task_first_and_a_reload_resumes_it(db, make_user):
+    first, second = seed(db, 2)
+    user, _ = make_user()
+    view = next_task(db, user.id, TTL)
+    assert view.id == first and view.prompt_text == "prompt 0"
+    assert [r.text for r in sorted(view.responses, key=lambda r: r.text)] == [
+        "answer 0.0",
+        "answer 0.1",
+        "answer 0.2",
+    ]
+    assert [r.position for r in view.responses] == [0, 1, 2]
+    assert view.expires_at is not None
+    assert next_task(db, user.id, TTL).id == first  # same task again, no second slot
+    assert claimed(db, first) == 1 and claimed(db, second) == 0
+
+
+def test_overlap_gives_a_task_to_n_distinct_annotators(db, make_user):
+    first, second = seed(db, 2, required=2)
+    a, b, c = (make_user()[0] for _ in range(3))
+    assert assign_next_task(db, a.id, TTL) == first
+    assert assign_next_task(db, b.id, TTL) == first
+    assert assign_next_task(db, c.id, TTL) == second  # first has no free slot left
+    assert claimed(db, first) == 2
+
+
+def test_an_annotator_never_gets_a_task_they_submitted_or_skipped(db, make_user):
+    t1, t2, t3 = seed(db, 3, required=2)
+    user, _ = make_user()
+    assert assign_next_task(db, user.id, TTL) == t1
+    rank_all(db, t1, user.id)
+    assert assign_next_task(db, user.id, TTL) == t2
+    submit_annotation(db, t2, user.id, AnnotationIn(skip=True, skip_reason="cannot judge"))
+    assert assign_next_task(db, user.id, TTL) == t3
+    rank_all(db, t3, user.id)
+    assert assign_next_task(db, user.id, TTL) is None
+    # The skipped slot went back: another annotator can still take both slots of t2.
+    other, _ = make_user()
+    assert assign_next_task(db, other.id, TTL) == t1
+    assert claimed(db, t2) == 0
+
+
+def test_expired_assignments_return_their_slot_to_the_pool(db, make_user):
+    (task,) = seed(db, 1)
+    slow, quick = make_user()[0], make_user()[0]
+    assert assign_next_task(db, slow.id, TTL) == task
+    assert assign_next_task(db, quick.id, TTL) is None
+    db.execute(update(Assignment).values(expires_at=utcnow() - timedelta(seconds=1)))
+    db.commit()
+    assert expire_stale_assignments(db) == 1
+    assert expire_stale_assignments(db) == 0
+    assert claimed(db, task) == 0
+    assert assign_next_task(db, quick.id, TTL) == task
+    assert claimed(db, task) == 1
+
+
+def test_an_expired_task_can_come_back_to_the_same_annotator(db, make_user):
+    (task,) = seed(db, 1)
+    user, _ = make_user()
+    assign_next_task(db, user.id, TTL)
+    db.execute(update(Assignment).values(expires_at=utcnow() - timedelta(seconds=1)))
+    db.commit()
+    expire_stale_assignments(db)
+    assert assign_next_task(db, user.id, TTL) == task
+    row = db.scalar(select(Assignment).where(Assignment.user_id == user.id))
+    expires_at = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)  # SQLite
+    assert row.status == "active" and expires_at > utcnow()
+
+
+def test_release_gives_the_slot_back(db, make_user):
+    (task,) = seed(db, 1)
+    user, _ = make_user()
+    assign_next_task(db, user.id, TTL)
+    assert release_assignment(db, task, user.id) is True
+    assert release_assignment(db, task, user.id) is False
+    assert claimed(db, task) == 0
+
+
+def test_kinds_filter_and_done_or_closed_tasks(db, make_user):
+    rank = seed(db, 1)
+    arena = seed(db, 1, k=2, kind="arena")
+    closed = seed(db, 1, k=2)
+    db.execute(update(Task).where(Task.id.in_(closed)).values(status="closed"))
+    db.commit()
+    user, _ = make_user()
+    view = next_task(db, user.id, TTL, kinds=["arena"])
+    assert view.id == arena[0] and view.kind == "arena" and len(view.responses) == 2
+    rank_all(db, arena[0], user.id)
+    assert assign_next_task(db, user.id, TTL, kinds=["arena"]) is None
+    assert assign_next_task(db, user.id, TTL) == rank[0]
+    with pytest.raises(ValueError, match="unknown task kinds"):
+        assign_next_task(db, user.id, TTL, kinds=["essay"])
+
+
+def test_gold_tasks_come_only_at_their_share(db, make_user):
+    gold = pytest.importorskip("app.quality.gold")
+    ordinary = seed(db, 2)
+    (gold_task,) = seed(db, 1, k=2)
+    response_id = load_task_view(db, gold_task).responses[0].id
+    db.rollback()
+    gold.mark_gold(db, gold_task, response_id)
+    db.commit()
+    a, b = make_user()[0], make_user()[0]
+    assert assign_next_task(db, a.id, TTL, gold_share=0.0) == ordinary[0]
+    assert assign_next_task(db, b.id, TTL, gold_share=1.0, rng=random.Random(0)) == gold_task
