@@ -347,9 +347,11 @@ def _redact(url: str) -> str:
 
 
 def _register_subcommands() -> None:
+    from app import demo_loop
     from app.cli_rounds import round_group
 
     main.add_command(round_group)
+    demo_loop.register(main)
 
 
 _register_subcommands()
