@@ -163,6 +163,11 @@ def render_card(
         "cannot be linked to usernames, emails or other deployments. No usernames, emails or addresses are "
         "exported. Rationales and skip reasons are free text typed by annotators.\n"
     )
+    if stats.excluded_annotators:
+        out.append(
+            f"{stats.excluded_annotators} annotator(s) whose gold-task accuracy fell under the deployment's "
+            "threshold were left out entirely (their judgements give no rows and do not count in agreement).\n"
+        )
 
     out.append("## Licence\n")
     if spec.license == "other":

@@ -87,6 +87,13 @@ def text_prompt_renderer(
     return render
 
 
+def excluded_annotators(db: Session) -> set[int]:
+    """Annotators the gold-task quality gate excludes from training data and exports (empty when off)."""
+    from app.quality.gold import excluded_annotator_ids
+
+    return set(excluded_annotator_ids(db))
+
+
 def iter_rows(
     db: Session,
     spec: ExportSpec,
@@ -94,12 +101,18 @@ def iter_rows(
     secret_key: str,
     page_size: int = DEFAULT_PAGE_SIZE,
     on_task: Callable[[], None] | None = None,
+    excluded_users: set[int] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any], RowMeta]]:
     """(split, row, meta) for every row of the export, streamed page by page."""
     fmt = get_format(spec.format)
     ctx = BuildContext(spec, Pseudonymizer(secret_key), text_prompt_renderer(db, spec))
     split_of = splitter(spec)
-    for bundle in iter_task_bundles(db, spec, need_comparisons=fmt.needs_comparisons, page_size=page_size):
+    if excluded_users is None:
+        excluded_users = excluded_annotators(db)
+    bundles = iter_task_bundles(
+        db, spec, need_comparisons=fmt.needs_comparisons, page_size=page_size, excluded_users=excluded_users
+    )
+    for bundle in bundles:
         split = split_of(bundle.prompt)
         for row, meta in fmt.build(bundle, ctx):
             yield split, row, meta
@@ -124,14 +137,15 @@ def export_dataset(
         raise FileExistsError(f"{dest} exists already; choose another output or allow overwriting")
     fmt = get_format(spec.format)
     begin_snapshot(db)
-    total = count_tasks(db, spec)
+    excluded = excluded_annotators(db)
+    total = count_tasks(db, spec, excluded)
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     (work / "data").mkdir(parents=True)
     try:
-        stats = ExportStats()
+        stats = ExportStats(excluded_annotators=len(excluded))
         writers = _stream_into(
-            db, spec, fmt, work / "data", stats, total, secret_key, progress, should_stop, page_size
+            db, spec, fmt, work / "data", stats, total, secret_key, progress, should_stop, page_size, excluded
         )
         splits, files = [], []
         for split in SPLIT_ORDER:
@@ -172,6 +186,7 @@ def _stream_into(
     progress: Progress | None,
     should_stop: Callable[[], bool] | None,
     page_size: int,
+    excluded: set[int],
 ) -> dict[str, SplitWriter]:
     writers: dict[str, SplitWriter] = {}
 
@@ -186,7 +201,7 @@ def _stream_into(
 
     try:
         for split, row, meta in iter_rows(
-            db, spec, secret_key=secret_key, page_size=page_size, on_task=on_task
+            db, spec, secret_key=secret_key, page_size=page_size, on_task=on_task, excluded_users=excluded
         ):
             writer = writers.get(split)
             if writer is None:

@@ -9,7 +9,7 @@ annotation of a task). Only plain column tuples are selected, so no ORM identity
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -158,8 +158,8 @@ class TaskBundle:
 # ---------------------------------------------------------------- queries
 
 
-def _matching_tasks(spec: ExportSpec, columns: Sequence[Any]) -> Select:
-    """Tasks in the chosen prompt sets with at least one annotation in the date range."""
+def _matching_tasks(spec: ExportSpec, columns: Sequence[Any], excluded_users: Collection[int] = ()) -> Select:
+    """Tasks in the chosen prompt sets with at least one usable annotation in the date range."""
     query = select(*columns).select_from(Task)
     if spec.prompt_set_ids:
         query = query.join(Prompt, Prompt.id == Task.prompt_id).where(
@@ -172,33 +172,43 @@ def _matching_tasks(spec: ExportSpec, columns: Sequence[Any]) -> Select:
         annotation = annotation.where(Annotation.created_at < spec.until)
     if spec.exclude_skipped or spec.format != "rankings":
         annotation = annotation.where(Annotation.skipped.is_(false()))
+    if excluded_users:
+        annotation = annotation.where(Annotation.user_id.not_in(sorted(excluded_users)))
     return query.where(exists(annotation))
 
 
-def count_tasks(db: Session, spec: ExportSpec) -> int:
-    return int(db.scalar(_matching_tasks(spec, [func.count(Task.id)])) or 0)
+def count_tasks(db: Session, spec: ExportSpec, excluded_users: Collection[int] = ()) -> int:
+    return int(db.scalar(_matching_tasks(spec, [func.count(Task.id)], excluded_users)) or 0)
 
 
 def iter_task_bundles(
-    db: Session, spec: ExportSpec, *, need_comparisons: bool, page_size: int = DEFAULT_PAGE_SIZE
+    db: Session,
+    spec: ExportSpec,
+    *,
+    need_comparisons: bool,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    excluded_users: Collection[int] = (),
 ) -> Iterator[TaskBundle]:
-    """Every matching task as a TaskBundle, in task id order, `page_size` tasks per round of queries."""
+    """Every matching task as a TaskBundle, in task id order, `page_size` tasks per round of queries.
+
+    Annotations of `excluded_users` (annotators the quality gate excludes) are left out entirely: they
+    give no rows and do not count towards agreement.
+    """
     last_id = 0
     while True:
-        ids = list(
-            db.scalars(
-                _matching_tasks(spec, [Task.id]).where(Task.id > last_id).order_by(Task.id).limit(page_size)
-            )
-        )
+        query = _matching_tasks(spec, [Task.id], excluded_users)
+        ids = list(db.scalars(query.where(Task.id > last_id).order_by(Task.id).limit(page_size)))
         if not ids:
             return
-        yield from load_bundles(db, ids, need_comparisons=need_comparisons)
+        yield from load_bundles(db, ids, need_comparisons=need_comparisons, excluded_users=excluded_users)
         last_id = ids[-1]
         if len(ids) < page_size:
             return
 
 
-def load_bundles(db: Session, task_ids: Sequence[int], *, need_comparisons: bool) -> list[TaskBundle]:
+def load_bundles(
+    db: Session, task_ids: Sequence[int], *, need_comparisons: bool, excluded_users: Collection[int] = ()
+) -> list[TaskBundle]:
     bundles: dict[int, TaskBundle] = {}
     for row in db.execute(
         select(
@@ -249,6 +259,8 @@ def load_bundles(db: Session, task_ids: Sequence[int], *, need_comparisons: bool
         .order_by(Annotation.id)
     ):
         task_id, *values = row
+        if values[1] in excluded_users:
+            continue
         values[-1] = as_utc(values[-1])
         ranking = [[int(r) for r in group] for group in (values[2] or [])]
         bundles[task_id].annotations.append(
@@ -281,6 +293,8 @@ def load_bundles(db: Session, task_ids: Sequence[int], *, need_comparisons: bool
             .where(Annotation.task_id.in_(task_ids))
             .order_by(Comparison.id)
         ):
+            if bundles[task_id].annotation(annotation_id) is None:
+                continue  # an excluded annotator's
             bundles[task_id].comparisons.append(
                 ComparisonInfo(cid, annotation_id, chosen, rejected, float(margin))
             )

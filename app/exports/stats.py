@@ -44,6 +44,7 @@ class ExportStats:
     unanimous_overlap_rows: int = 0
     details: Counter[str] = field(default_factory=Counter)
     tasks_seen: int = 0
+    excluded_annotators: int = 0  # left out by the gold-task quality gate
 
     def add(self, split: str, row: dict[str, Any], meta: RowMeta) -> None:
         self.rows[split] += 1
@@ -96,6 +97,7 @@ class ExportStats:
             "agreement": self.agreement_summary(),
             "details": dict(sorted(self.details.items())),
             "tasks_seen": self.tasks_seen,
+            "excluded_annotators": self.excluded_annotators,
         }
 
 

@@ -312,3 +312,31 @@ def test_spec_validation_says_what_to_fix():
         ExportSpec(format="pairwise_text", text_template="chat_template")
     with pytest.raises(ValueError):
         ExportSpec(format="csv")
+
+
+def test_annotators_excluded_by_the_gold_gate_leave_exports(db, seeded, tmp_path):
+    from app.models import Response, Task
+    from tests.app.exports_seed import add_annotation, make_prompt, make_task
+
+    bob = seeded.users["bob"]
+    for i in range(5):  # bob misses five gold tasks: accuracy 0 < gold_min_accuracy, so he is flagged
+        prompt = make_prompt(db, seeded.sets["general"], [{"role": "user", "content": f"gold {i}"}])
+        good, bad = (
+            Response(prompt_id=prompt.id, policy_id=seeded.policies[0], text=t) for t in ("good", "bad")
+        )
+        db.add_all([good, bad])
+        db.flush()
+        task: Task = make_task(db, prompt, [good.id, bad.id], required=5)
+        task.is_gold, task.gold_response_id = True, good.id
+        add_annotation(db, task, bob, [[bad.id], [good.id]], created_at=DAY2)
+    db.commit()
+
+    out = [row for _, row in rows(db, format="pairwise", split_mode="none")]
+    assert pseudonym(bob, SECRET) not in {row["annotator"] for row in out}
+    assert len(out) == 7  # 13 minus bob's 6: alice's T1 5 and T2 1, carol's T3 1
+    assert {
+        (row["agreement"], row["num_annotators"]) for row in out if row["task_id"] == seeded.tasks["t1"]
+    } == {(1.0, 1)}  # bob's judgements no longer count in agreement either
+    result = export_dataset(db, ExportSpec(layout="folder"), tmp_path / "gated", secret_key=SECRET)
+    assert result.stats.excluded_annotators == 1
+    assert "1 annotator(s) whose gold-task accuracy" in (tmp_path / "gated" / "README.md").read_text()
