@@ -198,7 +198,10 @@ def build_reward_model(base_path: Path, config: RewardConfig):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_r > 0:
         from peft import LoraConfig, TaskType, get_peft_model
 
