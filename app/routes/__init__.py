@@ -1,5 +1,5 @@
 """One router per area; create_app() includes every router listed here."""
 
-from app.routes import api_rounds, auth, health, quality
+from app.routes import admin, api_rounds, auth, health, playground, quality
 
-ROUTERS = [health.router, auth.router, api_rounds.router, quality.router]
+ROUTERS = [health.router, auth.router, api_rounds.router, quality.router, admin.router, playground.router]
