@@ -299,14 +299,18 @@ class GoldCandidate:
     annotators: int  # every one of them put this response alone on top
 
 
-def gold_candidates(db: Session, min_annotators: int = 3, limit: int = 20) -> list[GoldCandidate]:
-    """Ordinary tasks where at least `min_annotators` annotators unanimously put one response alone on top."""
+def gold_candidates(
+    db: Session, min_annotators: int = 3, limit: int = 20, settings: Settings | None = None
+) -> list[GoldCandidate]:
+    """Ordinary rank tasks where at least `min_annotators` annotators (excluded ones not counted)
+    unanimously put one response alone on top."""
     from app.quality.agreement import load_task_rankings
 
-    gold_ids = set(db.scalars(select(Task.id).where(Task.is_gold.is_(True))))
+    ineligible = set(db.scalars(select(Task.id).where((Task.is_gold.is_(True)) | (Task.kind != "rank"))))
+    tasks = load_task_rankings(db, exclude_user_ids=excluded_annotator_ids(db, settings))
     found = []
-    for task in load_task_rankings(db):
-        if task.task_id in gold_ids or len(task.rankings) < min_annotators:
+    for task in tasks:
+        if task.task_id in ineligible or len(task.rankings) < min_annotators:
             continue
         tops = set()
         for ranks in task.rankings.values():

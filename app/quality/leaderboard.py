@@ -299,9 +299,7 @@ def compute_leaderboard(
 
     per_player = defaultdict(lambda: [0, 0, 0])  # wins, losses, ties
     pairs = []
-    for a, b in sorted(
-        {(a, b) for a, b, _ in tally}, key=lambda ab: (policies[ab[0]][0], policies[ab[1]][0])
-    ):
+    for a, b in sorted({(a, b) for a, b, _ in tally}):
         a_wins, b_wins, ties = tally[(a, b, 1.0)], tally[(a, b, 0.0)], tally[(a, b, 0.5)]
         per_player[a][0] += a_wins
         per_player[a][1] += b_wins
@@ -309,7 +307,11 @@ def compute_leaderboard(
         per_player[b][1] += a_wins
         per_player[a][2] += ties
         per_player[b][2] += ties
-        pairs.append(PairRecord(policies[a][0], policies[b][0], a_wins + b_wins + ties, a_wins, b_wins, ties))
+        va, vb = policies[a][0], policies[b][0]
+        if va < vb:  # report the older version first
+            pairs.append(PairRecord(va, vb, a_wins + b_wins + ties, a_wins, b_wins, ties))
+        else:
+            pairs.append(PairRecord(vb, va, a_wins + b_wins + ties, b_wins, a_wins, ties))
 
     def rank_of(i: int) -> int:
         high = estimates[i].high if not math.isnan(estimates[i].high) else estimates[i].value
@@ -334,6 +336,7 @@ def compute_leaderboard(
         for i, pid in enumerate(players)
     ]
     entries.sort(key=lambda e: (-e.rating.value, e.version))
+    pairs.sort(key=lambda r: (r.version_a, r.version_b))
     return Leaderboard(
         entries,
         pairs,

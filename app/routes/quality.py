@@ -76,7 +76,7 @@ def _gold_page(
     context = {
         "section": "gold",
         "gold": gold_tasks(db),
-        "candidates": gold_candidates(db),
+        "candidates": gold_candidates(db, settings=request.app.state.settings),
         "task": task,
         "prompt": prompt,
         "message": message,

@@ -204,9 +204,10 @@ def test_choose_gold_hands_each_annotator_each_gold_task_once(db, settings):
 def test_gold_candidates_are_tasks_with_a_unanimous_single_winner(db, settings):
     f = QualityFactory(db)
     users = [f.user() for _ in range(3)]
-    clear, split = f.task(3), f.task(3)
+    clear, split, arena = f.task(3), f.task(3), f.task(kind="arena", versions=[0, 1])
     for u in users:
         f.annotate(clear, u, [[2], [0, 1]])
+        f.annotate(arena, u, [[1], [0]])  # arena tasks measure policies, not annotators: never suggested
     f.annotate(split, users[0], [[0], [1], [2]])
     f.annotate(split, users[1], [[0], [1], [2]])
     f.annotate(split, users[2], [[1], [0], [2]])
