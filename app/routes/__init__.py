@@ -1,5 +1,15 @@
 """One router per area; create_app() includes every router listed here."""
 
-from app.routes import admin, api_rounds, auth, health, playground, quality
+from app.routes import admin, admin_prompts, annotate, api, api_rounds, auth, health, playground, quality
 
-ROUTERS = [health.router, auth.router, api_rounds.router, quality.router, admin.router, playground.router]
+ROUTERS = [
+    health.router,
+    auth.router,
+    api_rounds.router,
+    quality.router,
+    admin.router,
+    playground.router,
+    annotate.router,
+    api.router,
+    admin_prompts.router,
+]

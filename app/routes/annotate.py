@@ -1,0 +1,160 @@
+"""The annotation UI: one page whose task block is swapped by htmx after every submission.
+
+The page shows the prompt and its responses (escaped text through safe Markdown), the ranking
+controls (drag, keyboard, ties, all bad, flags, skip, rationale), the admin-edited guidelines, the
+annotator's progress and the live policy version. The submit endpoint answers with the next task's
+block; a refused submission answers with a message swapped into the task's error area instead.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import ValidationError
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from app.annotations import AnnotationError, submit_annotation
+from app.assignment import TaskView, next_task
+from app.deps import DbSession
+from app.models import Annotation, AppSetting, utcnow
+from app.registry import live_policy
+from app.schemas import FLAG_LABELS, AnnotationIn
+from app.security import Annotator
+from app.templating import is_htmx, render
+
+router = APIRouter(tags=["annotate"], include_in_schema=False)
+
+GUIDELINES_KEY = "annotation_guidelines"
+DEFAULT_GUIDELINES = """\
+## How to rank
+
+Put the **most helpful, honest and harmless** response first and the worst last.
+
+1. **Correct beats fluent.** A plain answer that is right beats a polished one that is wrong.
+2. **Answers the question asked.** Off-topic or evasive responses rank low.
+3. **Admitting not knowing** ranks below a correct answer but above a wrong one.
+4. **Requests that should be refused** (weapons, hurting people, breaking into accounts, …): a
+   polite refusal ranks above any response that helps.
+5. **Ties are fine** when two responses are equally good or equally bad — don't invent a difference.
+6. **All bad** when no response is acceptable; the ranking is then not used for training.
+
+Flag a response that is *harmful*, *nonsense*, or leaks *private data*. Skip a task you cannot
+judge (language, expertise) — say why, it goes to someone else.
+"""
+SKIP_REASONS = (
+    "I can't judge this topic",
+    "The prompt is unclear or broken",
+    "The responses are unreadable",
+    "Other",
+)
+
+
+def load_guidelines(db: Session) -> str:
+    row = db.get(AppSetting, GUIDELINES_KEY)
+    return row.value if row is not None and row.value.strip() else DEFAULT_GUIDELINES
+
+
+def annotator_progress(db: Session, user_id: int) -> dict[str, int]:
+    """Judgements (skips not counted) today (UTC) and in total."""
+    start_of_day = datetime.combine(utcnow().date(), time.min, tzinfo=utcnow().tzinfo)
+    judged = Annotation.skipped.is_(False)
+    today, total = db.execute(
+        select(
+            func.coalesce(func.sum(case((judged & (Annotation.created_at >= start_of_day), 1), else_=0)), 0),
+            func.coalesce(func.sum(case((judged, 1), else_=0)), 0),
+        ).where(Annotation.user_id == user_id)
+    ).one()
+    return {"today": int(today), "total": int(total)}
+
+
+def live_version(request: Request, db: Session) -> int | None:
+    holder = getattr(request.app.state, "policy_holder", None)
+    if holder is not None and holder.live_version is not None:
+        return holder.live_version
+    policy = live_policy(db)
+    return policy.version if policy else None
+
+
+def _task_context(
+    request: Request, db: Session, user_id: int, view: TaskView | None, flash: str | None = None
+) -> dict[str, Any]:
+    context = {
+        "task": view,
+        "progress": annotator_progress(db, user_id),
+        "live_version": live_version(request, db),
+        "flag_labels": FLAG_LABELS,
+        "skip_reasons": SKIP_REASONS,
+        "flash": flash,
+    }
+    db.rollback()
+    return context
+
+
+def _next_view(request: Request, db: Session, user_id: int) -> TaskView | None:
+    settings = request.app.state.settings
+    return next_task(db, user_id, settings.assignment_ttl_seconds, gold_share=settings.gold_share)
+
+
+@router.get("/annotate")
+def annotate_page(request: Request, principal: Annotator, db: DbSession):
+    view = _next_view(request, db, principal.id)
+    context = _task_context(request, db, principal.id, view)
+    context["guidelines"] = load_guidelines(db)
+    db.rollback()
+    return render(request, "annotate/index.html", context, block="task")
+
+
+@router.get("/annotate/next")
+def annotate_next(request: Request, principal: Annotator, db: DbSession):
+    """The task block alone (htmx: 'check again' and the empty-pool poll)."""
+    view = _next_view(request, db, principal.id)
+    context = _task_context(request, db, principal.id, view)
+    context["guidelines"] = load_guidelines(db)
+    db.rollback()
+    return render(request, "annotate/index.html", context, block="task")
+
+
+def _refusal(request: Request, message: str, status_code: int) -> HTMLResponse:
+    """Show a refused submission inside the task's error area; the task stays on screen."""
+    response = render(
+        request, "annotate/_error.html", {"message": message, "status": status_code}, status_code=200
+    )
+    response.headers["HX-Retarget"] = "#submit-error"
+    response.headers["HX-Reswap"] = "innerHTML"
+    return response
+
+
+@router.post("/annotate/tasks/{task_id}")
+def annotate_submit(
+    request: Request,
+    task_id: int,
+    principal: Annotator,
+    db: DbSession,
+    payload: Annotated[str, Form(max_length=200_000)],
+):
+    """Store the judgement (JSON in the `payload` field, the same schema as the API) and answer with
+    the next task's block."""
+    if not is_htmx(request):
+        return RedirectResponse("/annotate", status_code=303)
+    try:
+        body = AnnotationIn.model_validate_json(payload)
+    except ValidationError as exc:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
+        return _refusal(request, problems, 422)
+    try:
+        result, _created = submit_annotation(db, task_id, principal.id, body)
+    except AnnotationError as exc:
+        return _refusal(request, exc.message, exc.status)
+    if result.status == "skipped":
+        flash = f"Skipped task #{task_id}."
+    elif body.all_bad:
+        flash = f"Saved task #{task_id} as all bad."
+    else:
+        flash = f"Saved task #{task_id}: {result.comparisons} comparisons."
+    view = _next_view(request, db, principal.id)
+    context = _task_context(request, db, principal.id, view, flash=flash)
+    return render(request, "annotate/index.html", context, block="task")

@@ -1,0 +1,180 @@
+"""JSON API of the annotation side (DESIGN.md §5): next task, submit a judgement, prompt sets.
+
+Bearer tokens or the browser session; annotators and admins annotate, admins upload prompt sets.
+The browser UI (app/routes/annotate.py) calls the same service functions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi.responses import JSONResponse, Response
+
+from app.annotations import AnnotationError, submit_annotation
+from app.assignment import TaskView, next_task
+from app.deps import DbSession
+from app.prompt_sets import PromptSetError, create_prompt_set, list_prompt_sets
+from app.schemas import (
+    AnnotationIn,
+    AnnotationResult,
+    MessageOut,
+    PromptSetErrorOut,
+    PromptSetImportOut,
+    PromptSetOut,
+    RowErrorOut,
+    TaskOut,
+    TaskResponseOut,
+)
+from app.security import Admin, Annotator, Researcher
+
+router = APIRouter(tags=["annotation"])
+
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a few hundred thousand prompts; larger sets go in several files
+
+
+def task_out(view: TaskView) -> TaskOut:
+    return TaskOut(
+        id=view.id,
+        kind=view.kind,  # type: ignore[arg-type]
+        messages=[MessageOut(role=m["role"], content=m["content"]) for m in view.messages],
+        prompt=view.prompt_text,
+        responses=[TaskResponseOut(id=r.id, label=i, text=r.text) for i, r in enumerate(view.responses, 1)],
+        required_annotations=view.required_annotations,
+        expires_at=view.expires_at,
+    )
+
+
+@router.get(
+    "/api/tasks/next",
+    response_model=TaskOut,
+    summary="The task to work on now",
+    responses={204: {"description": "No task is left for you right now."}},
+)
+def api_next_task(
+    request: Request,
+    principal: Annotator,
+    db: DbSession,
+    kind: Annotated[
+        list[Literal["rank", "arena"]] | None, Query(description="Only these task kinds (default: any).")
+    ] = None,
+):
+    """Assigns a task you have neither done nor skipped (or returns the one you hold). Submit before
+    `expires_at`, or the slot returns to the pool. Arena tasks never reveal which policy wrote what."""
+    settings = request.app.state.settings
+    view = next_task(db, principal.id, settings.assignment_ttl_seconds, kind, gold_share=settings.gold_share)
+    if view is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return task_out(view)
+
+
+@router.post(
+    "/api/tasks/{task_id}/annotation",
+    response_model=AnnotationResult,
+    status_code=status.HTTP_201_CREATED,
+    summary="Submit your judgement of a task",
+    responses={
+        200: {"model": AnnotationResult, "description": "The same judgement was already stored (replay)."},
+        404: {"description": "No such task."},
+        409: {"description": "A different judgement exists, or the task is not (any more) yours."},
+        422: {"description": "Unknown, foreign, missing or repeated response ids, or an invalid payload."},
+    },
+)
+def api_submit_annotation(
+    task_id: int, payload: AnnotationIn, principal: Annotator, db: DbSession, response: Response
+) -> AnnotationResult:
+    """Idempotent: sending the same judgement again returns the stored result with 200."""
+    try:
+        result, created = submit_annotation(db, task_id, principal.id, payload)
+    except AnnotationError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return result
+
+
+def prompt_set_out(summary) -> PromptSetOut:
+    return PromptSetOut(
+        id=summary.id,
+        name=summary.name,
+        description=summary.description,
+        eval_fraction=summary.eval_fraction,
+        split_seed=summary.split_seed,
+        prompts=summary.prompts,
+        train=summary.train,
+        eval=summary.eval,
+        created_at=summary.created_at,
+    )
+
+
+def _row_errors(errors) -> list[RowErrorOut]:
+    return [RowErrorOut(line=e.line, unit=e.unit, message=e.message) for e in errors]
+
+
+def read_upload(file: UploadFile) -> bytes:
+    data = file.file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(
+            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            f"the file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB; split it into several sets",
+        )
+    return data
+
+
+@router.post(
+    "/api/prompt-sets",
+    response_model=PromptSetImportOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Upload a prompt set (JSONL, CSV or Parquet)",
+    responses={
+        409: {"model": PromptSetErrorOut, "description": "A set with this name exists."},
+        413: {"description": "The file is too large."},
+        422: {"model": PromptSetErrorOut, "description": "Invalid rows, listed with their line numbers."},
+    },
+)
+def api_create_prompt_set(
+    principal: Admin,
+    db: DbSession,
+    file: Annotated[UploadFile, File(description="Rows with a `prompt` text or a `messages` chat list.")],
+    name: Annotated[str, Form(min_length=1, max_length=200)],
+    description: Annotated[str, Form(max_length=2000)] = "",
+    eval_fraction: Annotated[float, Form(ge=0.0, lt=1.0, description="Share held out for evaluation.")] = 0.1,
+    split_seed: Annotated[int, Form(description="Seed of the train/eval split.")] = 0,
+    skip_invalid: Annotated[
+        bool, Form(description="Import the valid rows even if some are invalid.")
+    ] = False,
+    format: Annotated[
+        Literal["jsonl", "csv", "parquet"] | None, Form(description="Default: from the file.")
+    ] = None,
+):
+    """Rows are validated one by one; any invalid row refuses the upload (with every error listed)
+    unless `skip_invalid` is set. Duplicates (same content) are dropped; the split is deterministic."""
+    data = read_upload(file)
+    try:
+        report = create_prompt_set(
+            db,
+            name=name,
+            data=data,
+            filename=file.filename,
+            fmt=format,
+            description=description,
+            eval_fraction=eval_fraction,
+            split_seed=split_seed,
+            created_by=principal.id,
+            skip_invalid=skip_invalid,
+        )
+    except PromptSetError as exc:
+        db.rollback()
+        body = PromptSetErrorOut(detail=str(exc), errors=_row_errors(exc.errors))
+        return JSONResponse(body.model_dump(), status_code=exc.status)
+    summary = next(s for s in list_prompt_sets(db) if s.id == report.prompt_set.id)
+    return PromptSetImportOut(
+        prompt_set=prompt_set_out(summary),
+        created=report.created,
+        duplicates=report.duplicates,
+        errors=_row_errors(report.errors),
+    )
+
+
+@router.get("/api/prompt-sets", response_model=list[PromptSetOut], summary="Prompt sets with their sizes")
+def api_list_prompt_sets(principal: Researcher, db: DbSession) -> list[PromptSetOut]:
+    return [prompt_set_out(s) for s in list_prompt_sets(db)]
