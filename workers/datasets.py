@@ -14,10 +14,11 @@ def comparison_snapshot(db: Session) -> int:
     return db.scalar(select(func.max(Comparison.id))) or 0
 
 
-def load_comparisons(
-    db: Session, snapshot: int, exclude_user_ids: set[int] | frozenset[int] = frozenset()
-) -> list[TrainingComparison]:
-    """Every accepted comparison with id <= snapshot, joined to its prompt and both response texts."""
+def load_comparisons(db: Session, snapshot: int) -> list[TrainingComparison]:
+    """Every usable comparison with id <= snapshot (annotators excluded by quality control are left
+    out), joined to its prompt and both response texts."""
+    from app.quality.gold import usable_annotation_clause
+
     chosen = aliased(Response)
     rejected = aliased(Response)
     query = (
@@ -34,11 +35,9 @@ def load_comparisons(
         .join(chosen, chosen.id == Comparison.chosen_response_id)
         .join(rejected, rejected.id == Comparison.rejected_response_id)
         .join(Annotation, Annotation.id == Comparison.annotation_id)
-        .where(Comparison.id <= snapshot)
+        .where(Comparison.id <= snapshot, usable_annotation_clause(db))
         .order_by(Comparison.id)
     )
-    if exclude_user_ids:
-        query = query.where(Annotation.user_id.not_in(exclude_user_ids))
     return [
         TrainingComparison(
             comparison_id=row[0],

@@ -133,23 +133,27 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 return {"reward_model_id": existing.id, **existing.metrics}
             policy = _policy_for(db, config.get("policy_version"))
             snapshot = int(config["comparison_snapshot"])
-            comparisons = load_comparisons(db, snapshot, _excluded_annotators(db))
+            comparisons = load_comparisons(db, snapshot)
         if not comparisons:
             raise ValueError(
                 "there are no comparisons to train on yet: annotators must rank some tasks first"
             )
         output = reward_models_dir(settings) / f"run-{run_id}"
-        if not (output / "reward_stats.json").exists():
-            train_reward_model(
-                Path(policy.path),
-                comparisons,
-                output,
-                run_dir(run_id, settings) / "checkpoints",
-                trainer_config,
-                reporter,
-            )
-        metrics = json.loads((output / "reward_stats.json").read_text())
+        # Returns the published result without training again when an earlier delivery published it.
+        result = train_reward_model(
+            Path(policy.path),
+            comparisons,
+            output,
+            run_dir(run_id, settings) / "checkpoints",
+            trainer_config,
+            reporter,
+        )
+        metrics = dict(result.metrics)
         with sessions() as db:
+            if config.get("round_id"):  # the round records which annotations it trained on
+                from app.quality.gold import record_usable_annotations
+
+                record_usable_annotations(db, config["round_id"], snapshot)
             row = register_reward_model(
                 db,
                 output,
@@ -161,15 +165,14 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 run_id=run_id,
             )
             db.commit()
-            return {"reward_model_id": row.id, "comparisons": len(comparisons), **metrics}
+            return {
+                "reward_model_id": row.id,
+                "comparisons": len(comparisons),
+                "steps": result.steps,
+                **metrics,
+            }
 
     return body
-
-
-def _excluded_annotators(db: Session) -> set[int]:
-    from app.quality.gold import excluded_annotator_ids
-
-    return set(excluded_annotator_ids(db))
 
 
 def execute_reward_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
@@ -207,9 +210,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
             )
             prompts = load_prompts(db, "train")
             comparisons = (
-                load_comparisons(db, int(config["comparison_snapshot"]), _excluded_annotators(db))
-                if algorithm == "dpo"
-                else []
+                load_comparisons(db, int(config["comparison_snapshot"])) if algorithm == "dpo" else []
             )
         workdir = run_dir(run_id, settings)
         output = workdir / "policy"

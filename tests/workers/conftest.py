@@ -46,9 +46,16 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def worker_env(settings, redis_url, tmp_path) -> dict[str, str]:
-    """Environment for worker subprocesses: the test's settings, with Redis as broker (flushed first)."""
+def worker_env(settings, redis_url, monkeypatch) -> dict[str, str]:
+    """Environment for worker subprocesses: the test's settings, with Redis as broker (flushed first).
+    The test process itself switches to the same broker, so what it enqueues reaches the workers."""
     import redis
+
+    from app.config import reset_settings
+
+    monkeypatch.setenv("PREFLOOP_BROKER_URL", redis_url)
+    monkeypatch.setenv("PREFLOOP_REDIS_URL", redis_url)
+    reset_settings()
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
