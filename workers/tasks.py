@@ -86,3 +86,14 @@ def run_round(round_id: int) -> str:
     from workers.rounds import execute_round
 
     return execute_round(round_id)
+
+
+# ---------------------------------------------------------------- exports (default queue)
+
+
+@celery_app.task(name="workers.tasks.export_dataset")
+def export_dataset(run_id: int) -> str | None:
+    """Write a researcher export (one zip under DATA_DIR/exports) for an export run row."""
+    from app.exports.jobs import run_export_job
+
+    return run_export_job(run_id)

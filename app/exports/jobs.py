@@ -1,9 +1,12 @@
-"""Export runs: a `runs` row of kind 'export' holds the spec (config), progress and the result; the
-Celery task `workers.tasks.export_dataset` calls run_export_job with the row's id."""
+"""Export runs: a `runs` row of kind 'export' holds the spec (config), progress and the result.
+
+`POST /api/exports` and the research form create the row and send `workers.tasks.export_dataset`
+(default queue); the task runs `run_export_job`, which follows the common run lifecycle of
+workers/runs.py (claim, heartbeat, progress, cancel, finish) and writes one zip under DATA_DIR/exports.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from app.exports.exporter import ExportCancelled, export_dataset
 from app.exports.spec import ExportSpec
 from app.models import Run
 
-log = logging.getLogger(__name__)
+TASK_NAME = "workers.tasks.export_dataset"
 
 
 def export_file_for(settings: Settings, run_id: int, spec: ExportSpec) -> Path:
@@ -22,7 +25,7 @@ def export_file_for(settings: Settings, run_id: int, spec: ExportSpec) -> Path:
 
 
 def create_export_run(db: Session, spec: ExportSpec, user_id: int | None) -> Run:
-    """Insert a queued export run. Runs always produce a zip: one file to download."""
+    """Insert and commit a queued export run. Runs always produce a zip: one file to download."""
     spec = spec.model_copy(update={"layout": "zip"})
     run = Run(kind="export", status="queued", config=spec.model_dump(mode="json"), created_by=user_id)
     db.add(run)
@@ -32,48 +35,40 @@ def create_export_run(db: Session, spec: ExportSpec, user_id: int | None) -> Run
 
 def enqueue_export(run_id: int) -> None:
     """Send the run to the default queue (call after the row is committed)."""
-    from workers.tasks import export_dataset as task
+    from workers.celery_app import send_task
 
-    task.apply_async(args=[run_id], queue="default")
+    send_task(TASK_NAME, args=[run_id])
+
+
+def export_body(sessions: sessionmaker[Session], settings: Settings):
+    def body(run_id: int, config: dict[str, Any], reporter) -> dict[str, Any]:
+        from workers.training.reporting import RunCancelled
+
+        spec = ExportSpec.model_validate(config)
+        with sessions() as db:
+            try:
+                result = export_dataset(
+                    db,
+                    spec,
+                    export_file_for(settings, run_id, spec),
+                    secret_key=settings.secret_key,
+                    progress=reporter.progress,
+                    should_stop=reporter.should_stop,
+                    overwrite=True,  # a redelivered run rewrites its own file
+                )
+            except ExportCancelled as exc:
+                raise RunCancelled(str(exc)) from exc
+        return result.as_dict()
+
+    return body
 
 
 def run_export_job(
-    sessions: sessionmaker[Session], run_id: int, settings: Settings | None = None
-) -> dict[str, Any]:
-    """Claim the run, export with throttled progress and cancel checks, and record the outcome."""
-    from workers.progress import DbReporter, claim_run, fail_run, finish_run
+    run_id: int, sessions: sessionmaker[Session] | None = None, settings: Settings | None = None
+) -> str | None:
+    """Execute an export run; returns its final status, or None when another delivery owns it."""
+    from app.db import session_factory
+    from workers.runs import execute
 
-    settings = settings or get_settings()
-    with sessions() as db:
-        if not claim_run(db, run_id):
-            log.info("export run %s is not queued (already taken, finished or cancelled)", run_id)
-            return {"run_id": run_id, "claimed": False}
-        run = db.get(Run, run_id)
-        assert run is not None
-        spec = ExportSpec.model_validate(run.config)
-    reporter = DbReporter(sessions, run_id, every_seconds=1.0)
-    try:
-        with sessions() as db:
-            result = export_dataset(
-                db,
-                spec,
-                export_file_for(settings, run_id, spec),
-                secret_key=settings.secret_key,
-                progress=reporter.progress,
-                should_stop=reporter.should_stop,
-                overwrite=True,  # a redelivered run rewrites its own file
-            )
-        reporter.flush()
-        summary = result.as_dict()
-        with sessions() as db:
-            finish_run(db, run_id, "succeeded", result=summary)
-        return {"run_id": run_id, "claimed": True, "status": "succeeded", "rows": summary["total_rows"]}
-    except ExportCancelled:
-        with sessions() as db:
-            finish_run(db, run_id, "cancelled", error="cancelled on request")
-        return {"run_id": run_id, "claimed": True, "status": "cancelled"}
-    except Exception as exc:
-        log.exception("export run %s failed", run_id)
-        with sessions() as db:
-            fail_run(db, run_id, exc)
-        return {"run_id": run_id, "claimed": True, "status": "failed"}
+    sessions = sessions or session_factory()
+    return execute(run_id, export_body(sessions, settings or get_settings()), sessions)

@@ -1,6 +1,17 @@
 """One router per area; create_app() includes every router listed here."""
 
-from app.routes import admin, admin_prompts, annotate, api, api_rounds, auth, health, playground, quality
+from app.routes import (
+    admin,
+    admin_prompts,
+    annotate,
+    api,
+    api_rounds,
+    auth,
+    export,
+    health,
+    playground,
+    quality,
+)
 
 ROUTERS = [
     health.router,
@@ -12,4 +23,5 @@ ROUTERS = [
     annotate.router,
     api.router,
     admin_prompts.router,
+    export.router,
 ]
