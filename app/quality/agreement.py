@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Annotation, Prompt, PromptSet, Task
-from app.quality.intervals import NAN, Estimate, percentile_interval, ratio_bootstrap
+from app.quality.intervals import NAN, Estimate, percentile_interval, ratio_interval, resample_counts
 
 METRICS = ("nominal", "ordinal", "interval")
 Ranking = Sequence[Sequence[int]]
@@ -233,24 +233,20 @@ def _group_row(
     prompt_set_id: int | None = None,
 ) -> AgreementRow:
     pairs = np.array([s.pairs for s in summaries]).reshape(-1, 4)
-    agreement = ratio_bootstrap(pairs[:, 0], pairs[:, 1], n_boot, rng, confidence)
-    strict = ratio_bootstrap(pairs[:, 2], pairs[:, 3], n_boot, rng, confidence)
+    counts = resample_counts(len(summaries), n_boot, rng)  # one resample of tasks for all three figures
+    agreement = ratio_interval(pairs[:, 0], pairs[:, 1], counts, confidence)
+    strict = ratio_interval(pairs[:, 2], pairs[:, 3], counts, confidence)
+    alpha = NAN
+    n_pairable = 0
     if summaries:
-        per_task = np.stack([s.coincidences for s in summaries])  # (T, V, V)
-        total = per_task.sum(axis=0)
-        value = float(alpha_from_coincidences(total, values))
+        per_task = np.stack([s.coincidences for s in summaries]).reshape(len(summaries), -1)  # (T, V*V)
+        total = per_task.sum(axis=0).reshape(len(values), len(values))
         n_pairable = int(round(total.sum()))
-    else:
-        value, n_pairable = math.nan, 0
-    alpha = NAN if math.isnan(value) else None
-    if alpha is None:
-        if n_boot > 0 and len(summaries) >= 2:
-            draws_w = rng.multinomial(
-                len(summaries), np.full(len(summaries), 1 / len(summaries)), size=n_boot
-            )
-            boot = np.einsum("bt,tvw->bvw", draws_w.astype(float), per_task)
+        value = float(alpha_from_coincidences(total, values))
+        if not math.isnan(value) and counts is not None:
+            boot = (counts @ per_task).reshape(-1, len(values), len(values))
             alpha = percentile_interval(value, alpha_from_coincidences(boot, values), confidence)
-        else:
+        elif not math.isnan(value):
             alpha = Estimate(value)
     users = {u for s in summaries for u in s.users}
     return AgreementRow(
@@ -303,9 +299,10 @@ def _annotator_rows(
         pairs = np.array([p for p, _, _ in items])
         dis = np.array([d for _, d, _ in items])
         wts = np.array([w for _, _, w in items])
+        counts = resample_counts(len(items), n_boot, rng)  # this annotator's tasks, resampled
         if expected > 0 and wts.sum() > 0:
             # 1 - D_o/D_e is a ratio of sums over tasks, so the ratio bootstrap applies to D_o.
-            d_o = ratio_bootstrap(dis, wts, n_boot, rng, confidence)
+            d_o = ratio_interval(dis, wts, counts, confidence)
             alpha = Estimate(1 - d_o.value / expected, 1 - d_o.high / expected, 1 - d_o.low / expected)
         else:
             alpha = NAN
@@ -316,9 +313,9 @@ def _annotator_rows(
                 annotators=1,
                 annotations=len(items),
                 judgements=int(pairs[:, 1].sum()),
-                agreement=ratio_bootstrap(pairs[:, 0], pairs[:, 1], n_boot, rng, confidence),
+                agreement=ratio_interval(pairs[:, 0], pairs[:, 1], counts, confidence),
                 strict_judgements=int(pairs[:, 3].sum()),
-                strict_agreement=ratio_bootstrap(pairs[:, 2], pairs[:, 3], n_boot, rng, confidence),
+                strict_agreement=ratio_interval(pairs[:, 2], pairs[:, 3], counts, confidence),
                 values=int(wts.sum()),
                 alpha=alpha,
                 user_id=user,
