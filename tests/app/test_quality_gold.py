@@ -218,3 +218,31 @@ def test_gold_candidates_are_tasks_with_a_unanimous_single_winner(db, settings):
     db.commit()
     assert gold_candidates(db) == []
     assert [(g.task_id, g.answered, g.correct) for g in gold_tasks(db)] == [(clear.id, 3, 3)]
+
+
+def test_exclusion_reaches_the_training_loader_and_the_exports(db, settings, monkeypatch):
+    from app.config import reset_settings
+    from app.exports.exporter import iter_rows
+    from app.exports.spec import ExportSpec
+    from workers.datasets import comparison_snapshot, load_comparisons
+
+    f, good, sloppy, newbie = _gold_world(db, settings)
+    for _ in range(3):
+        task = f.task(3)
+        f.annotate(task, good, [[0], [1], [2]])
+        f.annotate(task, sloppy, [[2], [1], [0]])
+    db.commit()
+
+    def trained_users() -> set[int]:
+        return {db.get(Annotation, c.group_id).user_id for c in load_comparisons(db, comparison_snapshot(db))}
+
+    def exported_users() -> set[int]:
+        spec = ExportSpec(format="pairwise", split_mode="none")
+        return {meta.user_id for _, _, meta in iter_rows(db, spec, secret_key=settings.secret_key)}
+
+    assert good.id in trained_users() and sloppy.id not in trained_users()
+    assert good.id in exported_users() and sloppy.id not in exported_users()
+
+    monkeypatch.setenv("PREFLOOP_EXCLUDE_FLAGGED_ANNOTATORS", "false")
+    reset_settings()
+    assert sloppy.id in trained_users() and sloppy.id in exported_users()
