@@ -31,7 +31,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import Annotation, Prompt, PromptSet, Task
+from app.models import Annotation, Prompt, PromptSet, Task, User
 from app.quality.intervals import NAN, Estimate, percentile_interval, ratio_interval, resample_counts
 
 METRICS = ("nominal", "ordinal", "interval")
@@ -388,8 +388,6 @@ def agreement_report(
     db: Session, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
 ) -> AgreementReport:
     """Agreement overall, per prompt set and per annotator, with bootstrap intervals."""
-    from app.models import User
-
     tasks = load_task_rankings(db)
     set_ids = {t.prompt_set_id for t in tasks}
     user_ids = {u for t in tasks for u in t.rankings}
