@@ -45,12 +45,12 @@ class Judgement:
 
 
 def pair_agreement(
-    judgements: Iterable[Judgement], own: Judgement, x: int, y: int, outcome: str
+    judgements: Iterable[Judgement], own_annotation_id: int, x: int, y: int, outcome: str
 ) -> tuple[float, int]:
-    """(agreement, judges) for `own`'s outcome on (x, y): own counts as one agreeing judge."""
+    """(agreement, judges) for one annotation's outcome on (x, y); that annotation counts as agreeing."""
     agree = judges = 1
     for other in judgements:
-        if other.annotation_id == own.annotation_id:
+        if other.annotation_id == own_annotation_id:
             continue
         theirs = other.outcome(x, y)
         if theirs is None:

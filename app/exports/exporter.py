@@ -209,7 +209,7 @@ def _stream_into(
                     data_dir, split, spec.file_format, fmt.schema, spec.rows_per_shard
                 )
             writer.write(row)
-            stats.add(split, row, meta)
+            stats.add(split, meta)
     except BaseException:
         for writer in writers.values():
             writer.close()

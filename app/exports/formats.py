@@ -36,9 +36,10 @@ class RowMeta:
 
     prompt_id: int
     user_id: int
-    versions: tuple[int | None, ...]
+    versions: tuple[int | None, ...]  # distinct policy versions in the row
     agreement: float | None
     judges: int
+    details: tuple[str, ...] = ()  # extra counters for the card (winner, all_bad, skipped, flagged)
 
 
 @dataclass
@@ -149,13 +150,13 @@ def _pair_meta(
     agreement: float,
     judges: int,
 ) -> RowMeta:
-    return RowMeta(
-        bundle.prompt.id,
-        annotation.user_id,
-        (chosen.policy_version, rejected.policy_version),
-        agreement,
-        judges,
-    )
+    versions = _distinct(chosen.policy_version, rejected.policy_version)
+    details = ("flagged",) if annotation.flagged else ()
+    return RowMeta(bundle.prompt.id, annotation.user_id, versions, agreement, judges, details)
+
+
+def _distinct(a: int | None, b: int | None) -> tuple[int | None, ...]:
+    return (a,) if a == b else (a, b)
 
 
 _PAIR_TAIL: tuple[tuple[str, pa.DataType, str], ...] = (
@@ -300,7 +301,16 @@ def build_rankings(bundle: TaskBundle, ctx: BuildContext) -> Iterator[Row]:
             "prompt_set": bundle.prompt.prompt_set,
             "created_at": annotation.created_at,
         }
-        yield row, RowMeta(bundle.prompt.id, annotation.user_id, versions, agreement, judges)
+        details = tuple(
+            name
+            for name, on in (
+                ("all_bad", annotation.all_bad),
+                ("skipped", annotation.skipped),
+                ("flagged", annotation.flagged),
+            )
+            if on
+        )
+        yield row, RowMeta(bundle.prompt.id, annotation.user_id, versions, agreement, judges, details)
 
 
 def _json(value: Any) -> str:
@@ -360,7 +370,12 @@ def build_arena(bundle: TaskBundle, ctx: BuildContext) -> Iterator[Row]:
                 "prompt_set": bundle.prompt.prompt_set,
             }
             meta = RowMeta(
-                bundle.prompt.id, annotation.user_id, (a.policy_version, b.policy_version), agreement, judges
+                bundle.prompt.id,
+                annotation.user_id,
+                _distinct(a.policy_version, b.policy_version),
+                agreement,
+                judges,
+                (f"winner: {row['winner']}",),
             )
             yield row, meta
 

@@ -144,8 +144,7 @@ class TaskBundle:
         return self._judgement_by_id.get(annotation_id)
 
     def pair_agreement(self, annotation_id: int, x: int, y: int, outcome: str) -> tuple[float, int]:
-        own = Judgement(annotation_id, [])
-        return pair_agreement(self.judgements, own, x, y, outcome)
+        return pair_agreement(self.judgements, annotation_id, x, y, outcome)
 
     @cached_property
     def scores(self) -> dict[int, float | None]:
@@ -197,7 +196,11 @@ def iter_task_bundles(
     last_id = 0
     while True:
         query = _matching_tasks(spec, [Task.id], excluded_users)
-        ids = list(db.scalars(query.where(Task.id > last_id).order_by(Task.id).limit(page_size)))
+        ids = list(
+            db.connection()
+            .execute(query.where(Task.id > last_id).order_by(Task.id).limit(page_size))
+            .scalars()
+        )
         if not ids:
             return
         yield from load_bundles(db, ids, need_comparisons=need_comparisons, excluded_users=excluded_users)
@@ -209,8 +212,10 @@ def iter_task_bundles(
 def load_bundles(
     db: Session, task_ids: Sequence[int], *, need_comparisons: bool, excluded_users: Collection[int] = ()
 ) -> list[TaskBundle]:
+    # Core execution (no ORM result processing): these are plain column tuples, and it is ~2x faster.
+    conn = db.connection()
     bundles: dict[int, TaskBundle] = {}
-    for row in db.execute(
+    for row in conn.execute(
         select(
             Task.id,
             Task.kind,
@@ -231,7 +236,7 @@ def load_bundles(
         prompt = PromptInfo(prompt_id, set_id, set_name, clean_messages(messages), text, content_hash, split)
         bundles[task_id] = TaskBundle(task_id, kind, prompt)
 
-    for task_id, position, response_id, text, version in db.execute(
+    for task_id, position, response_id, text, version in conn.execute(
         select(TaskResponse.task_id, TaskResponse.position, Response.id, Response.text, Policy.version)
         .join(Response, Response.id == TaskResponse.response_id)
         .outerjoin(Policy, Policy.id == Response.policy_id)
@@ -240,7 +245,7 @@ def load_bundles(
     ):
         bundles[task_id].shown.append(ResponseInfo(response_id, text, version, position))
 
-    for row in db.execute(
+    for row in conn.execute(
         select(
             Annotation.task_id,
             Annotation.id,
@@ -280,7 +285,7 @@ def load_bundles(
         )
 
     if need_comparisons:
-        for task_id, cid, annotation_id, chosen, rejected, margin in db.execute(
+        for task_id, cid, annotation_id, chosen, rejected, margin in conn.execute(
             select(
                 Annotation.task_id,
                 Comparison.id,

@@ -46,12 +46,15 @@ class ExportStats:
     tasks_seen: int = 0
     excluded_annotators: int = 0  # left out by the gold-task quality gate
 
-    def add(self, split: str, row: dict[str, Any], meta: RowMeta) -> None:
+    def add(self, split: str, meta: RowMeta) -> None:
         self.rows[split] += 1
-        self.prompts.setdefault(split, IdBitmap()).add(meta.prompt_id)
+        bitmap = self.prompts.get(split)
+        if bitmap is None:
+            bitmap = self.prompts[split] = IdBitmap()
+        bitmap.add(meta.prompt_id)
         self.all_prompts.add(meta.prompt_id)
         self.annotators.add(meta.user_id)
-        for version in set(meta.versions):
+        for version in meta.versions:
             self.rows_by_version[version] += 1
         if meta.agreement is not None:
             self.agreement_sum += meta.agreement
@@ -60,13 +63,8 @@ class ExportStats:
                 self.overlap_rows += 1
                 self.overlap_agreement_sum += meta.agreement
                 self.unanimous_overlap_rows += meta.agreement >= 1.0
-        if "winner" in row:
-            self.details[f"winner: {row['winner']}"] += 1
-        for key in ("all_bad", "skipped"):
-            if row.get(key):
-                self.details[key] += 1
-        if row.get("flags"):
-            self.details["flagged"] += 1
+        for detail in meta.details:
+            self.details[detail] += 1
 
     @property
     def total_rows(self) -> int:

@@ -45,9 +45,9 @@ def test_outcomes_agreement_and_scores_match_hand_computation():
     assert alice.outcome(13, 11) == "a" and alice.outcome(11, 12) == "tie" and alice.outcome(14, 13) == "b"
     assert alice.outcome(13, 99) is None and bad.outcome(11, 12) == "bothbad"
     # alice's 13 > 11: bob says 11 > 13, so one of two agrees.
-    assert pair_agreement([alice, bob], alice, 13, 11, "a") == (0.5, 2)
-    assert pair_agreement([alice, bob], alice, 13, 12, "a") == (1.0, 2)
-    assert pair_agreement([alice, bob, bad], alice, 13, 14, "a") == (pytest.approx(2 / 3), 3)
+    assert pair_agreement([alice, bob], 1, 13, 11, "a") == (0.5, 2)
+    assert pair_agreement([alice, bob], 1, 13, 12, "a") == (1.0, 2)
+    assert pair_agreement([alice, bob, bad], 1, 13, 14, "a") == (pytest.approx(2 / 3), 3)
     # Of the 6 response pairs, alice and bob differ on (12, 11) and (11, 13).
     assert task_agreement([alice, bob], [12, 11, 14, 13]) == pytest.approx(4 / 6)
     assert task_agreement([alice], [12, 11, 14, 13]) is None
