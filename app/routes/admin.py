@@ -495,6 +495,11 @@ CHART_GROUPS: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Shown in this order (the loop's headline figures first); matching above runs losses first so that
+# e.g. "reward_loss" lands with the losses.
+CHART_ORDER = ("Reward", "KL", "Length", "Accuracy", "Losses")
+
+
 def chart_group(name: str) -> str:
     """The chart a metric belongs on: a known group by the words of its name, else its own name."""
     words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
@@ -526,7 +531,7 @@ def run_metrics_json(run_id: int, principal: Admin, db: DbSession) -> JSONRespon
     groups: dict[str, list[str]] = {}
     for name in series:
         groups.setdefault(chart_group(name), []).append(name)
-    order = [title for title, _ in CHART_GROUPS]
+    order = list(CHART_ORDER)
     charts = sorted(
         groups.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])
     )

@@ -224,7 +224,7 @@ def test_metrics_json_has_every_series_grouped_for_charts(client, admin, db):
         "Reward": ["reward_raw"],
         "entropy": ["entropy"],
     }
-    assert [c["title"] for c in body["charts"]][:5] == ["Losses", "Accuracy", "KL", "Length", "Reward"]
+    assert [c["title"] for c in body["charts"]][:5] == ["Reward", "KL", "Length", "Accuracy", "Losses"]
 
 
 def test_chart_groups_and_flat_metrics():
