@@ -455,3 +455,20 @@ def test_dashboard_says_unknown_when_the_broker_is_down(settings, engine, make_u
         page = client.get("/admin")
     assert page.status_code == 200
     assert 'id="queue-gpu"><span class="muted">unknown' in page.text
+
+
+def test_round_form_knobs_map_onto_each_trainers_config():
+    from dataclasses import fields
+
+    from app.routes.admin import StartRoundForm, round_knobs
+    from workers.training.dpo import DPOConfig
+    from workers.training.ppo import PPOConfig
+
+    ppo = round_knobs(StartRoundForm(algorithm="ppo", steps=10, learning_rate=1e-5, kl_coef=0.05))
+    assert ppo == {"auto_promote": False, "policy": {"steps": 10, "policy_lr": 1e-5, "kl_coef": 0.05}}
+    dpo = round_knobs(StartRoundForm(algorithm="dpo", learning_rate=3e-6, kl_coef=0.2, auto_promote=True))
+    assert dpo == {"auto_promote": True, "policy": {"lr": 3e-6, "beta": 0.2}}
+    for config, knobs in ((PPOConfig, ppo), (DPOConfig, dpo)):  # names the trainers accept
+        assert set(knobs["policy"]) <= {f.name for f in fields(config)}
+    with pytest.raises(ValueError, match="DPO has no setting for steps"):
+        round_knobs(StartRoundForm(algorithm="dpo", steps=5))
