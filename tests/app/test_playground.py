@@ -83,3 +83,23 @@ def test_annotators_cannot_use_the_playground(client, login, tiny_policy):
     client.app.state.policy_holder.current = tiny_policy
     response = client.post("/admin/playground/stream", json={"prompt": "Hi"})
     assert response.status_code == 403
+
+
+def test_a_swap_mid_answer_does_not_disturb_the_answer(client, admin, tiny_policy):
+    """Promote while streaming: the answer finishes on the version it started with, without an error."""
+    holder = client.app.state.policy_holder
+    holder.current = tiny_policy
+    request = {"prompt": "Count to ten.", "max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": 5}
+    with client.stream("POST", "/admin/playground/stream", json=request) as response:
+        pieces = response.iter_text()
+        first = next(pieces)
+        holder.current = LoadedPolicy(version=8, path="/elsewhere")  # the swap: one reference assignment
+        rest = "".join(pieces)
+    assert response.status_code == 200 and response.headers["x-policy-version"] == "7"
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, repetition_penalty=1.1)
+    expected = "".join(
+        tiny_policy.generator.stream_chat([{"role": "user", "content": "Count to ten."}], sampling, seed=5)
+    )
+    assert first + rest == expected and "generation failed" not in rest
+    # The next request sees the new holder state (here: a version without weights, so 503).
+    assert client.post("/admin/playground/stream", json={"prompt": "Hi"}).status_code == 503
