@@ -91,16 +91,29 @@ def top_p_candidates(probs: Tensor, top_p: float, first_k: int = 64) -> tuple[Te
     """
     vocab = probs.shape[-1]
     k = min(vocab, first_k)
-    while True:
-        top, ids = probs.topk(k, dim=-1)  # sorted, largest first
-        cumulative = top.cumsum(-1)
-        if k == vocab or bool((cumulative[:, -1] >= top_p).all()):
-            break
-        k = min(vocab, k * 8)
+    top, ids = probs.topk(k, dim=-1)  # sorted, largest first
+    short = top.cumsum(-1)[:, -1] < top_p  # rows whose nucleus reaches past the first look
+    if bool(short.any()) and k < vocab:
+        rows = short.nonzero().squeeze(1)
+        wide, wide_ids = _widen(probs[rows], top_p, k)
+        # Covered rows keep their k entries and get zero-weight padding, which is never drawn.
+        top = torch.cat([top, top.new_zeros(top.shape[0], wide.shape[1] - k)], dim=1)
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], wide.shape[1] - k)], dim=1)
+        top[rows], ids[rows] = wide, wide_ids
     # A token is in the nucleus when the mass of the tokens ranked above it is still short of top_p;
     # the most likely token always is (its preceding mass is 0).
-    keep = (cumulative - top) < top_p
+    keep = (top.cumsum(-1) - top) < top_p
     return top.masked_fill(~keep, 0.0), ids
+
+
+def _widen(probs: Tensor, top_p: float, k: int) -> tuple[Tensor, Tensor]:
+    """Top tokens of the few rows whose nucleus is wider than k, looking 8x wider until every row is covered."""
+    vocab = probs.shape[-1]
+    while True:
+        k = min(vocab, k * 8)
+        top, ids = probs.topk(k, dim=-1)
+        if k == vocab or bool((top.cumsum(-1)[:, -1] >= top_p).all()):
+            return top, ids
 
 
 def sample_next_tokens(
@@ -173,6 +186,15 @@ class _HFDecoder:
         )
         self.cache = out.past_key_values
         return out.logits[:, -1]
+
+    def keep_rows(self, rows: Tensor) -> bool:
+        """Drop every other row from the batch; False when the model's cache type can't do that."""
+        select = getattr(self.cache, "batch_select_indices", None)
+        if select is None:
+            return False
+        select(rows)
+        self.mask = self.mask[rows]
+        return True
 
 
 def _lora_linear_class() -> type | None:
@@ -386,6 +408,18 @@ class _LlamaDecoder:
         mask = self.key_valid[..., : self.length + 1]
         return self._forward(tokens[:, None], positions[:, None], mask)
 
+    def keep_rows(self, rows: Tensor) -> bool:
+        """Drop every other row from the batch; only the filled part of the cache is copied."""
+        shape = list(self.keys.shape)
+        shape[1] = rows.numel()
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty(shape)
+            new[:, :, :, : self.length] = old[:, rows, :, : self.length]
+            setattr(self, name, new)
+        self.key_valid = self.key_valid[rows]
+        return True
+
 
 # --- the decoding loop --------------------------------------------------------------------------
 
@@ -404,8 +438,12 @@ def _inference(model: nn.Module) -> Iterator[None]:
 
 
 class _Decoding:
-    """One batched decoding run. Create it and call `advance()` under `_inference`, which produces the
-    next token of every row."""
+    """One batched decoding run. Create it and call `advance()` under `_inference`; each call produces the
+    next token of every row.
+
+    Rows that have stopped are dropped from the decoder's batch (and KV cache) once they are a quarter of
+    it, so the steps that wait for the longest response get cheaper instead of carrying dead rows along.
+    """
 
     def __init__(
         self,
@@ -434,6 +472,7 @@ class _Decoding:
         self.stop_ids = torch.tensor(list(owner.stop_token_ids), dtype=torch.long, device=device)
         self.pad_id = owner.pad_token_id
         self.finished = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.active = torch.arange(self.batch, device=device)  # original row of each decoder row
         self.rng = None
         if seed is not None:
             self.rng = torch.Generator(device=device)
@@ -455,16 +494,31 @@ class _Decoding:
             self.positions = self.positions + 1
             logits = self.decoder.step(self.last, self.positions)
         column = self.width + self.steps
-        tokens = sample_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
-        emitted = ~self.finished
-        tokens = torch.where(emitted, tokens, torch.full_like(tokens, self.pad_id))
-        # Finished rows are never sampled again, so their history column only has to hold a real token.
-        self.history[:, column] = torch.where(emitted, tokens, self.history[:, column - 1])
+        sampled = sample_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
+        live = ~self.finished[self.active]
+        sampled = torch.where(live, sampled, torch.full_like(sampled, self.pad_id))
+        # A stopped row is never sampled again, so its history column only has to hold a real token.
+        self.history[:, column] = torch.where(live, sampled, self.history[:, column - 1])
+        tokens = torch.full((self.batch,), self.pad_id, dtype=torch.long, device=sampled.device)
+        emitted = torch.zeros(self.batch, dtype=torch.bool, device=sampled.device)
+        tokens[self.active], emitted[self.active] = sampled, live
         if self.stop_ids.numel():
-            self.finished |= torch.isin(tokens, self.stop_ids)
-        self.last = tokens
+            self.finished |= emitted & torch.isin(tokens, self.stop_ids)
+        self.last = sampled
         self.steps += 1
+        self._drop_stopped_rows()
         return tokens, emitted
+
+    def _drop_stopped_rows(self) -> None:
+        live = ~self.finished[self.active]
+        rows, alive = live.numel(), int(live.sum())
+        # Compacting copies the KV cache: worth it for a quarter of the batch and some steps still to go.
+        if alive == 0 or alive > rows * 3 // 4 or self.sampling.max_new_tokens - self.steps < 8:
+            return
+        keep = live.nonzero().squeeze(1)
+        if self.decoder.keep_rows(keep):
+            self.active, self.history = self.active[keep], self.history[keep]
+            self.positions, self.last = self.positions[keep], self.last[keep]
 
 
 class BatchedGenerator:
@@ -475,9 +529,8 @@ class BatchedGenerator:
     its training flags are restored after. Generation stops at the tokenizer's EOS token.
     """
 
-    max_batch_size = (
-        64  # larger requests run in chunks of similar prompt length (less padding, bounded cache)
-    )
+    # Larger requests run in chunks of similar prompt length: less padding, a bounded KV cache.
+    max_batch_size = 64
 
     def __init__(self, model: nn.Module, tokenizer, device: str | torch.device | None = None):
         self.model = model

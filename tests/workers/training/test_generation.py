@@ -21,9 +21,7 @@ from workers.training.generation import (
 )
 
 GREEDY = SamplingConfig(max_new_tokens=12, do_sample=False, repetition_penalty=1.1)
-# Full-vocabulary sampling: a row's draws depend only on its own logits and the seed, so runs that differ
-# only in where rows stop give every row the same tokens up to its stop.
-VARIED = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0, repetition_penalty=1.1)
+LONGER = SamplingConfig(max_new_tokens=24, do_sample=False, repetition_penalty=1.1)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -105,15 +103,19 @@ def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
 
 def test_top_p_widens_the_search_when_the_nucleus_is_larger_than_the_first_look():
     torch.manual_seed(0)
-    probs = torch.softmax(torch.randn(3, 1000) * 0.3, dim=-1)  # flat: the nucleus has hundreds of tokens
+    logits = torch.randn(4, 1000) * 0.3  # flat rows: the nucleus has hundreds of tokens
+    logits[1, 7] = 20.0  # a peaked row: the nucleus is one token, inside the first look
+    probs = torch.softmax(logits, dim=-1)
     weights, ids = top_p_candidates(probs, 0.9, first_k=4)
-    for row in range(3):
+    sizes = []
+    for row in range(4):
         ordered = probs[row].sort(descending=True)
         before = ordered.values.cumsum(0) - ordered.values
         expected = set(ordered.indices[before < 0.9].tolist())
         got = {i for w, i in zip(weights[row].tolist(), ids[row].tolist(), strict=True) if w > 0}
         assert got == expected
-        assert len(expected) > 100
+        sizes.append(len(expected))
+    assert sizes[1] == 1 and min(sizes[0], sizes[2], sizes[3]) > 100
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(0.8, 0.9), (1.0, 1.0), (2.0, 0.75), (0.5, 1.0)])
@@ -249,15 +251,15 @@ def test_rows_stop_at_eos_and_the_others_go_on(tiny):
     prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
     free = BatchedGenerator(model, tokenizer)
     free.stop_token_ids = ()
-    unstopped = free.generate_ids(prompts, VARIED, seed=3).response_ids
-    assert all(len(r) == VARIED.max_new_tokens for r in unstopped)
+    unstopped = free.generate_ids(prompts, LONGER).response_ids
+    assert all(len(r) == LONGER.max_new_tokens for r in unstopped)
     # Make a token that row 0 first emits at step j > 0 the stop token: row 0 must end right there, with
     # the stop token included, and every row is its unstopped self cut after its first stop token.
     row0 = unstopped[0]
     j = next(j for j in range(1, len(row0)) if row0[j] not in row0[:j])
     stop = row0[j]
     generator.stop_token_ids = (stop,)
-    rollout = generator.generate_ids(prompts, VARIED, seed=3)
+    rollout = generator.generate_ids(prompts, LONGER)
     for row, full in zip(rollout.response_ids, unstopped, strict=True):
         expected = full[: full.index(stop) + 1] if stop in full else full
         assert row == expected
@@ -266,16 +268,44 @@ def test_rows_stop_at_eos_and_the_others_go_on(tiny):
     assert rollout.ended_with_eos == [stop in full for full in unstopped]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_stopped_rows_leave_the_batch_without_changing_the_others(tiny, fast):
+    from workers.training.generation import _Decoding, _inference
+
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    generator.use_fast_path = fast
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    free = BatchedGenerator(model, tokenizer)
+    free.stop_token_ids = ()
+    unstopped = free.generate_ids(prompts, LONGER).response_ids
+    # Stop rows 0 and 1 after their second token (a token neither emitted before).
+    stops = set()
+    for row in unstopped[:2]:
+        stops.add(next(t for j, t in enumerate(row) if j >= 1 and t not in row[:j]))
+    generator.stop_token_ids = tuple(stops)
+    with _inference(model):
+        decoding = _Decoding(generator, prompts, LONGER, seed=None)
+        steps = [decoding.advance() for _ in range(LONGER.max_new_tokens) if not decoding.done]
+    assert decoding.active.numel() < len(prompts)  # the stopped rows were dropped from the batch
+    tokens = torch.stack([t for t, _ in steps], 1).tolist()
+    emitted = torch.stack([e for _, e in steps], 1).tolist()
+    for row, full in enumerate(unstopped):
+        got = [t for t, e in zip(tokens[row], emitted[row], strict=True) if e]
+        cut = next((j for j, t in enumerate(full) if t in stops), None)
+        assert got == (full if cut is None else full[: cut + 1])
+
+
 def test_decoding_ends_when_every_row_has_stopped(tiny):
     model, tokenizer = tiny
     generator = BatchedGenerator(model, tokenizer)
     prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
     free = BatchedGenerator(model, tokenizer)
     free.stop_token_ids = ()
-    unstopped = free.generate_ids(prompts, VARIED, seed=3).response_ids
+    unstopped = free.generate_ids(prompts, LONGER).response_ids
     # Every row's first token as a stop token: all rows finish at once, after one token each.
     generator.stop_token_ids = tuple({r[0] for r in unstopped})
-    rollout = generator.generate_ids(prompts, VARIED, seed=3)
+    rollout = generator.generate_ids(prompts, LONGER)
     assert rollout.response_ids == [r[:1] for r in unstopped]
     assert all(rollout.ended_with_eos)
 
