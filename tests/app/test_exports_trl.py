@@ -103,3 +103,27 @@ def test_reward_trainer_trains_one_step_on_the_export_with_its_margin(
     output = trainer.train()
     assert output.global_step == 1 and torch.isfinite(torch.tensor(output.training_loss))
     assert _changed(model, before)
+
+
+def test_pairwise_text_can_use_a_policy_chat_template(sqlite_template, tiny_model_dir, tmp_path):
+    from sqlalchemy import update
+
+    from app.db import make_engine, session_factory
+    from app.exports import iter_rows
+    from app.models import Policy
+
+    path = tmp_path / "prefloop.db"
+    shutil.copy(sqlite_template, path)
+    engine = make_engine(f"sqlite:///{path}")
+    with session_factory(engine)() as db:
+        seeded = seed(db)
+        db.execute(update(Policy).where(Policy.version == 1).values(path=str(tiny_model_dir)))
+        db.commit()
+        spec = ExportSpec(format="pairwise_text", text_template="chat_template", chat_template_version=1)
+        rows = {row["prompt_id"]: row for _, row, _ in iter_rows(db, spec, secret_key=SECRET)}
+    engine.dispose()
+    row = rows[seeded.prompts["p2"]]
+    # SmolLM2's ChatML template: the system turn, both user turns and the open assistant turn.
+    assert row["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert "<|im_start|>user\nName a prime.<|im_end|>" in row["prompt"]
+    assert row["prompt"].endswith("<|im_start|>assistant\n") and row["chosen"] == "2"
