@@ -1,0 +1,355 @@
+"""PPO-max end to end on the tiny model with a rule-based reward (+1 per " the" in the response)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers.training.generation import SamplingConfig
+from workers.training.lora import LoraSettings, pack, prompt_token_ids
+from workers.training.ppo import PPOConfig, PPOModels, train_ppo
+from workers.training.reporting import MemoryReporter, RunCancelled
+
+WORDS = [
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "in",
+    "the",
+    "mat",
+    "park",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "and",
+    "then",
+]
+PROMPTS = [
+    [{"role": "system", "content": "Reply."}, {"role": "user", "content": f"item {i}"}] for i in range(16)
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tests share two cores with other jobs; one intra-op thread avoids spin-waiting under contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny random model after a few supervised steps on replies made of 16 words, one of them
+    " the": a policy that says " the" now and then, which PPO can learn to say more often."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    texts = [
+        tokenizer.apply_chat_template(
+            [
+                *PROMPTS[i % 16],
+                {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(12))},
+            ],
+            tokenize=False,
+        )
+        for i in range(64)
+    ]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokenizer.padding_side = "right"
+    for step in range(40):
+        enc = tokenizer(
+            texts[step * 8 % 64 : step * 8 % 64 + 8],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        model(**enc, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    dest = tmp_path_factory.mktemp("sft-policy")
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def the_reward(policy_dir):
+    from transformers import AutoTokenizer
+
+    (the_id,) = AutoTokenizer.from_pretrained(policy_dir)(" the", add_special_tokens=False).input_ids
+
+    def reward(prompt_texts, texts, ids):
+        assert len(prompt_texts) == len(texts) == len(ids)
+        return [float(sum(t == the_id for t in r)) for r in ids]
+
+    return reward
+
+
+def small_config(**overrides) -> PPOConfig:
+    base = dict(
+        steps=30,
+        rollout_batch_size=8,
+        mini_batch_size=8,
+        policy_lr=3e-3,
+        critic_lr=9e-3,
+        lr_warmup_updates=1,
+        sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, repetition_penalty=1.0),
+        guard_max_repetition=None,  # " the the the" is what this reward asks for
+        checkpoint_every=100,
+        seed=0,
+    )
+    base.update(overrides)
+    return PPOConfig(**base)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_reward_rises_while_kl_stays_under_the_guard(policy_dir, the_reward, tmp_path):
+    reporter = MemoryReporter()
+    config = small_config()
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
+    )
+
+    assert result.rejected_reason is None
+    rewards = reporter.series("reward_raw")
+    assert len(rewards) == 30
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 1.0, rewards
+    kl = reporter.series("kl_ref")
+    assert kl[0] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
+    assert max(kl) < config.guard_max_kl
+    for name in (
+        "reward_normalised",
+        "approx_kl",
+        "response_length",
+        "ppl_policy",
+        "ppl_reference",
+        "repetition_rate",
+        "eos_share",
+        "policy_clipfrac",
+        "value_clipfrac",
+        "value_loss",
+        "policy_loss",
+        "entropy",
+        "tokens_per_s",
+    ):
+        assert len(reporter.series(name)) == 30, name
+    assert reporter.progress_log[-1][:2] == (30, 30)
+
+    before, after = weights(policy_dir), weights(result.policy_path)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "PPO did not change any parameter"
+    assert result.sha256 and (result.policy_path / "tokenizer.json").exists()
+
+
+def test_minibatches_and_epochs_use_clipping(policy_dir, the_reward, tmp_path):
+    # Two mini-batches over two epochs: later updates see a policy that moved, so ratios leave 1.
+    reporter = MemoryReporter()
+    config = small_config(steps=3, mini_batch_size=4, ppo_epochs=2, policy_lr=2e-2)
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
+    )
+    assert result.rejected_reason is None
+    assert max(reporter.series("approx_kl")) > 0
+    assert max(reporter.series("policy_clipfrac")) > 0
+
+
+def test_huge_learning_rate_trips_a_guard_and_rejects(policy_dir, the_reward, tmp_path):
+    reporter = MemoryReporter()
+    config = small_config(steps=20, policy_lr=1.0, critic_lr=1.0)
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
+    )
+    assert result.rejected_reason is not None
+    assert result.rejected_reason.startswith("collapse guard")
+    assert result.steps_done < 20
+    assert result.policy_path is None and not (tmp_path / "out").exists()
+
+
+def test_tiny_kl_guard_states_its_reason(policy_dir, the_reward, tmp_path):
+    config = small_config(steps=10, guard_max_kl=1e-6, guard_patience=2)
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, MemoryReporter()
+    )
+    assert "KL to reference" in result.rejected_reason
+    assert "2 steps in a row" in result.rejected_reason
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(policy_dir, the_reward, tmp_path):
+    straight = train_ppo(
+        policy_dir,
+        None,
+        the_reward,
+        PROMPTS,
+        tmp_path / "a",
+        tmp_path / "ckpt-a",
+        small_config(steps=4, checkpoint_every=2),
+        MemoryReporter(),
+    )
+
+    first = train_ppo(
+        policy_dir,
+        None,
+        the_reward,
+        PROMPTS,
+        tmp_path / "b1",
+        tmp_path / "ckpt-b",
+        small_config(steps=2, checkpoint_every=2),
+        MemoryReporter(),
+    )
+    assert first.resumed_from_step is None
+    reporter = MemoryReporter()
+    resumed = train_ppo(
+        policy_dir,
+        None,
+        the_reward,
+        PROMPTS,
+        tmp_path / "b2",
+        tmp_path / "ckpt-b",
+        small_config(steps=4, checkpoint_every=2),
+        reporter,
+    )
+    assert resumed.resumed_from_step == 2
+    assert sorted({step for step, _ in reporter.rows}) == [3, 4]  # only the remaining steps ran
+    a, b = weights(straight.policy_path), weights(resumed.policy_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_cancel_raises(policy_dir, the_reward, tmp_path):
+    reporter = MemoryReporter(stop=True)
+    with pytest.raises(RunCancelled):
+        train_ppo(
+            policy_dir,
+            None,
+            the_reward,
+            PROMPTS,
+            tmp_path / "o",
+            tmp_path / "c",
+            small_config(steps=2),
+            reporter,
+        )
+
+
+def test_ptx_loss_and_no_eos_penalty(policy_dir, the_reward, tmp_path):
+    reporter = MemoryReporter()
+    config = small_config(steps=2, ptx_coef=0.5, penalize_no_eos=-3.0, reward_scaling=False)
+    ptx = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nthe cat sat<|im_end|>\n"]
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter, ptx_texts=ptx
+    )
+    assert result.rejected_reason is None
+    assert all(v > 0 for v in reporter.series("ptx_loss"))
+    # Without scaling, the score of a response that never ended is exactly the penalty.
+    eos, normalised = reporter.series("eos_share"), reporter.series("reward_normalised")
+    raw = reporter.series("reward_raw")
+    for share, norm, r in zip(eos, normalised, raw, strict=True):
+        if share == 0.0:
+            assert norm == pytest.approx(-3.0)
+        elif share == 1.0:
+            assert norm == pytest.approx(r)
+
+
+def test_lora_mode_shares_one_base_and_publishes_merged_weights(policy_dir, the_reward, tmp_path):
+    reporter = MemoryReporter()
+    config = small_config(steps=4, lora=LoraSettings(r=4, alpha=8), policy_lr=1e-3, critic_lr=3e-3)
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
+    )
+    assert result.rejected_reason is None
+    assert reporter.series("kl_ref")[0] == pytest.approx(0.0, abs=1e-4)  # adapters start at zero
+    assert max(abs(k) for k in reporter.series("kl_ref")[1:]) > 0
+    assert not (result.policy_path / "adapter_config.json").exists()
+    before, after = weights(policy_dir), weights(result.policy_path)
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_models_share_the_frozen_base(policy_dir, the_reward):
+    config = small_config(lora=LoraSettings(r=4, alpha=8))
+    models = PPOModels(policy_dir, None, the_reward, config, torch.device("cpu"), torch.float32)
+    assert models.critic is models.policy and models.reference is None
+    base = [p for n, p in models.policy.named_parameters() if "lora_" not in n]
+    assert base and not any(p.requires_grad for p in base)
+    assert all(".policy." in n for n in models.policy_params)
+    assert all(".critic." in n or n == "critic.value_head.weight" for n in models.critic_params)
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(policy_dir, tmp_path_factory) -> Path:
+    """A reward-model folder as reward.py publishes it: a 1-label classifier plus reward_stats.json."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    dest = tmp_path_factory.mktemp("reward-model")
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(dest)
+    (dest / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    return dest
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)], ids=["full", "lora"])
+def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    models = PPOModels(
+        policy_dir, None, reward_model_dir, small_config(lora=lora), torch.device("cpu"), torch.float32
+    )
+    assert models.reward_stats == {"mean": 0.5, "std": 2.0}
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    prompts = [prompt_token_ids(tokenizer, p) for p in PROMPTS[:3]]
+    batch = pack(prompts, [[260, 2644], [2644], [81, 260, 2]], tokenizer.pad_token_id)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, num_labels=1).eval()
+    with torch.no_grad():
+        hidden = rm.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).last_hidden_state
+        expected = rm.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1)
+        torch.testing.assert_close(models.values(batch), expected, rtol=1e-4, atol=1e-5)
+    # The reward model scores with the original head even after the critic's copy moved.
+    if lora is not None:
+        head = models.critic.base_model.model.score.modules_to_save["critic"]
+        with torch.no_grad():
+            head.weight.add_(1.0)
+        assert not torch.allclose(models.values(batch), expected)
+        with models.reward_model.disable_adapter(), torch.no_grad():
+            original = models.reward_model.base_model.model.score(hidden)
+        torch.testing.assert_close(original[:, batch.prompt_width - 1 : -1].squeeze(-1), expected)
+
+
+def test_ppo_with_a_reward_model_folder(policy_dir, reward_model_dir, tmp_path):
+    reporter = MemoryReporter()
+    config = small_config(steps=2, lora=LoraSettings(r=4, alpha=8), critic_warmup_steps=1)
+    result = train_ppo(
+        policy_dir, policy_dir, reward_model_dir, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
+    )
+    assert result.rejected_reason is None
+    assert len(reporter.series("reward_raw")) == 2
+    # Step 1 only warmed up the critic, so the policy had not moved when step 2 sampled.
+    assert reporter.series("kl_ref")[1] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_config_round_trips_through_json():
+    config = PPOConfig(lora=LoraSettings(r=8), sampling=SamplingConfig(max_new_tokens=32), kl_coef=0.05)
+    again = PPOConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config

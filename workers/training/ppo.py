@@ -1,0 +1,723 @@
+"""PPO-max: the PPO recipe of MOSS-RLHF ("Secrets of RLHF in Large Language Models, Part I").
+
+One *step* = sample a rollout batch from the current policy, score it, and make one PPO epoch over
+that small on-policy buffer in mini-batches. Per step:
+
+1. generate responses with the batched KV-cache generator (temperature 0.8, top-p 0.9, rep. 1.1);
+2. score each (prompt, response) with the reward model (or a Python reward function); responses that
+   never emitted EOS can get a fixed penalty instead; divide by the running std of all scores so far
+   and clip to +-10 (MOSS `reward_scale` / `reward_clip`);
+3. per-token reward = -beta * (log pi - log pi_ref) on every response token (k1 KL penalty), plus the
+   score on the last real token;
+4. GAE (gamma 1, lambda 0.95) on the critic's values, advantages whitened over the batch;
+5. clipped policy loss (0.2) + clipped value loss (0.2) [+ ptx LM loss], one AdamW step per
+   mini-batch with the global gradient norm clipped to 1.0.
+
+Models: the policy starts from the live policy; the frozen reference is the base (SFT) policy; the
+critic starts as the reward model (its score head on its backbone gives per-token values) and can be
+warmed up alone for a few steps; with a reward *function* the critic is the policy's backbone with a
+fresh zero value head. In LoRA mode the policy and the reference share one frozen base (reference =
+adapters disabled), and the reward model and the critic share the reward model's frozen base
+(critic = reward model + adapter + its own copy of the score head); with a reward function all of it
+is one base. Full fine-tuning loads four separate models.
+
+Collapse guards (MOSS §5.2: KL to the reference, response length and repetition move before the
+reward does) stop the run and reject the candidate with the reason in `PPOResult.rejected_reason`.
+Checkpoints every N steps; a rerun with the same checkpoint folder resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workers.training import ppo_math as pm
+from workers.training.generation import BatchedGenerator, SamplingConfig
+from workers.training.lora import (
+    LoraSettings,
+    TokenBatch,
+    TrainableState,
+    activate_adapter,
+    add_adapter,
+    disable_dropout,
+    freeze,
+    hf_model,
+    pack,
+    prompt_token_ids,
+    resolve_device,
+    resolve_dtype,
+    response_hidden,
+    response_logprobs,
+    save_policy_folder,
+)
+from workers.training.reporting import Reporter, RunCancelled
+
+RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
+
+
+@dataclass
+class PPOConfig:
+    """Every PPO-max knob with the MOSS-RLHF default (paper and released code) and why."""
+
+    # --- schedule
+    steps: int = 200  # rollout+update rounds; MOSS ran 1000 mini-batch updates, a round here does several
+    rollout_batch_size: int = 32  # small on-policy buffer; paper 128, authors: smaller is more stable (#17)
+    mini_batch_size: int = 8  # paper's 128:32 buffer-to-batch ratio, scaled down
+    ppo_epochs: int = 1  # one pass over the buffer, then discard it (MOSS hard-codes 1)
+    critic_warmup_steps: int = 0  # steps that train only the critic first (paper §5.4; not in MOSS code)
+
+    # --- optimiser (AdamW, MOSS: betas 0.9/0.95, eps 1e-6 policy / 1e-8 critic, no weight decay)
+    policy_lr: float = 1e-5  # MOSS 5e-7 is for 7B; a 135M model needs ~20x more to move in 100s of steps
+    critic_lr: float = 3e-5  # keeps MOSS's 3:1 critic:actor ratio (1.5e-6 : 5e-7)
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # MOSS
+    policy_adam_eps: float = 1e-6  # MOSS
+    critic_adam_eps: float = 1e-8  # MOSS
+    lr_warmup_updates: int = 10  # MOSS: linear warm-up (floor 0.1) then inverse-sqrt decay; 100 of 1000
+    max_grad_norm: float = 1.0  # global clip over policy and critic together (MOSS/DeepSpeed 1.0)
+
+    # --- reward shaping
+    kl_coef: float = 0.02  # token-level k1 KL penalty; MOSS config 0.02 (their runs: 0.01 en, 0.1 zh)
+    reward_scaling: bool = True  # divide scores by their running std (MOSS use_reward_scaling)
+    reward_clip: float | None = 10.0  # clip scaled scores to +-10 (MOSS reward_clip)
+    penalize_no_eos: float | None = None  # score for a response that never ends; off: MOSS has none
+    use_reward_stats: bool = True  # standardise RM scores with its held-out mean/std before scaling
+
+    # --- advantages and losses
+    gamma: float = 1.0  # no discounting inside one response (MOSS)
+    lam: float = 0.95  # GAE lambda (MOSS code; the paper's runs used 0.9)
+    whiten_advantages: bool = True  # PPO-max table; zero-mean, unit-std advantages per buffer
+    clip_ratio: float = 0.2  # PPO ratio clip (MOSS pg_clip)
+    clip_value: float = 0.2  # value clip around the rollout values (MOSS value_clip)
+    value_loss_coef: float = 1.0  # MOSS vf_loss_weight
+    entropy_coef: float = 0.0  # entropy bonus off: the paper saw collapse from small changes (App. B.3)
+    ptx_coef: float = 0.0  # PPO-ptx LM loss on ptx_texts; 0 = off (MOSS default)
+    ptx_batch_size: int = 4  # ptx texts per mini-batch update
+    ptx_max_tokens: int = 512
+
+    # --- rollouts
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # MOSS: T 0.8, top-p 0.9, rep 1.1
+    max_prompt_tokens: int = 512  # keep the last N prompt tokens (the assistant header must survive)
+    forward_batch_size: int = 16  # rows per no-grad scoring pass
+
+    # --- collapse guards (a guard must hold `guard_patience` steps in a row to stop the run)
+    guard_max_kl: float | None = 20.0  # nats per response to the reference (sum of k1 over tokens)
+    guard_max_length_ratio: float | None = 2.5  # mean length vs the first rollout: sudden rise (MOSS §5.2)
+    guard_min_length_ratio: float | None = 0.3  # ... or shrinking towards empty answers
+    guard_max_mean_length: float | None = None  # absolute bounds in tokens, off unless set
+    guard_min_mean_length: float | None = None
+    guard_max_repetition: float | None = 0.5  # share of repeated 4-grams: "repeats a sentence" (MOSS #2)
+    guard_patience: int = 3  # one noisy batch of a few samples must not kill a run
+
+    # --- run
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA if present, else CPU
+    dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
+    lora: LoraSettings | None = None  # None = full fine-tuning
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PPOConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("sampling"), dict):
+            values["sampling"] = SamplingConfig(**values["sampling"])
+        if isinstance(values.get("lora"), dict):
+            values["lora"] = LoraSettings(**values["lora"])
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values)
+
+
+@dataclass
+class PPOResult:
+    policy_path: Path | None  # the published folder; None when the candidate was rejected
+    sha256: str | None
+    steps_done: int
+    rejected_reason: str | None
+    final_metrics: dict[str, float]
+    resumed_from_step: int | None = None
+
+
+class CollapseDetected(RuntimeError):
+    """A collapse guard tripped; the message is the stated reason."""
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+class PPOModels:
+    """Policy, reference, critic and reward, with the LoRA adapter bookkeeping behind five methods."""
+
+    POLICY, CRITIC = "policy", "critic"
+
+    def __init__(
+        self,
+        policy_path: Path,
+        reference_path: Path | None,
+        reward: RewardFn | Path,
+        config: PPOConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device, self.lora = device, config.lora
+        self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.reward_fn: RewardFn | None = reward if callable(reward) else None
+        self.reward_model = None
+        self.reward_tokenizer = None
+        self.reward_stats: dict[str, float] | None = None
+        self.shared_base = False  # LoRA with a reward function: one base for everything
+        self.value_head: nn.Module | None = None
+
+        def causal_lm(path: Path) -> nn.Module:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+            disable_dropout(model)
+            return model.eval()
+
+        def classifier(path: Path) -> nn.Module:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.tokenizer.pad_token_id
+            disable_dropout(model)
+            return model.to(device).eval()
+
+        same_reference = (
+            reference_path is None or Path(reference_path).resolve() == Path(policy_path).resolve()
+        )
+        policy = causal_lm(policy_path)
+        if self.lora is None:
+            self.policy = policy
+            self.reference = freeze(causal_lm(reference_path or policy_path))
+        else:
+            self.policy = add_adapter(freeze(policy), self.lora, self.POLICY)
+            # The reference is the policy's base with adapters off, unless it is a different model.
+            self.reference = None if same_reference else freeze(causal_lm(reference_path))
+
+        if self.reward_fn is None:
+            rm_path = Path(reward)
+            self.reward_tokenizer = AutoTokenizer.from_pretrained(str(rm_path))
+            if self.reward_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(
+                    "the critic starts from the reward model, so it must share the policy's tokenizer"
+                )
+            stats_file = rm_path / "reward_stats.json"
+            if config.use_reward_stats and stats_file.exists():
+                self.reward_stats = json.loads(stats_file.read_text())
+            if self.lora is None:
+                self.reward_model = freeze(classifier(rm_path))
+                self.critic = classifier(rm_path)  # value head = the RM's score head on its backbone
+            else:
+                # Reward = this model with the adapter off (original score head); critic = adapter on
+                # (its own trainable copy of the score head, starting equal to the RM's).
+                self.critic = add_adapter(freeze(classifier(rm_path)), self.lora, self.CRITIC, ["score"])
+                self.reward_model = self.critic
+        elif self.lora is None:
+            self.critic = classifier(policy_path)
+            nn.init.zeros_(self.critic.score.weight)  # a fresh head predicts 0 until the critic learns
+        else:
+            self.shared_base = True
+            self.critic = add_adapter(self.policy, self.lora, self.CRITIC)
+            hidden = hf_model(self.policy).config.hidden_size
+            self.value_head = nn.Linear(hidden, 1, bias=False, device=device, dtype=dtype)
+            nn.init.zeros_(self.value_head.weight)
+
+        # Keys carry the role: in full fine-tuning both models have a `model.embed_tokens.weight`.
+        self.policy_params = {f"policy.{n}": p for n, p in self._trainable(self.policy, self.POLICY).items()}
+        self.critic_params = {f"critic.{n}": p for n, p in self._trainable(self.critic, self.CRITIC).items()}
+        if self.value_head is not None:
+            self.critic_params["critic.value_head.weight"] = self.value_head.weight
+        self.activate_policy()
+
+    def _trainable(self, model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+        if self.lora is None:
+            return {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p for n, p in model.named_parameters() if f".{adapter}." in n or n.endswith(f".{adapter}")}
+
+    def all_trainable(self) -> list[nn.Parameter]:
+        return [*self.policy_params.values(), *self.critic_params.values()]
+
+    def activate_policy(self) -> None:
+        if self.lora is not None:
+            activate_adapter(self.policy, self.POLICY, self.all_trainable())
+
+    def policy_logprobs(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+        self.activate_policy()
+        return response_logprobs(self.policy, batch)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TokenBatch) -> Tensor:
+        if self.reference is not None:
+            return response_logprobs(self.reference, batch)[0]
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, batch)[0]
+
+    def values(self, batch: TokenBatch) -> Tensor:
+        if self.shared_base:
+            activate_adapter(self.critic, self.CRITIC, self.all_trainable())
+            head = self.value_head
+        else:
+            head = hf_model(self.critic).score
+        values = head(response_hidden(self.critic, batch)).squeeze(-1).float()
+        if self.shared_base:
+            self.activate_policy()
+        return values
+
+    @torch.no_grad()
+    def scores(
+        self, messages: list[list[dict]], prompt_texts: list[str], texts: list[str], ids: list[list[int]]
+    ) -> Tensor:
+        """Raw reward per response (the RM's score or the reward function's value)."""
+        if self.reward_fn is not None:
+            return torch.tensor([float(x) for x in self.reward_fn(prompt_texts, texts, ids)])
+        from workers.training.reward import score
+
+        off = self.reward_model.disable_adapter() if self.lora is not None else nullcontext()
+        with off:
+            raw = score(self.reward_model, self.reward_tokenizer, messages, texts)
+        return raw.detach().float().cpu()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    batch: TokenBatch
+    ended: Tensor  # (B,) bool
+    raw_scores: Tensor  # (B,) as the reward model / function gave them
+    scores: Tensor  # (B,) after standardising, EOS penalty, running-std scaling and clipping
+    ref_logprobs: Tensor  # (B, R)
+    responses: list[list[int]]
+    texts: list[str]
+    generation_seconds: float
+
+
+def invsqrt_with_warmup(warmup: int) -> Callable[[int], float]:
+    """MOSS's schedule: linear warm-up with a 0.1 floor, then lr * sqrt(warmup / update)."""
+    warmup = max(1, warmup)
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return max(update / warmup, 0.1)
+        return math.sqrt(warmup / update)
+
+    return factor
+
+
+class PPORun:
+    def __init__(
+        self,
+        policy_path: Path,
+        reference_path: Path | None,
+        reward: RewardFn | Path,
+        prompts: list[list[dict]],
+        config: PPOConfig,
+        reporter: Reporter,
+        ptx_texts: list[str] | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("PPO needs at least one prompt")
+        self.config, self.reporter = config, reporter
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.models = PPOModels(
+            Path(policy_path),
+            Path(reference_path) if reference_path else None,
+            reward,
+            config,
+            self.device,
+            resolve_dtype(config.dtype, self.device),
+        )
+        tok = self.models.tokenizer
+        self.prompts = prompts
+        self.prompt_ids = [prompt_token_ids(tok, m, config.max_prompt_tokens) for m in prompts]
+        self.prompt_texts = [tok.decode(ids) for ids in self.prompt_ids]
+        self.ptx_texts = list(ptx_texts or []) if config.ptx_coef > 0 else []
+        self.generator = BatchedGenerator(self.models.policy, tok, self.device)
+
+        self.optimizer = torch.optim.AdamW(
+            [
+                {
+                    "params": list(self.models.policy_params.values()),
+                    "lr": self._lr(config.policy_lr),
+                    "eps": config.policy_adam_eps,
+                },
+                {
+                    "params": list(self.models.critic_params.values()),
+                    "lr": self._lr(config.critic_lr),
+                    "eps": config.critic_adam_eps,
+                },
+            ],
+            betas=config.adam_betas,
+            weight_decay=0.0,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, invsqrt_with_warmup(config.lr_warmup_updates)
+        )
+        self.trainables = TrainableState({**self.models.policy_params, **self.models.critic_params})
+        self.running = pm.RunningMoments()
+        self.baseline_length: float | None = None
+        self.strikes = 0
+        self.updates = 0
+
+    def _lr(self, lr: float) -> float:
+        return lr * self.config.lora.lr_scale if self.config.lora is not None else lr
+
+    # -- data order is a pure function of (seed, step), so a resumed run sees the same prompts
+
+    def _prompt_indices(self, step: int) -> list[int]:
+        n, size = len(self.prompts), self.config.rollout_batch_size
+        out = []
+        for k in range(step * size, (step + 1) * size):
+            epoch, pos = divmod(k, n)
+            order = list(range(n))
+            random.Random(self.config.seed * 7919 + epoch).shuffle(order)
+            out.append(order[pos])
+        return out
+
+    # -- 1-2: rollout and scores
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> Experience:
+        cfg, models, tok = self.config, self.models, self.models.tokenizer
+        idx = self._prompt_indices(step)
+        prompt_ids = [self.prompt_ids[i] for i in idx]
+        started = time.perf_counter()
+        models.activate_policy()
+        out = self.generator.generate_ids(prompt_ids, cfg.sampling, seed=cfg.seed * 1_000_003 + step)
+        generation_seconds = time.perf_counter() - started
+        responses = [list(r) for r in out.response_ids]
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        ended = torch.tensor([bool(e) for e in out.ended_with_eos])
+
+        raw = models.scores(
+            [self.prompts[i] for i in idx], [self.prompt_texts[i] for i in idx], texts, responses
+        )
+        scores = raw.clone()
+        if models.reward_stats is not None:
+            scores = (scores - models.reward_stats["mean"]) / max(models.reward_stats["std"], 1e-6)
+        if cfg.penalize_no_eos is not None:
+            scores = torch.where(ended, scores, torch.full_like(scores, cfg.penalize_no_eos))
+        if cfg.reward_scaling:
+            scores = pm.scale_rewards(scores, self.running, cfg.reward_clip)
+        elif cfg.reward_clip:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+
+        batch = pack(prompt_ids, responses, tok.pad_token_id).to(self.device)
+        ref = self._chunked(models.reference_logprobs, batch)
+        return Experience(
+            batch, ended, raw, scores.to(self.device), ref, responses, texts, generation_seconds
+        )
+
+    def _chunked(self, fn: Callable[[TokenBatch], Tensor], batch: TokenBatch) -> Tensor:
+        size = self.config.forward_batch_size
+        rows = batch.input_ids.shape[0]
+        parts = [fn(batch.select(list(range(i, min(i + size, rows))))) for i in range(0, rows, size)]
+        return torch.cat(parts)
+
+    # -- 3-4: rewards, GAE, whitening
+
+    def advantages(
+        self, exp: Experience, old_logprobs: Tensor, old_values: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cfg, mask = self.config, exp.batch.response_mask
+        kl = pm.kl_k1(old_logprobs, exp.ref_logprobs)
+        rewards = pm.token_rewards(exp.scores, kl, mask, cfg.kl_coef)
+        advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = pm.whiten(advantages, mask)
+        return advantages, returns, kl
+
+    # -- 5: the PPO epoch
+
+    def update(self, exp: Experience, step: int) -> dict[str, float]:
+        cfg, models, mask = self.config, self.models, exp.batch.response_mask
+        train_policy = step >= cfg.critic_warmup_steps
+        rows = mask.shape[0]
+        stats: list[dict[str, float]] = []
+        # With one epoch and one mini-batch the rollout-time log-probs and values are exactly those of
+        # the training forward pass (same weights, no dropout), so one pass serves both.
+        single_pass = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= rows
+        if single_pass:
+            with torch.set_grad_enabled(train_policy):
+                logprobs, logits = models.policy_logprobs(exp.batch)
+            values = models.values(exp.batch)
+            old_logprobs, old_values = logprobs.detach(), values.detach()
+            entropy = pm.masked_mean(pm.entropy_from_logits(logits.detach()), mask).item()
+            del logits
+            advantages, returns, kl = self.advantages(exp, old_logprobs, old_values)
+            stats.append(
+                self._optimise(
+                    exp, None, logprobs, values, old_logprobs, old_values, advantages, returns, train_policy
+                )
+            )
+        else:
+            with torch.no_grad():
+                old_logprobs, entropy_sum = [], 0.0
+                for i in range(0, rows, cfg.forward_batch_size):
+                    part = exp.batch.select(list(range(i, min(i + cfg.forward_batch_size, rows))))
+                    lp, logits = models.policy_logprobs(part)
+                    old_logprobs.append(lp)
+                    entropy_sum += pm.masked_sum(pm.entropy_from_logits(logits), part.response_mask).item()
+                old_logprobs = torch.cat(old_logprobs)
+                entropy = entropy_sum / max(mask.sum().item(), 1.0)
+                old_values = self._chunked(models.values, exp.batch)
+            advantages, returns, kl = self.advantages(exp, old_logprobs, old_values)
+            gen = torch.Generator().manual_seed(cfg.seed * 31 + step)
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(rows, generator=gen)
+                for start in range(0, rows, cfg.mini_batch_size):
+                    sel = order[start : start + cfg.mini_batch_size].to(self.device)
+                    mb = exp.batch.select(sel)
+                    with torch.set_grad_enabled(train_policy):
+                        logprobs, _ = models.policy_logprobs(mb)
+                    values = models.values(mb)
+                    stats.append(
+                        self._optimise(
+                            exp,
+                            sel,
+                            logprobs,
+                            values,
+                            old_logprobs[sel],
+                            old_values[sel],
+                            advantages[sel],
+                            returns[sel],
+                            train_policy,
+                        )
+                    )
+        merged = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        merged.update(self._rollout_metrics(exp, old_logprobs, old_values, returns, kl, entropy))
+        return merged
+
+    def _optimise(
+        self,
+        exp: Experience,
+        rows: Tensor | None,
+        logprobs: Tensor,
+        values: Tensor,
+        old_logprobs: Tensor,
+        old_values: Tensor,
+        advantages: Tensor,
+        returns: Tensor,
+        train_policy: bool,
+    ) -> dict[str, float]:
+        cfg = self.config
+        mask = exp.batch.response_mask if rows is None else exp.batch.response_mask[rows]
+        policy = pm.clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_ratio)
+        value = pm.clipped_value_loss(values, old_values, returns, mask, cfg.clip_value)
+        loss = cfg.value_loss_coef * value.loss
+        out = {
+            "policy_loss": policy.loss.item(),
+            "value_loss": value.loss.item(),
+            "policy_clipfrac": policy.clip_fraction.item(),
+            "value_clipfrac": value.clip_fraction.item(),
+            "approx_kl": policy.approx_kl.item(),
+        }
+        if train_policy:
+            loss = loss + policy.loss
+            if cfg.ptx_coef > 0 and self.ptx_texts:
+                ptx = self._ptx_loss()
+                loss = loss + cfg.ptx_coef * ptx
+                out["ptx_loss"] = ptx.item()
+        if not torch.isfinite(loss):
+            raise CollapseDetected(f"non-finite loss ({loss.item()}) at update {self.updates}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.models.all_trainable(), cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise CollapseDetected(f"non-finite gradient norm at update {self.updates}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.updates += 1
+        out["grad_norm"] = grad_norm.item()
+        return out
+
+    def _ptx_loss(self) -> Tensor:
+        """Plain LM loss on a few SFT/pretraining texts (PPO-ptx), cycling through them in a seeded order."""
+        cfg, tok = self.config, self.models.tokenizer
+        order = list(range(len(self.ptx_texts)))
+        random.Random(cfg.seed + 17).shuffle(order)
+        start = self.updates * cfg.ptx_batch_size
+        texts = [self.ptx_texts[order[(start + j) % len(order)]] for j in range(cfg.ptx_batch_size)]
+        side, tok.padding_side = tok.padding_side, "right"
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.ptx_max_tokens)
+        tok.padding_side = side
+        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        self.models.activate_policy()
+        return self.models.policy(
+            input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)
+        ).loss
+
+    def _rollout_metrics(
+        self,
+        exp: Experience,
+        old_logprobs: Tensor,
+        old_values: Tensor,
+        returns: Tensor,
+        kl: Tensor,
+        entropy: float,
+    ) -> dict[str, float]:
+        mask = exp.batch.response_mask
+        lengths = mask.sum(1)
+        repetition = [pm.repeated_ngram_share(r) for r in exp.responses]
+        return {
+            "reward_raw": exp.raw_scores.mean().item(),
+            "reward_raw_std": exp.raw_scores.std().item() if len(exp.raw_scores) > 1 else 0.0,
+            "reward_normalised": exp.scores.mean().item(),
+            "kl_ref": pm.masked_sum(kl, mask, dim=1).mean().item(),
+            "kl_ref_per_token": pm.masked_mean(kl, mask).item(),
+            "response_length": lengths.mean().item(),
+            "eos_share": exp.ended.float().mean().item(),
+            "repetition_rate": sum(repetition) / len(repetition),
+            "ppl_policy": math.exp(-pm.masked_mean(old_logprobs, mask).item()),
+            "ppl_reference": math.exp(-pm.masked_mean(exp.ref_logprobs, mask).item()),
+            "entropy": entropy,
+            "values_mean": pm.masked_mean(old_values, mask).item(),
+            "returns_mean": pm.masked_mean(returns, mask).item(),
+            "lr_policy": self.optimizer.param_groups[0]["lr"],
+            "response_tokens": lengths.sum().item(),
+        }
+
+    # -- guards
+
+    def check_guards(self, metrics: dict[str, float]) -> str | None:
+        cfg = self.config
+        length = metrics["response_length"]
+        if self.baseline_length is None:
+            self.baseline_length = length
+        reasons = []
+        if cfg.guard_max_kl is not None and metrics["kl_ref"] > cfg.guard_max_kl:
+            reasons.append(f"KL to reference {metrics['kl_ref']:.2f} nats > {cfg.guard_max_kl}")
+        base = max(self.baseline_length, 1.0)
+        if cfg.guard_max_length_ratio is not None and length > cfg.guard_max_length_ratio * base:
+            reasons.append(
+                f"mean response length {length:.1f} > {cfg.guard_max_length_ratio}x the first {base:.1f}"
+            )
+        if cfg.guard_min_length_ratio is not None and length < cfg.guard_min_length_ratio * base:
+            reasons.append(
+                f"mean response length {length:.1f} < {cfg.guard_min_length_ratio}x the first {base:.1f}"
+            )
+        if cfg.guard_max_mean_length is not None and length > cfg.guard_max_mean_length:
+            reasons.append(f"mean response length {length:.1f} > {cfg.guard_max_mean_length}")
+        if cfg.guard_min_mean_length is not None and length < cfg.guard_min_mean_length:
+            reasons.append(f"mean response length {length:.1f} < {cfg.guard_min_mean_length}")
+        if cfg.guard_max_repetition is not None and metrics["repetition_rate"] > cfg.guard_max_repetition:
+            reasons.append(f"repetition rate {metrics['repetition_rate']:.2f} > {cfg.guard_max_repetition}")
+        self.strikes = self.strikes + 1 if reasons else 0
+        if self.strikes >= max(1, cfg.guard_patience):
+            return "; ".join(reasons) + f" ({self.strikes} steps in a row)"
+        return None
+
+    # -- checkpoints
+
+    def state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "updates": self.updates,
+            "running": self.running.state_dict(),
+            "baseline_length": self.baseline_length,
+            "strikes": self.strikes,
+        }
+
+    def load_state(self, extra: dict[str, Any]) -> int:
+        self.updates = int(extra["updates"])
+        self.running.load_state_dict(extra["running"])
+        self.baseline_length = extra["baseline_length"]
+        self.strikes = int(extra["strikes"])
+        return int(extra["step"])
+
+    def publish(self, output_dir: Path) -> str:
+        from workers.training.checkpoint import atomic_publish
+
+        adapter = PPOModels.POLICY if self.config.lora is not None else None
+        self.models.activate_policy()
+
+        def build(folder: Path) -> None:
+            save_policy_folder(self.models.policy, self.models.tokenizer, folder, adapter=adapter)
+
+        return atomic_publish(build, Path(output_dir))
+
+
+def train_ppo(
+    policy_path: str | Path,
+    reference_path: str | Path | None,
+    reward_fn_or_model: RewardFn | str | Path,
+    prompts: list[list[dict]],
+    output_dir: str | Path,
+    checkpoint_dir: str | Path,
+    config: PPOConfig,
+    reporter: Reporter,
+    ptx_texts: list[str] | None = None,
+) -> PPOResult:
+    """Run PPO-max from the live policy and publish the new policy folder to `output_dir`.
+
+    `reward_fn_or_model` is a published reward-model folder or `reward_fn(prompt_texts, response_texts,
+    response_ids) -> scores`, where prompt_texts are the chat-templated prompts the policy saw.
+    A rerun with the same `checkpoint_dir` resumes from its latest checkpoint. A tripped collapse guard
+    returns a result with `rejected_reason` set and publishes nothing.
+    """
+    from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    reward = reward_fn_or_model if callable(reward_fn_or_model) else Path(reward_fn_or_model)
+    run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_texts)
+    checkpoint_dir = Path(checkpoint_dir)
+    start = 0
+    resumed = None
+    last = latest_checkpoint(checkpoint_dir)
+    if last is not None:
+        start = resumed = run.load_state(load_checkpoint(last, run.trainables, run.optimizer, run.scheduler))
+
+    metrics: dict[str, float] = {}
+    step = start
+    rejected = None
+    try:
+        for step in range(start, config.steps):
+            if reporter.should_stop():
+                raise RunCancelled(f"cancelled before step {step + 1}")
+            started = time.perf_counter()
+            exp = run.rollout(step)
+            metrics = run.update(exp, step)
+            seconds = time.perf_counter() - started
+            metrics["step_seconds"] = seconds
+            metrics["generation_seconds"] = exp.generation_seconds
+            metrics["tokens_per_s"] = metrics["response_tokens"] / max(seconds, 1e-9)
+            reporter.metrics(step + 1, metrics)
+            reporter.progress(
+                step + 1, config.steps, f"reward {metrics['reward_raw']:.3f} kl {metrics['kl_ref']:.2f}"
+            )
+            reason = run.check_guards(metrics)
+            if reason is not None:
+                raise CollapseDetected(reason)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save_checkpoint(
+                    checkpoint_dir,
+                    step + 1,
+                    run.trainables,
+                    run.optimizer,
+                    run.scheduler,
+                    run.state(step + 1),
+                )
+        step = config.steps
+    except CollapseDetected as exc:
+        rejected = f"collapse guard at step {step + 1}: {exc}"
+
+    if rejected is not None:
+        return PPOResult(None, None, step + 1, rejected, metrics, resumed)
+    sha = run.publish(Path(output_dir))
+    return PPOResult(Path(output_dir), sha, config.steps, None, metrics, resumed)
