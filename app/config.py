@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     responses_per_task: int = 4
     refill_below: int = 20
     refill_prompts: int = 16
+    # A full chat answer from a small model; longer ones are rarely better and cost generation time.
+    refill_max_new_tokens: int = 192
     auto_round_min_comparisons: int = 0
     # Runs beat a heartbeat while they work; a running row silent for run_stale_seconds belongs to a
     # dead worker, and maintenance queues it again (it resumes from its last checkpoint).

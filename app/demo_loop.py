@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
-import threading
 import time
 from typing import Any
 
@@ -22,6 +20,7 @@ import httpx
 from tqdm import tqdm
 
 from app.config import Settings, get_settings
+from app.webthread import WebServerThread
 
 # Small enough for a CPU laptop: the point is to see every stage, not to train a good model.
 CPU_DEMO_KNOBS: dict[str, dict[str, Any]] = {
@@ -48,26 +47,16 @@ def simulated_preference(text: str) -> float:
     return 2.0 * distinct + ends_well - length_penalty
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class EmbeddedStack:
     """The web app on a thread of this process plus a worker subprocess, as `prefloop serve` runs them."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = None
-        self._thread: threading.Thread | None = None
+        self._web = WebServerThread()
+        self.url = self._web.url
         self._worker: subprocess.Popen | None = None
 
     def __enter__(self) -> EmbeddedStack:
-        import uvicorn
-
         from app.cli import worker_command
 
         self._worker = subprocess.Popen(
@@ -76,29 +65,17 @@ class EmbeddedStack:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        config = uvicorn.Config(
-            "app.main:create_app", factory=True, host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self._server = uvicorn.Server(config)  # on a thread, uvicorn leaves signal handling to us
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise click.ClickException("the web app did not become healthy within 2 minutes")
+        try:
+            self._web.__enter__()
+        except RuntimeError as exc:
+            self.__exit__()
+            raise click.ClickException(str(exc)) from None
+        return self
 
     def __exit__(self, *exc: object) -> None:
         from app.cli import _stop_children
 
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self._web.__exit__()
         if self._worker is not None:
             _stop_children([self._worker])
 

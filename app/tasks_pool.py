@@ -36,7 +36,6 @@ ARENA_SHARE = 0.25
 # Prompts per generation batch: with K=4 that is 32 sequences, the batch size where the batched
 # generator is most efficient on CPU, and a commit every batch puts tasks in front of annotators early.
 PROMPTS_PER_BATCH = 8
-DEFAULT_MAX_NEW_TOKENS = 192  # a full chat answer from a small model; longer ones are rarely better
 
 
 # ---------------------------------------------------------------- creating tasks
@@ -124,7 +123,7 @@ def request_refill(
     arena_against: int | None = None,
     prompt_set_id: int | None = None,
     n_prompts: int | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     seed: int | None = None,
     created_by: int | None = None,
     settings: Settings | None = None,
@@ -154,16 +153,16 @@ def request_refill(
         "arena_versions": [policy.version, other.version] if n_arena else [],
         "responses_per_task": settings.responses_per_task,
         "required_annotations": settings.task_overlap,
-        "sampling": {"max_new_tokens": max_new_tokens},
+        "sampling": {"max_new_tokens": max_new_tokens or settings.refill_max_new_tokens},
         "seed": seed if seed is not None else random.SystemRandom().randrange(2**31),
     }
     run = Run(kind="generate", status="queued", config=config, created_by=created_by)
     db.add(run)
     db.commit()
     if enqueue:
-        from workers.celery_app import celery_app
+        from workers.celery_app import send_task
 
-        celery_app.send_task(GENERATE_TASK, args=[run.id])
+        send_task(GENERATE_TASK, args=[run.id])
     return run.id
 
 

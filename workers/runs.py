@@ -150,10 +150,10 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
         )
         metrics = dict(result.metrics)
         with sessions() as db:
-            if config.get("round_id"):  # the round records which annotations it trained on
-                from app.quality.gold import record_usable_annotations
+            if config.get("round_id"):  # the round records exactly the annotations it trained on
+                from app.quality.gold import record_round_annotations
 
-                record_usable_annotations(db, config["round_id"], snapshot)
+                record_round_annotations(db, config["round_id"], {c.group_id for c in comparisons})
             row = register_reward_model(
                 db,
                 output,

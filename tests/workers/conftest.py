@@ -74,10 +74,12 @@ def celery_worker(worker_env, tmp_path):
     def start(queues: str = "gpu,default", extra_env: dict[str, str] | None = None) -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(started)}.log"
         command = [sys.executable, "-m", "app.cli", "worker", "--queues", queues, "--concurrency", "1"]
+        # Settings the test changed after the fixtures were set up reach the worker too.
+        current = {k: v for k, v in os.environ.items() if k.startswith("PREFLOOP_")}
         with log_path.open("w") as log:
             process = subprocess.Popen(
                 command,
-                env=worker_env | (extra_env or {}),
+                env=worker_env | current | (extra_env or {}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
