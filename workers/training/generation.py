@@ -205,33 +205,47 @@ def _lora_linear_class() -> type | None:
     return Linear
 
 
-def _effective_weight(module: nn.Module) -> Tensor | None:
-    """The weight a bias-free linear layer computes with right now, or None when the fast path can't tell.
+@dataclass
+class _LinearParts:
+    """What a bias-free linear layer computes right now: x W^T + sum over adapters of (x A^T) B^T * scale."""
 
-    For a peft LoRA layer that is the base weight plus the active adapters' B @ A * scaling (what its
-    forward adds on the fly), unless the adapters are merged into the base or disabled.
+    weight: Tensor
+    adapters: list[tuple[Tensor, Tensor, float]]
+
+    def merged(self) -> Tensor:
+        weight = self.weight
+        for a, b, scale in self.adapters:
+            weight = weight + (b @ a) * scale
+        return weight
+
+
+def _linear_parts(module: nn.Module) -> _LinearParts | None:
+    """Read a projection without copying it, or None when the fast path does not know the layer type.
+
+    Plain `nn.Linear`, or a peft LoRA layer: its base weight plus the active adapters, exactly what its
+    forward adds on the fly (nothing when the adapters are merged into the base or disabled).
     """
     if type(module) is nn.Linear:
-        return module.weight if module.bias is None else None
+        return _LinearParts(module.weight, []) if module.bias is None else None
     lora_linear = _lora_linear_class()
     if lora_linear is None or not isinstance(module, lora_linear):
         return None
     base = module.base_layer
-    if type(base) is not nn.Linear or base.bias is not None:
+    if type(base) is not nn.Linear or base.bias is not None or module.fan_in_fan_out:
         return None
     if module.disable_adapters:
         # peft's forward would unmerge a merged adapter first; leave that to the generic path.
-        return None if module.merged else base.weight
+        return None if module.merged else _LinearParts(base.weight, [])
     if module.merged:
-        return base.weight
-    weight = base.weight
+        return _LinearParts(base.weight, [])
+    adapters = []
     for name in module.active_adapters:
         if name not in module.lora_A:
             continue
         if name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False):
             return None  # DoRA and friends change the forward, not just the weight
-        weight = weight + module.get_delta_weight(name).to(weight.dtype)
-    return weight
+        adapters.append((module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
+    return _LinearParts(base.weight, adapters)
 
 
 def _mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -244,21 +258,39 @@ def _mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Linear:
-    """A bias-free projection. With `pack_rows`, inputs of exactly that many rows use MKL's packed GEMM.
+    """One projection, or several side by side, in one of two forms.
 
-    The packed layout is built once per decoding call; it pays off because every decode step multiplies
-    the same weight by a (batch x hidden) input, where plain sgemm wastes much of its time on packing.
+    Packed (x86 CPU, float32): the layers' current weights, adapters merged in, concatenated and laid out
+    for MKL's packed GEMM. A decode step multiplies each weight by a skinny (batch x hidden) input, where
+    plain sgemm spends much of its time re-packing the weight every call; the copy is made once per
+    decoding call. Inputs with another row count (the prefill) use the concatenated weight directly.
+
+    Plain (GPUs, other dtypes): the layers' own tensors, no copy, adapters applied unmerged like peft.
     """
 
-    def __init__(self, weight: Tensor, pack_rows: int | None):
-        self.weight = weight
+    def __init__(self, modules: list[nn.Module], pack_rows: int | None):
+        parts = [_linear_parts(m) for m in modules]
         self.rows = pack_rows
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows) if pack_rows else None
+        if pack_rows:
+            self.weight = torch.cat([p.merged() for p in parts]) if len(parts) > 1 else parts[0].merged()
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, pack_rows)
+            self.parts: list[_LinearParts] = []
+        else:
+            self.packed = None
+            self.parts = parts
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None and x.shape[0] == self.rows:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
-        return F.linear(x, self.weight)
+        if self.packed is not None:
+            if x.shape[0] == self.rows:
+                return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
+            return F.linear(x, self.weight)
+        outputs = []
+        for part in self.parts:
+            y = F.linear(x, part.weight)
+            for a, b, scale in part.adapters:
+                y = y + F.linear(F.linear(x, a), b) * scale
+            outputs.append(y)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
 @dataclass
@@ -277,8 +309,8 @@ class _LlamaDecoder:
 
     Differences from the transformers forward are in bookkeeping only: the K/V cache is pre-allocated for
     the whole call and written in place (no growing concatenation per step), Q/K/V and gate/up are one
-    matmul each, grouped-query attention folds the query heads of a K/V head into one attention call
-    instead of repeating K and V, and only the last position goes through the final norm and LM head.
+    matmul each on CPU, grouped-query attention folds the query heads of a K/V head into one attention
+    call instead of repeating K and V, and only the last position goes through the final norm and LM head.
     """
 
     @staticmethod
@@ -296,24 +328,19 @@ class _LlamaDecoder:
             or getattr(config, "pretraining_tp", 1) not in (None, 1)
         ):
             return False
-        if type(inner.model.embed_tokens) is not nn.Embedding or _effective_weight(inner.lm_head) is None:
+        if type(inner.model.embed_tokens) is not nn.Embedding or _linear_parts(inner.lm_head) is None:
             return False
         for layer in inner.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            projections = (
-                attn.q_proj,
-                attn.k_proj,
-                attn.v_proj,
-                attn.o_proj,
-                mlp.gate_proj,
-                mlp.up_proj,
-                mlp.down_proj,
-            )
-            if any(_effective_weight(p) is None for p in projections):
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            projections += (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if any(_linear_parts(p) is None for p in projections):
                 return False
         return True
 
-    def __init__(self, model: nn.Module, batch: int, total_len: int, device: torch.device):
+    def __init__(
+        self, model: nn.Module, batch: int, total_len: int, device: torch.device, packed: bool | None = None
+    ):
         inner = _unwrap_peft(model)
         config, backbone = inner.config, inner.model
         self.heads = config.num_attention_heads
@@ -324,24 +351,24 @@ class _LlamaDecoder:
         self.final_norm = backbone.norm.weight
         self.rotary = backbone.rotary_emb
         dtype = self.embed.dtype
-        pack = batch if _mkl_packing_available(device, dtype) else None
+        if packed is None:
+            packed = _mkl_packing_available(device, dtype)
+        pack = batch if packed else None
         self.layers = []
         for layer in backbone.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat([_effective_weight(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
-            gate_up = torch.cat([_effective_weight(p) for p in (mlp.gate_proj, mlp.up_proj)])
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight,
                     post_norm=layer.post_attention_layernorm.weight,
-                    qkv=_Linear(qkv, pack),
-                    out=_Linear(_effective_weight(attn.o_proj), pack),
-                    gate_up=_Linear(gate_up, pack),
-                    down=_Linear(_effective_weight(mlp.down_proj), pack),
+                    qkv=_Linear([attn.q_proj, attn.k_proj, attn.v_proj], pack),
+                    out=_Linear([attn.o_proj], pack),
+                    gate_up=_Linear([mlp.gate_proj, mlp.up_proj], pack),
+                    down=_Linear([mlp.down_proj], pack),
                     scale=attn.scaling,
                 )
             )
-        self.lm_head = _Linear(_effective_weight(inner.lm_head), pack)
+        self.lm_head = _Linear([inner.lm_head], pack)
         shape = (len(self.layers), batch, self.kv_heads, total_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -540,17 +567,19 @@ class BatchedGenerator:
         self.stop_token_ids: tuple[int, ...] = () if eos is None else (int(eos),)
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = int(pad if pad is not None else (eos if eos is not None else 0))
-        self.use_fast_path = (
-            True  # the Llama fast path where the model allows it; False forces the generic one
-        )
+        # The Llama fast path where the model allows it; False forces the generic path.
+        self.use_fast_path = True
+        # Fast-path weights: None = MKL-packed copies on x86 CPUs in float32, the model's own tensors elsewhere.
+        self.fast_path_packed: bool | None = None
 
     def fast_path_active(self) -> bool:
         """Whether the next call will use the Llama fast path (it checks the model's layers now)."""
         return self.use_fast_path and _LlamaDecoder.supports(self.model)
 
     def _decoder(self, batch: int, total_len: int):
-        backend = _LlamaDecoder if self.fast_path_active() else _HFDecoder
-        return backend(self.model, batch, total_len, self.device)
+        if self.fast_path_active():
+            return _LlamaDecoder(self.model, batch, total_len, self.device, self.fast_path_packed)
+        return _HFDecoder(self.model, batch, total_len, self.device)
 
     def generate_ids(
         self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int | None = None

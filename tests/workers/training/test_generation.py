@@ -205,7 +205,8 @@ def test_the_stop_token_is_the_tokenizers_eos(tiny):
     assert tokenizer.convert_ids_to_tokens(list(generator.stop_token_ids)) == ["<|im_end|>"]
 
 
-def test_fast_path_logits_match_the_transformers_forward(tiny):
+@pytest.mark.parametrize("packed", [True, False])
+def test_fast_path_logits_match_the_transformers_forward(tiny, packed):
     from workers.training.generation import _LlamaDecoder
 
     model, tokenizer = tiny
@@ -218,7 +219,7 @@ def test_fast_path_logits_match_the_transformers_forward(tiny):
     positions = (valid.cumsum(-1) - 1).clamp(min=0)
     extra = torch.randint(0, len(tokenizer), (len(prompts), 3), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        decoder = _LlamaDecoder(model, len(prompts), width + 3, torch.device("cpu"))
+        decoder = _LlamaDecoder(model, len(prompts), width + 3, torch.device("cpu"), packed=packed)
         ours = [decoder.prefill(ids, valid, positions)]
         for step in range(2):
             ours.append(decoder.step(extra[:, step], positions[:, -1] + step + 1))
@@ -230,12 +231,13 @@ def test_fast_path_logits_match_the_transformers_forward(tiny):
         torch.testing.assert_close(logits, reference[:, width - 1 + step], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("path", ["fast-packed", "fast-plain", "generic"])
 @pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_equals_transformers_greedy_generate(tiny, fast, penalty):
+def test_greedy_equals_transformers_greedy_generate(tiny, path, penalty):
     model, tokenizer = tiny
     generator = BatchedGenerator(model, tokenizer)
-    generator.use_fast_path = fast
+    generator.use_fast_path = path != "generic"
+    generator.fast_path_packed = path == "fast-packed"
     sampling = SamplingConfig(max_new_tokens=12, do_sample=False, repetition_penalty=penalty)
     prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
     rollout = generator.generate_ids(prompts, sampling)
@@ -368,7 +370,8 @@ def test_stream_pieces_join_to_the_full_response_and_leave_grad_mode_alone(tiny)
     assert "".join(pieces) == whole.texts[0]
 
 
-def test_lora_policy_uses_current_adapter_weights(tiny_model_dir):
+@pytest.mark.parametrize("packed", [True, False])
+def test_lora_policy_uses_current_adapter_weights(tiny_model_dir, packed):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -377,6 +380,7 @@ def test_lora_policy_uses_current_adapter_weights(tiny_model_dir):
     sharpen(base)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     generator = BatchedGenerator(model, tokenizer)
+    generator.fast_path_packed = packed  # adapters merged into a packed copy, or applied on the fly
     assert generator.fast_path_active()
     reference = BatchedGenerator(model, tokenizer)
     reference.use_fast_path = False  # peft's own forward
