@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -166,22 +166,31 @@ def list_policies(db: DbSession):
     return [_policy_out(p, live.id if live else None) for p in policies]
 
 
+def _wake_local_holder(request: Request) -> None:
+    """Other processes learn of the move from Redis or by polling; this one can swap right away."""
+    holder = getattr(request.app.state, "policy_holder", None)
+    if holder is not None:
+        holder.wake()
+
+
 @router.post("/api/policies/{version}/promote", response_model=PolicyOut, summary="Make a version live")
-def promote_version(version: int, principal: Admin, db: DbSession):
+def promote_version(version: int, request: Request, principal: Admin, db: DbSession):
     previous = live_policy(db)
     try:
         policy = promote(db, version)
     except RegistryError as exc:
         raise HTTPException(409 if "rejected" in str(exc) else 404, str(exc)) from None
+    _wake_local_holder(request)
     if previous is None or previous.id != policy.id:
         after_promote(db, policy, previous)
     return _policy_out(policy, policy.id)
 
 
 @router.post("/api/policies/rollback", response_model=PolicyOut, summary="Put the previous live version back")
-def rollback_version(principal: Admin, db: DbSession):
+def rollback_version(request: Request, principal: Admin, db: DbSession):
     try:
         policy = rollback(db)
     except RegistryError as exc:
         raise HTTPException(409, str(exc)) from None
+    _wake_local_holder(request)
     return _policy_out(policy, policy.id)
