@@ -128,7 +128,14 @@ def maybe_start_auto_round(db: Session, min_comparisons: int) -> Round | None:
 
 
 def after_promote(db: Session, policy: Policy, previous: Policy | None) -> None:
-    """Refill the task pool with the new live policy, part of it arena tasks against the previous one."""
+    """Refill the task pool with the new live policy, part of it arena tasks against the previous one;
+    a round that waited for an admin's approval of this candidate is done now."""
     from app.tasks_pool import request_refill
+
+    if policy.round_id is not None:
+        round_ = db.get(Round, policy.round_id)
+        if round_ is not None and round_.status == "awaiting_approval":
+            round_.status = round_.stage = "succeeded"
+            db.commit()
 
     request_refill(db, policy_version=policy.version, arena_against=previous.version if previous else None)
