@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.annotations import AnnotationError, submit_annotation
 from app.assignment import expire_stale_assignments, next_task
@@ -48,14 +48,26 @@ def _annotators(db, n: int) -> list[int]:
     return [u.id for u in users]
 
 
+def _unseen_open_tasks(db, user_id: int) -> int:
+    seen = select(Assignment.task_id).where(Assignment.user_id == user_id, Assignment.status != "expired")
+    count = db.scalar(select(func.count(Task.id)).where(Task.status == "open", Task.id.not_in(seen)))
+    db.rollback()
+    return count
+
+
 def _work(sessions, user_id: int, ttl: float, seed: int, outcome: Outcome, lock: threading.Lock) -> None:
     rng = random.Random(seed)
     db = sessions()
     try:
-        for _ in range(10 * TASKS):  # bounded: a bug must not hang the test
+        deadline = time.monotonic() + 120  # bounded: a bug must not hang the test
+        while time.monotonic() < deadline:
             view = next_task(db, user_id, ttl)
             if view is None:
-                return
+                if _unseen_open_tasks(db, user_id) == 0:
+                    return
+                # Every free slot is held by someone right now; one may come back (skip, expiry).
+                time.sleep(0.01)
+                continue
             time.sleep(rng.uniform(0, 0.02))  # "reading": lets other threads interleave
             ids = [r.id for r in view.responses]
             rng.shuffle(ids)
