@@ -5,8 +5,9 @@ Builds scratch databases of synthetic annotation history (SQLite files, and a Po
 a strict ranking (6 comparisons) — and exports them in a fresh process per measurement:
 
 - prefloop: the streaming exporter (keyset pages of tasks → row builder → Parquet row groups / JSONL);
-- peer:     the obvious alternative, materialise everything — one joined query `.all()`, a list of row
-            dicts, `datasets.Dataset.from_list(rows).to_parquet()` / `.to_json()`.
+- peer:     the obvious alternative, materialise everything — the same rows from the same builders, but
+            every task read in one page, every row kept in one list, then
+            `datasets.Dataset.from_list(rows).to_parquet()` / `.to_json()`.
 
 Each process reports rows/s, its peak RSS (ru_maxrss) and the peak above its RSS after imports. The
 table shows both sizes (default 10k and 100k comparisons) so the growth of peak memory with rows can
@@ -245,43 +246,20 @@ def child(url: str, method: str, file_format: str, out: Path) -> dict[str, float
 
 
 def materialise_everything(db, file_format: str, out: Path) -> int:
-    """The peer: load every comparison with its texts at once, build all rows, hand them to `datasets`."""
+    """The peer: the same rows (same builders, same columns), but all of them built in memory at once
+    (every task in one page, every row in one list) and handed to `datasets` to write."""
     import datasets
-    from sqlalchemy import select
-    from sqlalchemy.orm import aliased
 
-    from app.exports.pseudonym import Pseudonymizer
-    from app.models import Annotation, Comparison, Prompt, Response
+    from app.exports import ExportSpec, iter_rows
 
-    chosen, rejected = aliased(Response), aliased(Response)
-    result = db.execute(
-        select(
-            Prompt.messages, chosen.text, rejected.text, Comparison.margin, Annotation.user_id, Comparison.id
-        )
-        .join(Annotation, Annotation.id == Comparison.annotation_id)
-        .join(Prompt, Prompt.id == Comparison.prompt_id)
-        .join(chosen, chosen.id == Comparison.chosen_response_id)
-        .join(rejected, rejected.id == Comparison.rejected_response_id)
-        .order_by(Comparison.id)
-    ).all()
-    name = Pseudonymizer(SECRET)
-    rows = [
-        {
-            "prompt": messages,
-            "chosen": [{"role": "assistant", "content": c}],
-            "rejected": [{"role": "assistant", "content": r}],
-            "margin": margin,
-            "annotator": name(user),
-            "comparison_id": cid,
-        }
-        for messages, c, r, margin, user, cid in result
-    ]
+    spec = ExportSpec(format="pairwise", split_mode="none")
+    rows = [row for _split, row, _meta in iter_rows(db, spec, secret_key=SECRET, page_size=10**9)]
     ds = datasets.Dataset.from_list(rows)
     (out / "data").mkdir(parents=True)
     if file_format == "parquet":
         ds.to_parquet(str(out / "data" / "train-00000-of-00001.parquet"))
     else:
-        ds.to_json(str(out / "data" / "train-00000-of-00001.jsonl"))
+        ds.to_json(str(out / "data" / "train-00000-of-00001.jsonl"), force_ascii=False)
     return len(rows)
 
 

@@ -149,7 +149,8 @@ def render_card(
     out.append("## Agreement\n")
     out.append(
         "Percent agreement between annotators who judged the same pair of responses (same order, tie or "
-        "all-bad). Rows judged by one annotator count as 1.0 and are listed apart.\n"
+        "all-bad). A pairwise or arena row judged by one annotator counts as 1.0; a rankings row of a task "
+        "with one annotator has none. The '2 or more' figures leave single-annotator rows out.\n"
     )
     out.append("| figure | value |\n|---|---:|")
     for key, value in agreement.items():
