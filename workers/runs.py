@@ -32,6 +32,8 @@ TASK_FOR_KIND = {
     "ppo": "workers.tasks.train_policy",
     "dpo": "workers.tasks.train_policy",
     "evaluate": "workers.tasks.evaluate_policy",
+    "generate": "workers.tasks.generate_responses",
+    "export": "workers.tasks.export_dataset",
 }
 
 Body = Callable[[int, dict[str, Any], DbReporter], dict[str, Any]]
