@@ -77,6 +77,7 @@ def render_card(
     policies: list[PolicyNote],
     prompt_set_names: dict[int, str],
     generated_at: datetime,
+    leaderboard: dict | None = None,
 ) -> str:
     summary = stats.as_dict()
     out = [front_matter(spec, fmt, splits, stats.total_rows)]
@@ -157,6 +158,9 @@ def render_card(
         out.append(f"| {key.replace('_', ' ')} | {_cell(value)} |")
     out.append("")
 
+    if leaderboard is not None:
+        out.extend(_leaderboard_section(leaderboard))
+
     out.append("## Annotators and privacy\n")
     out.append(
         "Annotators appear only as pseudonyms (`annotator-…`): an HMAC-SHA256 of the internal user id under a "
@@ -191,3 +195,23 @@ def render_card(
         f"{fmt.usage}\n```\n"
     )
     return "\n".join(out)
+
+
+def _leaderboard_section(board: dict) -> list[str]:
+    """Policy versions rated from blind arena battles (`leaderboard.json` holds the full record)."""
+    lines = ["## Policy leaderboard\n"]
+    if not board.get("entries"):
+        lines.append("No arena battles yet: the leaderboard fills as annotators judge arena tasks.\n")
+        return lines
+    lines.append(f"{board['method']}; {board['battles']} battles. Full record: `leaderboard.json`.\n")
+    lines.append("| rank | version | kind | rating | 95% interval | battles | wins | losses | ties |")
+    lines.append("|---:|---:|---|---:|---|---:|---:|---:|---:|")
+    for entry in board["entries"]:
+        rating = entry["rating"]
+        interval = f"{_cell(rating.get('low'))} – {_cell(rating.get('high'))}"
+        lines.append(
+            f"| {entry['rank']} | {entry['policy_version']} | {entry['kind']} | {_cell(rating.get('value'))} "
+            f"| {interval} | {entry['battles']} | {entry['wins']} | {entry['losses']} | {entry['ties']} |"
+        )
+    lines.append("")
+    return lines

@@ -5,6 +5,7 @@ where a finished one is expected."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 import zipfile
@@ -27,6 +28,7 @@ from app.exports.split import TEST, TRAIN, splitter
 from app.exports.stats import ExportStats
 from app.exports.writers import SplitWriter
 from app.models import Policy, PromptSet
+from app.quality.leaderboard import export_leaderboard
 
 Progress = Callable[[int, int, str], None]
 SPLIT_ORDER = (TRAIN, TEST)
@@ -154,6 +156,9 @@ def export_dataset(
                 continue
             splits.append(split)
             files += [f"data/{p.name}" for p in writer.close()]
+        # The human-judged evidence that rounds help: ratings of policy versions from arena battles.
+        board = export_leaderboard(db, n_boot=500)
+        (work / "leaderboard.json").write_text(json.dumps(board, indent=2), encoding="utf-8")
         card = render_card(
             spec=spec,
             fmt=fmt,
@@ -163,9 +168,10 @@ def export_dataset(
             policies=_policy_notes(db, stats),
             prompt_set_names=_prompt_set_names(db, spec),
             generated_at=datetime.now(UTC),
+            leaderboard=board,
         )
         (work / "README.md").write_text(card, encoding="utf-8")
-        result = ExportResult(dest, spec, stats, splits, ["README.md", *files])
+        result = ExportResult(dest, spec, stats, splits, ["README.md", "leaderboard.json", *files])
         if progress:
             progress(total, total, "packing" if spec.layout == "zip" else "finishing")
         _publish(work, dest, spec, overwrite)

@@ -240,7 +240,9 @@ def test_zip_layout_card_and_no_personal_data(db, seeded, tmp_path):
     with zipfile.ZipFile(tmp_path / "prefs.zip") as archive:
         names = archive.namelist()
         archive.extractall(tmp_path / "unzipped")
-    assert "README.md" in names and all(n == "README.md" or n.startswith("data/") for n in names)
+    assert "README.md" in names and all(
+        n in ("README.md", "leaderboard.json") or n.startswith("data/") for n in names
+    )
     card = (tmp_path / "unzipped" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["license"] == "cc-by-4.0" and meta["pretty_name"] == "demo prefs"
@@ -248,6 +250,10 @@ def test_zip_layout_card_and_no_personal_data(db, seeded, tmp_path):
     assert "**Seed: 7.**" in card and "| **all** | 13 | 3 |" in card
     assert "| 1 | ppo | approved | 0 |" in card  # policy versions with lineage
     assert "mean agreement" in card
+    # The arena battle of the seed (alice: v0 beats v1; bob: both bad, a tie) rates both versions.
+    board = json.loads((tmp_path / "unzipped" / "leaderboard.json").read_text())
+    assert board["battles"] == 2 and {e["policy_version"] for e in board["entries"]} == {0, 1}
+    assert "## Policy leaderboard" in card and "2 battles" in card
     ds = load(tmp_path / "unzipped", tmp_path)
     assert sum(ds[s].num_rows for s in ds) == 13
     # Nothing that names a person leaves: check every byte of every format.
