@@ -37,6 +37,7 @@ def load_policy(version: int, path: str, device: str) -> LoadedPolicy:
     """Load a policy folder, put it on the device, and warm it up with one short generation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from workers.training.generation import BatchedGenerator, SamplingConfig
 
     tokenizer = AutoTokenizer.from_pretrained(path)
