@@ -20,12 +20,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import DateTime, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import is_postgres
-from app.models import Annotation, Assignment, Comparison, Response, Task, TaskResponse, utcnow
+from app.models import Annotation, Response, utcnow
 from app.schemas import AnnotationIn, AnnotationResult
 
 
@@ -143,6 +142,128 @@ def _existing(db: Session, task_id: int, user_id: int, digest: str) -> Annotatio
     )
 
 
+# ---------------------------------------------------------------- SQL of the hot path
+#
+# Hand-written statements, built once (submission is the busiest write of the system). Postgres
+# reads the task under its row lock in one statement and writes everything in a second; SQLite
+# (one writer at a time) uses plain statements.
+
+# The task row is locked first (the order assignment and expiry use too); only then is the
+# assignment read, in a statement of its own: a statement that waited for the lock would still see
+# the assignment as it was before the wait (e.g. before the expiry job took it back).
+_LOCK_POSTGRES = text(
+    """
+SELECT t.prompt_id,
+       (SELECT array_agg(tr.response_id ORDER BY tr.position)
+          FROM task_responses tr WHERE tr.task_id = t.id) AS shown
+FROM tasks t WHERE t.id = :task_id
+FOR UPDATE
+"""
+)
+_ASSIGNMENT_POSTGRES = text(
+    "SELECT id AS assignment_id, status AS assignment_status FROM assignments "
+    "WHERE task_id = :task_id AND user_id = :user_id"
+)
+# SQLite has no row locks: a no-op write takes the database's write lock, then one read sees it all.
+_LOCK_SQLITE = text("UPDATE tasks SET claimed_count = claimed_count WHERE id = :task_id")
+_STATE_SQLITE = text(
+    """
+SELECT t.prompt_id, a.id AS assignment_id, a.status AS assignment_status,
+       (SELECT json_group_array(response_id) FROM
+          (SELECT response_id FROM task_responses WHERE task_id = t.id ORDER BY position)) AS shown
+FROM tasks t LEFT JOIN assignments a ON a.task_id = t.id AND a.user_id = :user_id
+WHERE t.id = :task_id
+"""
+)
+
+
+@dataclass(frozen=True)
+class _State:
+    prompt_id: int
+    shown: list[int]
+    assignment_id: int | None
+    assignment_status: str | None
+
+
+def _locked_state(conn, task_id: int, user_id: int) -> _State | None:
+    """The task's shown responses and this annotator's assignment, read under the task's lock."""
+    key = {"task_id": task_id, "user_id": user_id}
+    if conn.dialect.name == "postgresql":
+        task = conn.execute(_LOCK_POSTGRES, key).first()
+        if task is None:
+            return None
+        assignment = conn.execute(_ASSIGNMENT_POSTGRES, key).first()
+        return _State(
+            task.prompt_id,
+            list(task.shown or []),
+            assignment.assignment_id if assignment else None,
+            assignment.assignment_status if assignment else None,
+        )
+    conn.execute(_LOCK_SQLITE, key)
+    row = conn.execute(_STATE_SQLITE, key).first()
+    if row is None:
+        return None
+    return _State(row.prompt_id, json.loads(row.shown or "[]"), row.assignment_id, row.assignment_status)
+
+
+# Count the judgement (or give a skipped slot back). A judgement counts only while the task takes
+# one: open, not yet complete, and — when the annotator's assignment expired — with a free slot.
+_COUNT = """
+UPDATE tasks SET
+    annotation_count = annotation_count + :counts,
+    claimed_count = claimed_count + :claim_delta,
+    status = CASE WHEN annotation_count + :counts >= required_annotations THEN 'done' ELSE status END
+WHERE id = :task_id AND (:skip OR (
+    status = 'open' AND annotation_count < required_annotations
+    AND claimed_count + :claim_delta <= required_annotations))
+RETURNING id
+"""
+_ANNOTATION_COLUMNS = (
+    "task_id, user_id, ranking, all_bad, skipped, skip_reason, flags, rationale, time_spent_ms, "
+    "shown_order_unchanged, payload_hash, created_at"
+)
+_ANNOTATION_VALUES = (
+    ":task_id, :user_id, {ranking}, :all_bad, :skip, :skip_reason, {flags}, :rationale, :time_spent_ms, "
+    ":unchanged, :payload_hash, :now"
+)
+
+# Postgres: the count, the annotation, its comparisons and the assignment in one statement.
+_WRITE_POSTGRES = text(
+    f"""
+WITH counted AS ({_COUNT}),
+annotation AS (
+    INSERT INTO annotations ({_ANNOTATION_COLUMNS})
+    SELECT {_ANNOTATION_VALUES.format(ranking="CAST(:ranking AS jsonb)", flags="CAST(:flags AS jsonb)")}
+    FROM counted
+    RETURNING id
+),
+pairs AS (
+    INSERT INTO comparisons (annotation_id, prompt_id, chosen_response_id, rejected_response_id, margin, created_at)
+    SELECT annotation.id, :prompt_id, p.chosen, p.rejected, p.margin, :now
+    FROM annotation,
+         unnest(CAST(:chosen AS integer[]), CAST(:rejected AS integer[]), CAST(:margin AS float8[]))
+             AS p(chosen, rejected, margin)
+),
+assigned AS (
+    UPDATE assignments SET status = :assignment_status
+    WHERE id = :assignment_id AND EXISTS (SELECT 1 FROM annotation)
+)
+SELECT id FROM annotation
+"""
+).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+
+_COUNT_SQLITE = text(_COUNT)
+_ANNOTATION_SQLITE = text(
+    f"INSERT INTO annotations ({_ANNOTATION_COLUMNS}) "
+    f"VALUES ({_ANNOTATION_VALUES.format(ranking=':ranking', flags=':flags')}) RETURNING id"
+).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+_PAIRS_SQLITE = text(
+    "INSERT INTO comparisons (annotation_id, prompt_id, chosen_response_id, rejected_response_id, margin, "
+    "created_at) VALUES (:annotation_id, :prompt_id, :chosen, :rejected, :margin, :now)"
+).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+_ASSIGNED_SQLITE = text("UPDATE assignments SET status = :assignment_status WHERE id = :assignment_id")
+
+
 def submit_annotation(
     db: Session, task_id: int, user_id: int, payload: AnnotationIn
 ) -> tuple[AnnotationResult, bool]:
@@ -152,12 +273,15 @@ def submit_annotation(
     """
     payload = normalise(payload)
     digest = payload_hash(payload)
-    replay = _existing(db, task_id, user_id, digest)
-    if replay is not None:
-        db.rollback()
-        return replay, False
     try:
         result = _store(db, task_id, user_id, payload, digest)
+    except _AlreadyJudged:
+        db.rollback()
+        replay = _existing(db, task_id, user_id, digest)
+        db.rollback()
+        if replay is None:  # cannot happen: the assignment says it was judged
+            raise AnnotationError(409, f"task {task_id} was already judged by you") from None
+        return replay, False
     except IntegrityError:
         # A concurrent identical request (double click, client retry) stored it first.
         db.rollback()
@@ -172,107 +296,78 @@ def submit_annotation(
     return result, True
 
 
+class _AlreadyJudged(Exception):
+    """This annotator's assignment is submitted or skipped: the request is a replay or a change."""
+
+
 def _store(db: Session, task_id: int, user_id: int, payload: AnnotationIn, digest: str) -> AnnotationResult:
-    lock = select(Task.id, Task.prompt_id, Task.status).where(Task.id == task_id)
-    if is_postgres(db):
-        lock = lock.with_for_update()
-    task = db.execute(lock).first()
-    if task is None:
+    conn = db.connection()
+    postgres = conn.dialect.name == "postgresql"
+    state = _locked_state(conn, task_id, user_id)
+    if state is None:
         raise AnnotationError(404, f"there is no task {task_id}")
-    shown = list(
-        db.scalars(
-            select(TaskResponse.response_id)
-            .where(TaskResponse.task_id == task_id)
-            .order_by(TaskResponse.position)
-        ).all()
-    )
+    if state.assignment_status in ("submitted", "skipped"):
+        raise _AlreadyJudged()
+    shown = state.shown
     _check_ranking(db, payload, shown)
-    assignment = db.execute(
-        select(Assignment.id, Assignment.status).where(
-            Assignment.task_id == task_id, Assignment.user_id == user_id
-        )
-    ).first()
-    if assignment is None:
+    if state.assignment_id is None:
         raise AnnotationError(
             409, f"task {task_id} is not assigned to you; fetch one with GET /api/tasks/next"
         )
-    holds_slot = assignment.status == "active"
-    if assignment.status not in ("active", "expired"):
-        raise AnnotationError(409, f"task {task_id} is already {assignment.status} by you")
-
+    holds_slot = state.assignment_status == "active"
     if payload.skip:
-        if holds_slot:  # the slot goes back to the pool for someone else
-            db.execute(update(Task).where(Task.id == task_id).values(claimed_count=Task.claimed_count - 1))
-        new_assignment_status = "skipped"
+        counts, claim_delta = 0, -1 if holds_slot else 0  # the slot goes back to the pool
     else:
-        # The assignment expired: it only counts if a slot is still free (nobody took it meanwhile).
-        claim = 0 if holds_slot else 1
-        counted = db.execute(
-            update(Task)
-            .where(
-                Task.id == task_id,
-                Task.status == "open",
-                Task.annotation_count < Task.required_annotations,
-                Task.claimed_count + claim <= Task.required_annotations,
-            )
-            .values(
-                annotation_count=Task.annotation_count + 1,
-                claimed_count=Task.claimed_count + claim,
-                status=case(
-                    (Task.annotation_count + 1 >= Task.required_annotations, "done"), else_=Task.status
-                ),
-            )
-        ).rowcount
-        if counted != 1:
-            raise AnnotationError(
-                409,
-                f"task {task_id} no longer takes judgements (your assignment expired and the task was "
-                "completed by others, or it was closed); fetch the next task",
-            )
-        new_assignment_status = "submitted"
-
+        counts, claim_delta = 1, 0 if holds_slot else 1  # expired: it needs a free slot again
     unchanged = (
         not payload.skip
         and not payload.all_bad
         and all(len(group) == 1 for group in payload.ranking)
         and [group[0] for group in payload.ranking] == shown
     )
-    annotation_id = db.execute(
-        insert(Annotation)
-        .values(
-            task_id=task_id,
-            user_id=user_id,
-            ranking=payload.ranking,
-            all_bad=payload.all_bad,
-            skipped=payload.skip,
-            skip_reason=payload.skip_reason,
-            flags=_flags_json(payload),
-            rationale=payload.rationale,
-            time_spent_ms=payload.time_spent_ms,
-            shown_order_unchanged=unchanged,
-            payload_hash=digest,
-            created_at=utcnow(),
-        )
-        .returning(Annotation.id)
-    ).scalar_one()
     pairs = [] if payload.skip else derive_comparisons(payload.ranking, payload.all_bad)
-    if pairs:
-        now = utcnow()
-        db.execute(
-            insert(Comparison),
-            [
-                {
-                    "annotation_id": annotation_id,
-                    "prompt_id": task.prompt_id,
-                    "chosen_response_id": p.chosen,
-                    "rejected_response_id": p.rejected,
-                    "margin": p.margin,
-                    "created_at": now,
-                }
-                for p in pairs
-            ],
+    params = {
+        "task_id": task_id,
+        "user_id": user_id,
+        "prompt_id": state.prompt_id,
+        "assignment_id": state.assignment_id,
+        "assignment_status": "skipped" if payload.skip else "submitted",
+        "counts": counts,
+        "claim_delta": claim_delta,
+        "skip": payload.skip,
+        "ranking": json.dumps(payload.ranking),
+        "all_bad": payload.all_bad,
+        "skip_reason": payload.skip_reason,
+        "flags": json.dumps(_flags_json(payload)),
+        "rationale": payload.rationale,
+        "time_spent_ms": payload.time_spent_ms,
+        "unchanged": unchanged,
+        "payload_hash": digest,
+        "now": utcnow(),
+    }
+    if postgres:
+        params["chosen"] = [p.chosen for p in pairs]
+        params["rejected"] = [p.rejected for p in pairs]
+        params["margin"] = [p.margin for p in pairs]
+        annotation_id = conn.execute(_WRITE_POSTGRES, params).scalar()
+    else:
+        annotation_id = None
+        if conn.execute(_COUNT_SQLITE, params).scalar() is not None:
+            annotation_id = conn.execute(_ANNOTATION_SQLITE, params).scalar_one()
+            if pairs:
+                rows = [
+                    {**params, "annotation_id": annotation_id, "chosen": p.chosen, "rejected": p.rejected,
+                     "margin": p.margin}
+                    for p in pairs
+                ]  # fmt: skip
+                conn.execute(_PAIRS_SQLITE, rows)
+            conn.execute(_ASSIGNED_SQLITE, params)
+    if annotation_id is None:
+        raise AnnotationError(
+            409,
+            f"task {task_id} no longer takes judgements (your assignment expired and the task was "
+            "completed by others, or it was closed); fetch the next task",
         )
-    db.execute(update(Assignment).where(Assignment.id == assignment.id).values(status=new_assignment_status))
     db.commit()
     return _result(annotation_id, task_id, payload, unchanged)
 

@@ -20,22 +20,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import and_, exists, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import DateTime, TextClause, and_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import is_postgres
-from app.models import TASK_KINDS, Assignment, Prompt, Response, Task, TaskResponse, utcnow
+from app.models import TASK_KINDS, Assignment, JSONType, Task, utcnow
 
 _rng = random.Random()
-MAX_CLAIM_ATTEMPTS = (
-    8  # a candidate can fill up between the SELECT and the UPDATE on SQLite; try the next one
-)
+MAX_CLAIM_ATTEMPTS = 8  # SQLite: bounded retries; in practice the first attempt always decides
 
 
 @dataclass(frozen=True)
@@ -71,110 +68,204 @@ def _kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
     unknown = set(kinds) - set(TASK_KINDS)
     if unknown:
         raise ValueError(f"unknown task kinds {sorted(unknown)}; use {', '.join(TASK_KINDS)}")
-    return tuple(kinds)
+    return tuple(sorted(set(kinds)))
 
 
-def _held_task(db: Session, user_id: int, kinds: tuple[str, ...]) -> int | None:
-    """A task this annotator already holds (page reload, second tab, retried request)."""
-    return db.scalar(
-        select(Assignment.task_id)
-        .join(Task, Task.id == Assignment.task_id)
-        .where(
-            Assignment.user_id == user_id,
-            Assignment.status == "active",
-            Task.status == "open",
-            Task.kind.in_(kinds),
-        )
-        .order_by(Assignment.id)
-        .limit(1)
+# ---------------------------------------------------------------- SQL of the hot path
+#
+# Hand-written statements, built once: assignment runs on every page load and API call, and the
+# expression-building and ORM overhead of composing these per call cost more than the database
+# work. Postgres claims a slot in one statement; SQLite (one writer at a time) in two.
+
+_KIND = " AND t.kind IN :kinds"
+
+# Resume: the task this annotator holds, with its deadline pushed (page reload, second tab, retry).
+_RESUME = """
+UPDATE assignments SET expires_at = :expires_at
+WHERE id = (
+    SELECT a.id FROM assignments a JOIN tasks t ON t.id = a.task_id
+    WHERE a.user_id = :user_id AND a.status = 'active' AND t.status = 'open'{kind}
+    ORDER BY a.id LIMIT 1
+)
+RETURNING task_id
+"""
+
+# The oldest ordinary task with a free slot that this annotator has not seen (an expired assignment
+# of theirs does not count as seen). Walks ix_tasks_claimable.
+_CANDIDATE = """
+SELECT t.id FROM tasks t
+WHERE t.status = 'open' AND t.claimed_count < t.required_annotations AND t.is_gold = false{kind}
+  AND NOT EXISTS (
+    SELECT 1 FROM assignments a
+    WHERE a.task_id = t.id AND a.user_id = :user_id AND a.status <> 'expired'
+  )
+ORDER BY t.id LIMIT 1
+"""
+
+# Record the assignment; a task this annotator let expire comes back to them (reactivate that row).
+_ASSIGN = """
+INSERT INTO assignments (task_id, user_id, status, created_at, expires_at)
+{source}
+ON CONFLICT (task_id, user_id) DO UPDATE
+    SET status = 'active', created_at = excluded.created_at, expires_at = excluded.expires_at
+    WHERE assignments.status = 'expired'
+RETURNING task_id
+"""
+
+# Postgres: choose (skipping rows other transactions hold), count the slot and assign, in one statement.
+_CLAIM_POSTGRES = (
+    "WITH candidate AS (" + _CANDIDATE.replace("LIMIT 1", "LIMIT 1 FOR UPDATE SKIP LOCKED") + "),\n"
+    "claimed AS (UPDATE tasks SET claimed_count = claimed_count + 1 FROM candidate "
+    "WHERE tasks.id = candidate.id RETURNING tasks.id)\n"
+    + _ASSIGN.format(
+        source="SELECT id, :user_id, 'active', :now, :expires_at FROM claimed",
     )
+)
 
+# SQLite: count the slot of the candidate (atomic: SQLite runs one writer at a time), then assign.
+_CLAIM_SQLITE = """
+UPDATE tasks SET claimed_count = claimed_count + 1
+WHERE id = ({candidate}) AND status = 'open' AND claimed_count < required_annotations
+RETURNING id
+""".replace("{candidate}", _CANDIDATE)
+_ASSIGN_ONE = _ASSIGN.format(source="VALUES (:task_id, :user_id, 'active', :now, :expires_at)")
 
-def _take_slot(db: Session, task_id: int, user_id: int, ttl: timedelta) -> bool | None:
-    """Claim one slot of a task and record the assignment (uncommitted).
-
-    True on success; False when the task filled up meanwhile; None when a concurrent request of the
-    same annotator got there first (the transaction is then rolled back).
+_VIEW = text(
     """
-    claimed = db.execute(
+SELECT t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position, r.id AS response_id, r.text
+FROM tasks t
+JOIN prompts p ON p.id = t.prompt_id
+JOIN task_responses tr ON tr.task_id = t.id
+JOIN responses r ON r.id = tr.response_id
+WHERE t.id = :task_id
+ORDER BY tr.position
+"""
+).columns(messages=JSONType)
+_EXPIRES_AT = text(
+    "SELECT expires_at FROM assignments WHERE task_id = :task_id AND user_id = :user_id"
+).columns(expires_at=DateTime(timezone=True))
+# Typed so that SQLite stores them in the same text format as the ORM does (its comparisons are textual).
+_TIMES = (
+    bindparam("now", type_=DateTime(timezone=True)),
+    bindparam("expires_at", type_=DateTime(timezone=True)),
+)
+
+
+@lru_cache(maxsize=32)
+def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause:
+    """A compiled-once statement for this dialect and kind filter (none when every kind is wanted)."""
+    kind = "" if kinds == TASK_KINDS else _KIND
+    sql = {
+        "resume": _RESUME,
+        "claim": _CLAIM_POSTGRES if dialect == "postgresql" else _CLAIM_SQLITE,
+        "assign": _ASSIGN_ONE,
+    }[name].replace("{kind}", kind)
+    stmt = text(sql)
+    stmt = stmt.bindparams(*[b for b in _TIMES if f":{b.key}" in sql])
+    if ":kinds" in sql:
+        stmt = stmt.bindparams(bindparam("kinds", expanding=True))
+    return stmt
+
+
+def _params(
+    user_id: int, kinds: tuple[str, ...], now: datetime, ttl: timedelta, **extra: Any
+) -> dict[str, Any]:
+    params = {"user_id": user_id, "now": now, "expires_at": now + ttl, **extra}
+    if kinds != TASK_KINDS:
+        params["kinds"] = list(kinds)
+    return params
+
+
+def _resume(db: Session, user_id: int, kinds: tuple[str, ...], now: datetime, ttl: timedelta) -> int | None:
+    """The task this annotator already holds, its deadline pushed (uncommitted)."""
+    stmt = _statement("resume", db.get_bind().dialect.name, kinds)
+    return db.connection().execute(stmt, _params(user_id, kinds, now, ttl)).scalar()
+
+
+def _claim_new(
+    db: Session, user_id: int, kinds: tuple[str, ...], now: datetime, ttl: timedelta
+) -> int | None:
+    """Take a free slot of the oldest task this annotator has not seen; returns its id (uncommitted).
+
+    None when there is none, or when a concurrent request of the same annotator took one first (the
+    caller then finds that one with _resume).
+    """
+    dialect = db.get_bind().dialect.name
+    conn = db.connection()
+    params = _params(user_id, kinds, now, ttl)
+    if dialect == "postgresql":
+        task_id = conn.execute(_statement("claim", dialect, kinds), params).scalar()
+        if task_id is None:
+            db.rollback()  # a slot may have been counted for an assignment that was not made
+        return task_id
+    for _ in range(MAX_CLAIM_ATTEMPTS):
+        task_id = conn.execute(_statement("claim", dialect, kinds), params).scalar()
+        if task_id is None:
+            return None
+        if conn.execute(_statement("assign", dialect, kinds), {**params, "task_id": task_id}).scalar():
+            return task_id
+        db.rollback()  # the same annotator, concurrently: give the slot back
+        return None
+    return None
+
+
+def _take_slot(db: Session, task_id: int, user_id: int, now: datetime, ttl: timedelta) -> bool:
+    """Claim one slot of a given task and record the assignment (uncommitted); False if it is full."""
+    conn = db.connection()
+    counted = conn.execute(
         update(Task)
-        .where(
-            Task.id == task_id,
-            Task.status == "open",
-            Task.claimed_count < Task.required_annotations,
-        )
+        .where(Task.id == task_id, Task.status == "open", Task.claimed_count < Task.required_annotations)
         .values(claimed_count=Task.claimed_count + 1)
     ).rowcount
-    if claimed != 1:
+    if counted != 1:
         return False
-    now = utcnow()
-    insert = pg_insert if is_postgres(db) else sqlite_insert
-    stmt = insert(Assignment).values(
-        task_id=task_id, user_id=user_id, status="active", created_at=now, expires_at=now + ttl
-    )
-    # A task this annotator let expire comes back to them: reactivate that row.
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["task_id", "user_id"],
-        set_={"status": "active", "created_at": now, "expires_at": now + ttl},
-        where=Assignment.status == "expired",
-    )
-    if db.execute(stmt.returning(Assignment.id)).scalar_one_or_none() is None:
+    params = _params(user_id, TASK_KINDS, now, ttl, task_id=task_id)
+    if conn.execute(_statement("assign", "any", TASK_KINDS), params).scalar() is None:
         db.rollback()
-        return None
+        return False
     return True
 
 
 def _claim_gold(
-    db: Session, user_id: int, kinds: tuple[str, ...], ttl: timedelta, share: float, rng: random.Random
+    db: Session,
+    user_id: int,
+    kinds: tuple[str, ...],
+    now: datetime,
+    ttl: timedelta,
+    share: float,
+    rng: random.Random,
 ) -> int | None:
     """Now and then a gold task (known best answer) instead of an ordinary one (app/quality/gold.py)."""
-    if share <= 0 or "rank" not in kinds:
+    if share <= 0 or "rank" not in kinds or rng.random() >= share:
         return None
     from app.quality.gold import choose_gold
 
-    task = choose_gold(db, user_id, share, rng)
+    task = choose_gold(db, user_id, 1.0, rng)  # the draw above already decided "gold"
     if task is None:
         return None
-    return task.id if _take_slot(db, task.id, user_id, ttl) else None
+    return task.id if _take_slot(db, task.id, user_id, now, ttl) else None
 
 
-def _claim_new(db: Session, user_id: int, kinds: tuple[str, ...], ttl: timedelta) -> int | None:
-    """Take a free slot of the oldest task this annotator has not seen; returns its id (uncommitted)."""
-    postgres = is_postgres(db)
-    seen = exists().where(
-        Assignment.task_id == Task.id,
-        Assignment.user_id == user_id,
-        Assignment.status != "expired",
-    )
-    query = (
-        select(Task.id)
-        .where(
-            Task.status == "open",
-            Task.claimed_count < Task.required_annotations,
-            Task.kind.in_(kinds),
-            Task.is_gold.is_(False),  # gold tasks come only through _claim_gold, at their share
-            ~seen,
-        )
-        .order_by(Task.id)
-        .limit(1)
-    )
-    if postgres:
-        query = query.with_for_update(skip_locked=True)
-    skipped: list[int] = []
-    for _ in range(MAX_CLAIM_ATTEMPTS):
-        if skipped:
-            query = query.where(Task.id.not_in(skipped))
-        task_id = db.scalar(query)
-        if task_id is None:
-            return None
-        taken = _take_slot(db, task_id, user_id, ttl)
-        if taken is None:  # only a concurrent request of the same annotator gets here
-            return _held_task(db, user_id, kinds)
-        if not taken:  # filled by someone else in between (SQLite only: Postgres holds the row lock)
-            skipped.append(task_id)
-            continue
-        return task_id
-    return None
+def _assign(
+    db: Session,
+    user_id: int,
+    ttl_seconds: int,
+    kinds: Sequence[str] | None,
+    gold_share: float,
+    rng: random.Random | None,
+) -> tuple[int | None, datetime]:
+    """Resume the held task or claim a new slot (uncommitted); returns it with its new deadline."""
+    wanted = _kinds(kinds)
+    ttl = timedelta(seconds=ttl_seconds)
+    now = utcnow()
+    task_id = _resume(db, user_id, wanted, now, ttl)
+    if task_id is None:
+        task_id = _claim_gold(db, user_id, wanted, now, ttl, gold_share, rng or _rng)
+    if task_id is None:
+        task_id = _claim_new(db, user_id, wanted, now, ttl)
+    if task_id is None:
+        task_id = _resume(db, user_id, wanted, now, ttl)  # a concurrent request of theirs got one
+    return task_id, now + ttl
 
 
 def assign_next_task(
@@ -190,52 +281,28 @@ def assign_next_task(
     None when no task is left for them. With gold_share > 0, that share of new assignments is a gold
     task the annotator has not seen, when one is left.
     """
-    wanted = _kinds(kinds)
-    ttl = timedelta(seconds=ttl_seconds)
-    held = _held_task(db, user_id, wanted)
-    if held is not None:
-        # Working on it again: push the deadline so the expiry job does not take it away mid-work.
-        db.execute(
-            update(Assignment)
-            .where(Assignment.task_id == held, Assignment.user_id == user_id, Assignment.status == "active")
-            .values(expires_at=utcnow() + ttl)
-        )
-        db.commit()
-        return held
-    task_id = _claim_gold(db, user_id, wanted, ttl, gold_share, rng or _rng)
-    if task_id is None:
-        task_id = _claim_new(db, user_id, wanted, ttl)
+    task_id, _deadline = _assign(db, user_id, ttl_seconds, kinds, gold_share, rng)
     db.commit()
     return task_id
 
 
 def load_task_view(db: Session, task_id: int, user_id: int | None = None) -> TaskView | None:
-    """The task with its prompt and responses in shown order (one query for the task, one for responses)."""
-    row = db.execute(
-        select(Task.id, Task.kind, Task.prompt_id, Task.required_annotations, Prompt.messages)
-        .join(Prompt, Prompt.id == Task.prompt_id)
-        .where(Task.id == task_id)
-    ).first()
-    if row is None:
+    """The task with its prompt and responses in shown order (one query, plus the deadline)."""
+    conn = db.connection()
+    rows = conn.execute(_VIEW, {"task_id": task_id}).all()
+    if not rows:
         return None
-    responses = db.execute(
-        select(TaskResponse.position, Response.id, Response.text)
-        .join(Response, Response.id == TaskResponse.response_id)
-        .where(TaskResponse.task_id == task_id)
-        .order_by(TaskResponse.position)
-    ).all()
-    expires_at: Any = None
+    expires_at = None
     if user_id is not None:
-        expires_at = db.scalar(
-            select(Assignment.expires_at).where(Assignment.task_id == task_id, Assignment.user_id == user_id)
-        )
+        expires_at = conn.execute(_EXPIRES_AT, {"task_id": task_id, "user_id": user_id}).scalar()
+    first = rows[0]
     return TaskView(
-        id=row.id,
-        kind=row.kind,
-        prompt_id=row.prompt_id,
-        messages=list(row.messages),
-        responses=[TaskResponseView(id=r.id, position=r.position, text=r.text) for r in responses],
-        required_annotations=row.required_annotations,
+        id=task_id,
+        kind=first.kind,
+        prompt_id=first.prompt_id,
+        messages=list(first.messages),
+        responses=[TaskResponseView(id=r.response_id, position=r.position, text=r.text) for r in rows],
+        required_annotations=first.required_annotations,
         expires_at=expires_at,
     )
 
@@ -248,12 +315,12 @@ def next_task(
     gold_share: float = 0.0,
     rng: random.Random | None = None,
 ) -> TaskView | None:
-    """Assign (or resume) a task and return what the annotator sees; None when nothing is left."""
-    task_id = assign_next_task(db, user_id, ttl_seconds, kinds, gold_share, rng)
-    if task_id is None:
-        return None
-    view = load_task_view(db, task_id, user_id)
-    db.rollback()  # end the read transaction; nothing to write
+    """Assign (or resume) a task and return what the annotator sees (committed); None when nothing is left."""
+    task_id, deadline = _assign(db, user_id, ttl_seconds, kinds, gold_share, rng)
+    view = None
+    if task_id is not None:
+        view = replace(load_task_view(db, task_id), expires_at=deadline)  # set by the assigning statement
+    db.commit()
     return view
 
 

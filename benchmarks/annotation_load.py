@@ -1,0 +1,473 @@
+"""Annotation load: N simulated annotators loop next task → submit over HTTP against a real server.
+
+By default the script builds everything itself on 127.0.0.1: a scratch Postgres database (created,
+migrated, seeded with annotators and rank tasks of 4 responses, dropped at the end) and a uvicorn
+server with the production app on a free port. With --url it drives a server you started instead
+(give the annotators' API tokens with --tokens).
+
+Every simulated annotator holds one keep-alive HTTP/1.1 connection (a small asyncio client, so the
+load generator itself stays cheap) and, until the time is up, repeats:
+
+    GET  /api/tasks/next                  → 200 task (204: pool empty)
+    POST /api/tasks/{id}/annotation        → 201, a random ranking with a tie now and then
+
+It prints submits/s, the latency percentiles of both requests and of the whole loop, and the error
+count (any non-2xx answer or a broken connection). The first --warmup seconds are not counted.
+
+For scale, the issue quotes Label Studio 1.23.2 (gunicorn, 4 workers, same Postgres, a pairwise
+project) at about 10 submits/s with p99 near 10 s at 100 clients on this 2-core machine; that figure
+is a reference, not re-measured here.
+
+    python benchmarks/annotation_load.py                         # 100 annotators, 20 s, 2 workers
+    python benchmarks/annotation_load.py --annotators 20 --duration 10
+    python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import load_average, print_table  # noqa: E402
+
+SECRET = "annotation-load-benchmark-secret-0123456789"
+PEER = ("Label Studio 1.23.2 (quoted in the issue)", 10.0)
+K = 4
+
+
+# ---------------------------------------------------------------- the scratch database
+
+
+def create_database(admin_url: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    name = f"prefloop_load_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
+    """Annotators and rank tasks, inserted in bulk; returns the annotators' user ids."""
+    from sqlalchemy import insert, select
+
+    from app.cli import run_migrations
+    from app.db import make_engine
+    from app.models import Prompt, PromptSet, Response, Task, TaskResponse, User, utcnow
+    from app.prompt_sets import content_hash
+    from app.security import hash_password
+
+    run_migrations(url)
+    engine = make_engine(url, pool_size=2)
+    rng = random.Random(0)
+    words = "the model answers with a list of steps and explains why each one matters to the user".split()
+    now = utcnow()
+    with engine.begin() as conn:
+        password = hash_password("load-test-password")
+        conn.execute(
+            insert(User),
+            [
+                {"username": f"load-{i}", "role": "annotator", "password_hash": password, "created_at": now}
+                for i in range(annotators)
+            ],
+        )
+        user_ids = list(conn.scalars(select(User.id).order_by(User.id)))
+        set_id = conn.scalar(
+            insert(PromptSet).values(name="load", description="", created_at=now).returning(PromptSet.id)
+        )
+        for start in range(0, tasks, 2000):
+            n = min(2000, tasks - start)
+            prompts = []
+            for i in range(start, start + n):
+                messages = [{"role": "user", "content": f"Question {i}: how do I get better at cooking?"}]
+                prompts.append(
+                    {
+                        "prompt_set_id": set_id,
+                        "content_hash": content_hash(messages),
+                        "messages": messages,
+                        "text": messages[0]["content"],
+                        "meta": {},
+                        "split": "train",
+                        "created_at": now,
+                    }
+                )
+            prompt_ids = list(conn.scalars(insert(Prompt).returning(Prompt.id, sort_by_parameter_order=True), prompts))
+            responses = [
+                {
+                    "prompt_id": pid,
+                    "text": " ".join(rng.choice(words) for _ in range(40)),
+                    "sampling": {},
+                    "token_count": 40,
+                    "ended_with_eos": True,
+                    "created_at": now,
+                }
+                for pid in prompt_ids
+                for _ in range(K)
+            ]
+            response_ids = list(
+                conn.scalars(insert(Response).returning(Response.id, sort_by_parameter_order=True), responses)
+            )
+            task_rows = [
+                {
+                    "prompt_id": pid,
+                    "kind": "rank",
+                    "status": "open",
+                    "required_annotations": overlap,
+                    "annotation_count": 0,
+                    "claimed_count": 0,
+                    "is_gold": False,
+                    "created_at": now,
+                }
+                for pid in prompt_ids
+            ]
+            task_ids = list(conn.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), task_rows))
+            links = [
+                {"task_id": tid, "position": p, "response_id": response_ids[i * K + p]}
+                for i, tid in enumerate(task_ids)
+                for p in range(K)
+            ]
+            conn.execute(insert(TaskResponse), links)
+        conn.exec_driver_sql("ANALYZE")
+    engine.dispose()
+    return user_ids
+
+
+def session_credentials(user_ids: list[int]) -> list[dict[str, str]]:
+    """Browser-session cookies and CSRF headers, minted with the server's secret (no login round trip)."""
+    from app.config import Settings
+    from app.models import User
+    from app.security import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, make_session_cookie, new_csrf_token
+
+    settings = Settings(secret_key=SECRET, environment="test")
+    out = []
+    for uid in user_ids:
+        cookie = make_session_cookie(User(id=uid, session_generation=0), settings)
+        csrf = new_csrf_token(settings)
+        out.append({"Cookie": f"{SESSION_COOKIE}={cookie}; {CSRF_COOKIE}={csrf}", CSRF_HEADER: csrf})
+    return out
+
+
+def token_credentials(url: str, user_ids: list[int]) -> list[dict[str, str]]:
+    from app.db import make_engine, session_factory
+    from app.models import User
+    from app.security import create_api_token
+
+    engine = make_engine(url, pool_size=1)
+    with session_factory(engine)() as db:
+        tokens = [create_api_token(db, db.get(User, uid), "load") for uid in user_ids]
+        db.commit()
+    engine.dispose()
+    return [{"Authorization": f"Bearer {t}"} for t in tokens]
+
+
+# ---------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(url: str, workers: int, pool_size: int, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFLOOP_ENVIRONMENT": "test",
+        "PREFLOOP_DATABASE_URL": url,
+        "PREFLOOP_DATA_DIR": str(data_dir),
+        "PREFLOOP_SECRET_KEY": SECRET,
+        "PREFLOOP_SERVE_POLICY": "false",
+        "PREFLOOP_DB_POOL_SIZE": str(pool_size),
+    }
+    command = [
+        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+        "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("the server exited during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(16).startswith(b"HTTP/1.1 200"):
+                    return process, base
+        except OSError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise SystemExit("the server did not answer within 90 s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+# ---------------------------------------------------------------- the load
+
+
+@dataclass
+class Stats:
+    next_ms: list[float] = field(default_factory=list)
+    submit_ms: list[float] = field(default_factory=list)
+    loop_ms: list[float] = field(default_factory=list)
+    submits: int = 0
+    empty: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(message)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; enough of the protocol for this app's JSON answers."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]):
+        self.host, self.port = host, port
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.fixed = f"Host: {host}:{port}\r\nAccept: application/json\r\n{extra}"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self.writer is None:
+            await self.open()
+        head = f"{method} {path} HTTP/1.1\r\n{self.fixed}"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + (body or b""))
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed by the server")
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, close = 0, False, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        if chunked:
+            data = b""
+            while True:
+                size = int((await self.reader.readline()).strip(), 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                data += await self.reader.readexactly(size)
+                await self.reader.readline()
+        else:
+            data = await self.reader.readexactly(length) if length else b""
+        if close:
+            await self.close()
+        return status, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def annotator(conn: Connection, seed: int, start: float, warm_until: float, stop_at: float, stats: Stats):
+    rng = random.Random(seed)
+    while time.perf_counter() < stop_at:
+        counted = time.perf_counter() >= warm_until
+        t0 = time.perf_counter()
+        try:
+            status, body = await conn.request("GET", "/api/tasks/next")
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            stats.error(f"next: {type(exc).__name__}: {exc}")
+            await conn.close()
+            continue
+        t1 = time.perf_counter()
+        if status == 204:
+            stats.empty += 1
+            await asyncio.sleep(0.05)
+            continue
+        if status != 200:
+            stats.error(f"next: HTTP {status}: {body[:200]!r}")
+            continue
+        task = json.loads(body)
+        ids = [r["id"] for r in task["responses"]]
+        rng.shuffle(ids)
+        ranking = [[i] for i in ids]
+        if rng.random() < 0.2:
+            ranking = [ids[:2], *ranking[2:]]
+        payload = json.dumps({"ranking": ranking, "time_spent_ms": rng.randint(2000, 60000)}).encode()
+        try:
+            status, body = await conn.request("POST", f"/api/tasks/{task['id']}/annotation", payload)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            stats.error(f"submit: {type(exc).__name__}: {exc}")
+            await conn.close()
+            continue
+        t2 = time.perf_counter()
+        if status not in (200, 201):
+            stats.error(f"submit: HTTP {status}: {body[:200]!r}")
+            continue
+        if counted and t2 <= stop_at:
+            stats.submits += 1
+            stats.next_ms.append((t1 - t0) * 1000)
+            stats.submit_ms.append((t2 - t1) * 1000)
+            stats.loop_ms.append((t2 - t0) * 1000)
+
+
+async def run_load(base: str, credentials: list[dict[str, str]], duration: float, warmup: float) -> Stats:
+    parts = urlsplit(base)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("this benchmark only drives a server on this machine (127.0.0.1)")
+    conns = [Connection(host, port, headers) for headers in credentials]
+    await asyncio.gather(*(c.open() for c in conns))
+    stats = Stats()
+    start = time.perf_counter()
+    warm_until, stop_at = start + warmup, start + warmup + duration
+    await asyncio.gather(
+        *(annotator(c, i, start, warm_until, stop_at, stats) for i, c in enumerate(conns))
+    )
+    await asyncio.gather(*(c.close() for c in conns))
+    return stats
+
+
+def percentiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return f"{q[49]:.1f} / {q[94]:.1f} / {q[98]:.1f}"
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotators", type=int, default=100, help="simulated annotators (connections)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (at most 300)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the started server")
+    parser.add_argument("--pool-size", type=int, default=10, help="database connections per worker process")
+    parser.add_argument("--tasks", type=int, default=15000, help="rank tasks seeded (enough not to run dry)")
+    parser.add_argument("--overlap", type=int, default=1, help="annotations each seeded task asks for")
+    parser.add_argument("--auth", choices=("session", "token"), default="session",
+                        help="browser-session cookies (as the UI) or API bearer tokens")  # fmt: skip
+    parser.add_argument(
+        "--pg-admin-url",
+        default=os.environ.get("PREFLOOP_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="a Postgres URL allowed to create and drop the scratch database",
+    )
+    parser.add_argument("--url", help="drive this running server instead of starting one (127.0.0.1 only)")
+    parser.add_argument("--tokens", type=Path, help="with --url: a file of annotator API tokens, one a line")
+    parser.add_argument("--keep-database", action="store_true", help="do not drop the scratch database")
+    args = parser.parse_args()
+    duration = min(args.duration, 300.0)
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    if args.url:
+        if not args.tokens:
+            raise SystemExit("--url needs --tokens (annotators' API tokens, one a line)")
+        tokens = [t.strip() for t in args.tokens.read_text().splitlines() if t.strip()]
+        credentials = [{"Authorization": f"Bearer {t}"} for t in tokens[: args.annotators]]
+        stats = asyncio.run(run_load(args.url.rstrip("/"), credentials, duration, args.warmup))
+        report(args, stats, duration, "external server")
+        return
+
+    url = create_database(args.pg_admin_url)
+    server = None
+    try:
+        t = time.perf_counter()
+        user_ids = seed(url, args.annotators, args.tasks, args.overlap)
+        print(f"seeded {args.tasks} tasks and {args.annotators} annotators in {time.perf_counter() - t:.1f}s")
+        credentials = session_credentials(user_ids) if args.auth == "session" else token_credentials(url, user_ids)
+        with tempfile.TemporaryDirectory(prefix="prefloop-load-") as data_dir:
+            server, base = start_server(url, args.workers, args.pool_size, Path(data_dir))
+            print(f"server at {base} ({args.workers} uvicorn workers); load average {load_average()}")
+            stats = asyncio.run(run_load(base, credentials, duration, args.warmup))
+            stop_server(server)
+            server = None
+        report(args, stats, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
+    finally:
+        if server is not None:
+            stop_server(server)
+        if not args.keep_database:
+            drop_database(args.pg_admin_url, url)
+
+
+def report(args, stats: Stats, duration: float, setup: str) -> None:
+    rate = stats.submits / duration
+    print()
+    print(f"{args.annotators} annotators, {duration:.0f}s measured after {args.warmup:.0f}s warm-up, {setup}; "
+          f"load average {load_average()}")  # fmt: skip
+    print_table(
+        ["system", "submits/s", "next p50/p95/p99 ms", "submit p50/p95/p99 ms", "loop p50/p95/p99 ms", "errors"],
+        [
+            ["prefloop", f"{rate:.0f}", percentiles(stats.next_ms), percentiles(stats.submit_ms),
+             percentiles(stats.loop_ms), stats.errors],
+            [PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", ""],
+        ],
+    )  # fmt: skip
+    print(f"ratio prefloop / peer: {rate / PEER[1]:.0f}x submits/s")
+    if stats.empty:
+        print(f"note: {stats.empty} times the pool was empty (seed more --tasks)")
+    for sample in stats.error_samples:
+        print(f"error: {sample}")
+
+
+if __name__ == "__main__":
+    main()
