@@ -86,6 +86,11 @@ class AnnotationResult(BaseModel):
     status: Literal["submitted", "skipped"]
     comparisons: int = Field(description="Pairwise comparisons derived (ties and all-bad give none).")
     shown_order_unchanged: bool = Field(description="The ranking equals the order shown, with no ties.")
+    next_task: TaskOut | None = Field(
+        None,
+        description="Only with `?next=true`: the task to work on now (null when none is left), saving "
+        "the GET /api/tasks/next round trip.",
+    )
 
 
 # ---------------------------------------------------------------- prompt sets

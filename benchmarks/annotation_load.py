@@ -90,7 +90,25 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
     run_migrations(url)
     engine = make_engine(url, pool_size=2)
     rng = random.Random(0)
-    words = "the model answers with a list of steps and explains why each one matters to the user".split()
+    words = [
+        "the",
+        "model",
+        "answers",
+        "with",
+        "a",
+        "list",
+        "of",
+        "steps",
+        "and",
+        "explains",
+        "why",
+        "each",
+        "one",
+        "matters",
+        "to",
+        "the",
+        "user",
+    ]
     now = utcnow()
     with engine.begin() as conn:
         password = hash_password("load-test-password")
@@ -121,7 +139,9 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
                         "created_at": now,
                     }
                 )
-            prompt_ids = list(conn.scalars(insert(Prompt).returning(Prompt.id, sort_by_parameter_order=True), prompts))
+            prompt_ids = list(
+                conn.scalars(insert(Prompt).returning(Prompt.id, sort_by_parameter_order=True), prompts)
+            )
             responses = [
                 {
                     "prompt_id": pid,
@@ -150,7 +170,9 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
                 }
                 for pid in prompt_ids
             ]
-            task_ids = list(conn.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), task_rows))
+            task_ids = list(
+                conn.scalars(insert(Task).returning(Task.id, sort_by_parameter_order=True), task_rows)
+            )
             links = [
                 {"task_id": tid, "position": p, "response_id": response_ids[i * K + p]}
                 for i, tid in enumerate(task_ids)
@@ -199,7 +221,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(url: str, workers: int, pool_size: int, data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(url: str, workers: int, data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -208,7 +230,6 @@ def start_server(url: str, workers: int, pool_size: int, data_dir: Path) -> tupl
         "PREFLOOP_DATA_DIR": str(data_dir),
         "PREFLOOP_SECRET_KEY": SECRET,
         "PREFLOOP_SERVE_POLICY": "false",
-        "PREFLOOP_DB_POOL_SIZE": str(pool_size),
     }
     command = [
         sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
@@ -246,6 +267,21 @@ def stop_server(process: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- the load
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its children (uvicorn's workers)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        total = 0.0
+        for proc in [parent, *parent.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
 @dataclass
 class Stats:
     next_ms: list[float] = field(default_factory=list)
@@ -254,6 +290,8 @@ class Stats:
     submits: int = 0
     empty: int = 0
     errors: int = 0
+    server_cpu: float = 0.0  # CPU seconds of the server processes during warm-up and measurement
+    requests: int = 0
     error_samples: list[str] = field(default_factory=list)
 
     def error(self, message: str) -> None:
@@ -320,50 +358,69 @@ class Connection:
             self.writer = None
 
 
-async def annotator(conn: Connection, seed: int, start: float, warm_until: float, stop_at: float, stats: Stats):
+def judgement(task: dict, rng: random.Random) -> bytes:
+    """A random strict ranking, with a tie on top one time in five."""
+    ids = [r["id"] for r in task["responses"]]
+    rng.shuffle(ids)
+    ranking = [[i] for i in ids]
+    if rng.random() < 0.2:
+        ranking = [ids[:2], *ranking[2:]]
+    return json.dumps({"ranking": ranking, "time_spent_ms": rng.randint(2000, 60000)}).encode()
+
+
+async def annotator(
+    conn: Connection, seed: int, warm_until: float, stop_at: float, stats: Stats, piggyback: bool
+):
+    """next → submit until the time is up. With piggyback the submit also returns the next task
+    (`?next=true`), so a loop is one request instead of two."""
     rng = random.Random(seed)
+    task = None
     while time.perf_counter() < stop_at:
         counted = time.perf_counter() >= warm_until
         t0 = time.perf_counter()
-        try:
-            status, body = await conn.request("GET", "/api/tasks/next")
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
-            stats.error(f"next: {type(exc).__name__}: {exc}")
-            await conn.close()
-            continue
+        if task is None:
+            stats.requests += 1
+            try:
+                status, body = await conn.request("GET", "/api/tasks/next")
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                stats.error(f"next: {type(exc).__name__}: {exc}")
+                await conn.close()
+                continue
+            if status == 204:
+                stats.empty += 1
+                await asyncio.sleep(0.05)
+                continue
+            if status != 200:
+                stats.error(f"next: HTTP {status}: {body[:200]!r}")
+                continue
+            task = json.loads(body)
         t1 = time.perf_counter()
-        if status == 204:
-            stats.empty += 1
-            await asyncio.sleep(0.05)
-            continue
-        if status != 200:
-            stats.error(f"next: HTTP {status}: {body[:200]!r}")
-            continue
-        task = json.loads(body)
-        ids = [r["id"] for r in task["responses"]]
-        rng.shuffle(ids)
-        ranking = [[i] for i in ids]
-        if rng.random() < 0.2:
-            ranking = [ids[:2], *ranking[2:]]
-        payload = json.dumps({"ranking": ranking, "time_spent_ms": rng.randint(2000, 60000)}).encode()
+        path = f"/api/tasks/{task['id']}/annotation" + ("?next=true" if piggyback else "")
+        stats.requests += 1
         try:
-            status, body = await conn.request("POST", f"/api/tasks/{task['id']}/annotation", payload)
+            status, body = await conn.request("POST", path, judgement(task, rng))
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             stats.error(f"submit: {type(exc).__name__}: {exc}")
             await conn.close()
+            task = None
             continue
         t2 = time.perf_counter()
         if status not in (200, 201):
             stats.error(f"submit: HTTP {status}: {body[:200]!r}")
+            task = None
             continue
+        task = json.loads(body).get("next_task") if piggyback else None
         if counted and t2 <= stop_at:
             stats.submits += 1
-            stats.next_ms.append((t1 - t0) * 1000)
+            if t1 - t0 > 1e-6:
+                stats.next_ms.append((t1 - t0) * 1000)
             stats.submit_ms.append((t2 - t1) * 1000)
             stats.loop_ms.append((t2 - t0) * 1000)
 
 
-async def run_load(base: str, credentials: list[dict[str, str]], duration: float, warmup: float) -> Stats:
+async def run_load(
+    base: str, credentials: list[dict[str, str]], duration: float, warmup: float, piggyback: bool = False
+) -> Stats:
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -374,7 +431,7 @@ async def run_load(base: str, credentials: list[dict[str, str]], duration: float
     start = time.perf_counter()
     warm_until, stop_at = start + warmup, start + warmup + duration
     await asyncio.gather(
-        *(annotator(c, i, start, warm_until, stop_at, stats) for i, c in enumerate(conns))
+        *(annotator(c, i, warm_until, stop_at, stats, piggyback) for i, c in enumerate(conns))
     )
     await asyncio.gather(*(c.close() for c in conns))
     return stats
@@ -391,26 +448,40 @@ def percentiles(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--annotators", type=int, default=100, help="simulated annotators (connections)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds (at most 300)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the started server")
-    parser.add_argument("--pool-size", type=int, default=10, help="database connections per worker process")
-    parser.add_argument("--tasks", type=int, default=15000, help="rank tasks seeded (enough not to run dry)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="uvicorn worker processes of the started server"
+    )
+    parser.add_argument("--tasks", type=int, default=30000, help="rank tasks seeded (enough not to run dry)")
     parser.add_argument("--overlap", type=int, default=1, help="annotations each seeded task asks for")
     parser.add_argument("--auth", choices=("session", "token"), default="session",
                         help="browser-session cookies (as the UI) or API bearer tokens")  # fmt: skip
     parser.add_argument(
         "--pg-admin-url",
-        default=os.environ.get("PREFLOOP_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        default=os.environ.get(
+            "PREFLOOP_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
         help="a Postgres URL allowed to create and drop the scratch database",
     )
     parser.add_argument("--url", help="drive this running server instead of starting one (127.0.0.1 only)")
     parser.add_argument("--tokens", type=Path, help="with --url: a file of annotator API tokens, one a line")
     parser.add_argument("--keep-database", action="store_true", help="do not drop the scratch database")
+    parser.add_argument(
+        "--modes",
+        default="two-requests,piggyback",
+        help="two-requests: GET next then POST submit; piggyback: POST submit?next=true returns the next "
+        "task (one request per loop); comma-separated, each measured in turn on the same server",
+    )
     args = parser.parse_args()
     duration = min(args.duration, 300.0)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"two-requests", "piggyback"}:
+        raise SystemExit("--modes takes two-requests and/or piggyback")
 
     try:
         import uvloop
@@ -424,8 +495,12 @@ def main() -> None:
             raise SystemExit("--url needs --tokens (annotators' API tokens, one a line)")
         tokens = [t.strip() for t in args.tokens.read_text().splitlines() if t.strip()]
         credentials = [{"Authorization": f"Bearer {t}"} for t in tokens[: args.annotators]]
-        stats = asyncio.run(run_load(args.url.rstrip("/"), credentials, duration, args.warmup))
-        report(args, stats, duration, "external server")
+        results = {}
+        for mode in modes:
+            results[mode] = asyncio.run(
+                run_load(args.url.rstrip("/"), credentials, duration, args.warmup, mode == "piggyback")
+            )
+        report(args, results, duration, "external server")
         return
 
     url = create_database(args.pg_admin_url)
@@ -434,14 +509,21 @@ def main() -> None:
         t = time.perf_counter()
         user_ids = seed(url, args.annotators, args.tasks, args.overlap)
         print(f"seeded {args.tasks} tasks and {args.annotators} annotators in {time.perf_counter() - t:.1f}s")
-        credentials = session_credentials(user_ids) if args.auth == "session" else token_credentials(url, user_ids)
+        credentials = (
+            session_credentials(user_ids) if args.auth == "session" else token_credentials(url, user_ids)
+        )
         with tempfile.TemporaryDirectory(prefix="prefloop-load-") as data_dir:
-            server, base = start_server(url, args.workers, args.pool_size, Path(data_dir))
+            server, base = start_server(url, args.workers, Path(data_dir))
             print(f"server at {base} ({args.workers} uvicorn workers); load average {load_average()}")
-            stats = asyncio.run(run_load(base, credentials, duration, args.warmup))
+            results = {}
+            for mode in modes:
+                cpu_before = process_tree_cpu(server.pid)
+                stats = asyncio.run(run_load(base, credentials, duration, args.warmup, mode == "piggyback"))
+                stats.server_cpu = process_tree_cpu(server.pid) - cpu_before
+                results[mode] = stats
             stop_server(server)
             server = None
-        report(args, stats, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
+        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
     finally:
         if server is not None:
             stop_server(server)
@@ -449,24 +531,29 @@ def main() -> None:
             drop_database(args.pg_admin_url, url)
 
 
-def report(args, stats: Stats, duration: float, setup: str) -> None:
-    rate = stats.submits / duration
+def report(args, results: dict[str, Stats], duration: float, setup: str) -> None:
     print()
-    print(f"{args.annotators} annotators, {duration:.0f}s measured after {args.warmup:.0f}s warm-up, {setup}; "
-          f"load average {load_average()}")  # fmt: skip
+    print(f"{args.annotators} annotators, {duration:.0f}s measured per mode after {args.warmup:.0f}s warm-up, "
+          f"{setup}; load average {load_average()}")  # fmt: skip
+    rows = []
+    for mode, stats in results.items():
+        cpu = f"{stats.server_cpu * 1000 / stats.requests:.2f}" if stats.server_cpu and stats.requests else ""
+        rows.append(
+            [f"prefloop {mode}", f"{stats.submits / duration:.0f}", percentiles(stats.next_ms),
+             percentiles(stats.submit_ms), percentiles(stats.loop_ms), stats.errors, cpu]
+        )  # fmt: skip
+    rows.append([PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", "", ""])
     print_table(
-        ["system", "submits/s", "next p50/p95/p99 ms", "submit p50/p95/p99 ms", "loop p50/p95/p99 ms", "errors"],
-        [
-            ["prefloop", f"{rate:.0f}", percentiles(stats.next_ms), percentiles(stats.submit_ms),
-             percentiles(stats.loop_ms), stats.errors],
-            [PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", ""],
-        ],
+        ["system", "submits/s", "next p50/p95/p99 ms", "submit p50/p95/p99 ms", "loop p50/p95/p99 ms",
+         "errors", "server CPU ms/request"],
+        rows,
     )  # fmt: skip
-    print(f"ratio prefloop / peer: {rate / PEER[1]:.0f}x submits/s")
-    if stats.empty:
-        print(f"note: {stats.empty} times the pool was empty (seed more --tasks)")
-    for sample in stats.error_samples:
-        print(f"error: {sample}")
+    for mode, stats in results.items():
+        print(f"ratio prefloop {mode} / peer: {stats.submits / duration / PEER[1]:.0f}x submits/s")
+        if stats.empty:
+            print(f"note ({mode}): {stats.empty} times the pool was empty (seed more --tasks)")
+        for sample in stats.error_samples:
+            print(f"error ({mode}): {sample}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The browser UI (app/routes/annotate.py) calls the same service functions.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
@@ -18,13 +19,11 @@ from app.prompt_sets import PromptSetError, create_prompt_set, list_prompt_sets
 from app.schemas import (
     AnnotationIn,
     AnnotationResult,
-    MessageOut,
     PromptSetErrorOut,
     PromptSetImportOut,
     PromptSetOut,
     RowErrorOut,
     TaskOut,
-    TaskResponseOut,
 )
 from app.security import Admin, Annotator, Researcher
 
@@ -33,16 +32,22 @@ router = APIRouter(tags=["annotation"])
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a few hundred thousand prompts; larger sets go in several files
 
 
-def task_out(view: TaskView) -> TaskOut:
-    return TaskOut(
-        id=view.id,
-        kind=view.kind,  # type: ignore[arg-type]
-        messages=[MessageOut(role=m["role"], content=m["content"]) for m in view.messages],
-        prompt=view.prompt_text,
-        responses=[TaskResponseOut(id=r.id, label=i, text=r.text) for i, r in enumerate(view.responses, 1)],
-        required_annotations=view.required_annotations,
-        expires_at=view.expires_at,
-    )
+def task_json(view: TaskView) -> dict:
+    """TaskOut as plain JSON data (built directly: this is on every annotator's request)."""
+    return {
+        "id": view.id,
+        "kind": view.kind,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in view.messages],
+        "prompt": view.prompt_text,
+        "responses": [{"id": r.id, "label": i, "text": r.text} for i, r in enumerate(view.responses, 1)],
+        "required_annotations": view.required_annotations,
+        "expires_at": view.expires_at.isoformat() if view.expires_at else None,
+    }
+
+
+def json_response(data: dict, status_code: int = 200) -> Response:
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, status_code=status_code, media_type="application/json")
 
 
 @router.get(
@@ -65,7 +70,7 @@ def api_next_task(
     view = next_task(db, principal.id, settings.assignment_ttl_seconds, kind, gold_share=settings.gold_share)
     if view is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    return task_out(view)
+    return json_response(task_json(view))
 
 
 @router.post(
@@ -81,15 +86,24 @@ def api_next_task(
     },
 )
 def api_submit_annotation(
-    task_id: int, payload: AnnotationIn, principal: Annotator, db: DbSession, response: Response
-) -> AnnotationResult:
+    request: Request,
+    task_id: int,
+    payload: AnnotationIn,
+    principal: Annotator,
+    db: DbSession,
+    next: Annotated[bool, Query(description="Also assign and return the next task (`next_task`).")] = False,
+):
     """Idempotent: sending the same judgement again returns the stored result with 200."""
     try:
         result, created = submit_annotation(db, task_id, principal.id, payload)
     except AnnotationError as exc:
         raise HTTPException(exc.status, exc.message) from None
-    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-    return result
+    body = result.model_dump(exclude={"next_task"})
+    if next:
+        settings = request.app.state.settings
+        view = next_task(db, principal.id, settings.assignment_ttl_seconds, gold_share=settings.gold_share)
+        body["next_task"] = task_json(view) if view else None
+    return json_response(body, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 def prompt_set_out(summary) -> PromptSetOut:

@@ -259,3 +259,25 @@ def test_admin_prompt_page_uploads_and_reports_bad_lines(client, db, login):
         files={"file": ("p.jsonl", b'{"prompt": "a"}\nnot json\n', "application/jsonl")},
     )
     assert bad.status_code == 422 and "<code>line 2</code>" in bad.text
+
+
+def test_submit_can_return_the_next_task_in_the_same_request(client, db, api_headers):
+    first, second = seed(db, name="piggyback")
+    headers = api_headers("annotator")
+    task = client.get("/api/tasks/next", headers=headers).json()
+    body = {"ranking": ranking_of(task)[::-1]}
+    done = client.post(f"/api/tasks/{first}/annotation", params={"next": "true"}, json=body, headers=headers)
+    assert done.status_code == 201
+    assert done.json()["next_task"]["id"] == second
+    assert [r["label"] for r in done.json()["next_task"]["responses"]] == [1, 2, 3]
+    # The held task comes back on a replay; nothing new is assigned.
+    again = client.post(f"/api/tasks/{first}/annotation", params={"next": "true"}, json=body, headers=headers)
+    assert again.status_code == 200 and again.json()["next_task"]["id"] == second
+    plain = client.post(f"/api/tasks/{first}/annotation", json=body, headers=headers)
+    assert "next_task" not in plain.json()
+    last = client.get("/api/tasks/next", headers=headers).json()
+    ids = [r["id"] for r in last["responses"]]
+    final = client.post(
+        f"/api/tasks/{second}/annotation", params={"next": "true"}, json={"ranking": [ids]}, headers=headers
+    )
+    assert final.status_code == 201 and final.json()["next_task"] is None
