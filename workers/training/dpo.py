@@ -28,6 +28,7 @@ from workers.training.lora import (
     LoraSettings,
     TrainableState,
     add_adapter,
+    compute_context,
     disable_dropout,
     freeze,
     pack,
@@ -147,12 +148,15 @@ def _encode(tokenizer, items: list[Comparison], max_length: int) -> list[_Pair]:
     return pairs
 
 
-def _pair_logps(model, pairs: list[_Pair], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _pair_logps(
+    model, pairs: list[_Pair], pad_id: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Summed response log-probs (chosen, rejected) of each pair, in one forward over 2B rows."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = pack(prompts, responses, pad_id).to(device)
-    logps, _ = response_logprobs(model, batch)
+    with compute_context(device, dtype):
+        logps, _ = response_logprobs(model, batch)
     sums = masked_sum(logps, batch.response_mask, dim=1)
     return sums[: len(pairs)], sums[len(pairs) :]
 
@@ -198,8 +202,11 @@ def train_dpo(
     tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=resolve_dtype(config.dtype, device))
-    model = model.to(device)
+    compute_dtype = resolve_dtype(config.dtype, device)
+    # Full fine-tuning keeps float32 weights (bf16 would round small updates away) and autocasts the
+    # maths; a frozen LoRA base can be held in the compute dtype.
+    load_dtype = compute_dtype if config.lora is not None else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=load_dtype).to(device)
     disable_dropout(model)
     model.eval()  # no dropout anywhere; gradients flow in eval mode all the same
     lr = config.lr
@@ -207,6 +214,8 @@ def train_dpo(
         model = add_adapter(freeze(model), config.lora, "policy")
         lr *= config.lora.lr_scale
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for param in trainable.values():
+        param.data = param.data.float()
 
     train_items, eval_items = split_by_prompt(comparisons, config.eval_fraction, config.seed)
     if not train_items:
@@ -227,7 +236,7 @@ def train_dpo(
         chosen, rejected = [], []
         with torch.no_grad():
             for i in range(0, len(pairs), config.batch_size):
-                c, r = _pair_logps(model, pairs[i : i + config.batch_size], pad_id, device)
+                c, r = _pair_logps(model, pairs[i : i + config.batch_size], pad_id, device, compute_dtype)
                 chosen += c.tolist()
                 rejected += r.tolist()
         return chosen, rejected
@@ -276,7 +285,7 @@ def train_dpo(
         order = list(range(len(train_pairs)))
         random.Random(config.seed * 7919 + epoch).shuffle(order)
         rows = order[position * config.batch_size : (position + 1) * config.batch_size]
-        pc, pr = _pair_logps(model, [train_pairs[i] for i in rows], pad_id, device)
+        pc, pr = _pair_logps(model, [train_pairs[i] for i in rows], pad_id, device, compute_dtype)
         rc_ref = torch.tensor([ref["train_c"][i] for i in rows], device=device)
         rr_ref = torch.tensor([ref["train_r"][i] for i in rows], device=device)
         losses, rc, rr = dpo_loss(pc, pr, rc_ref, rr_ref, config.beta, config.label_smoothing)

@@ -21,6 +21,7 @@ import torch
 
 from workers.training.generation import BatchedGenerator, SamplingConfig
 from workers.training.lora import (
+    compute_context,
     freeze,
     pack,
     prompt_token_ids,
@@ -159,7 +160,8 @@ def evaluate_candidate(
             scores += score(eval_prompts[chunk], prompt_texts[chunk], out.texts, out.response_ids)
             if name == "candidate":
                 batch = pack(prompt_ids[chunk], out.response_ids, tokenizer.pad_token_id).to(dev)
-                kl = response_logprobs(candidate, batch)[0] - response_logprobs(live, batch)[0]
+                with compute_context(dev, dt):
+                    kl = response_logprobs(candidate, batch)[0] - response_logprobs(live, batch)[0]
                 kls += masked_sum(kl, batch.response_mask, dim=1).tolist()
 
     cand_ids, cand_ended, cand_scores = results["candidate"]

@@ -14,6 +14,7 @@ vocabulary projection over the prompt.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def compute_context(device: torch.device, dtype: torch.dtype):
+    """Autocast forward passes to `dtype` unless it is float32 (then plain float32 maths)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -49,6 +49,7 @@ from workers.training.lora import (
     TrainableState,
     activate_adapter,
     add_adapter,
+    compute_context,
     disable_dropout,
     freeze,
     hf_model,
@@ -174,7 +175,7 @@ class PPOModels:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-        self.device, self.lora = device, config.lora
+        self.device, self.lora, self.dtype = device, config.lora, dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -185,13 +186,17 @@ class PPOModels:
         self.shared_base = False  # LoRA with a reward function: one base for everything
         self.value_head: nn.Module | None = None
 
-        def causal_lm(path: Path) -> nn.Module:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        # Weights that full fine-tuning updates stay float32 (bf16 would round small updates away);
+        # frozen weights, a LoRA base included, are held in the compute dtype.
+        def causal_lm(path: Path, trained: bool = False) -> nn.Module:
+            load = torch.float32 if trained else dtype
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=load).to(device)
             disable_dropout(model)
             return model.eval()
 
-        def classifier(path: Path) -> nn.Module:
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+        def classifier(path: Path, trained: bool = False) -> nn.Module:
+            load = torch.float32 if trained else dtype
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=load)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = self.tokenizer.pad_token_id
             disable_dropout(model)
@@ -200,7 +205,7 @@ class PPOModels:
         same_reference = (
             reference_path is None or Path(reference_path).resolve() == Path(policy_path).resolve()
         )
-        policy = causal_lm(policy_path)
+        policy = causal_lm(policy_path, trained=self.lora is None)
         if self.lora is None:
             self.policy = policy
             self.reference = freeze(causal_lm(reference_path or policy_path))
@@ -221,20 +226,21 @@ class PPOModels:
                 self.reward_stats = json.loads(stats_file.read_text())
             if self.lora is None:
                 self.reward_model = freeze(classifier(rm_path))
-                self.critic = classifier(rm_path)  # value head = the RM's score head on its backbone
+                # value head = the RM's score head on its backbone
+                self.critic = classifier(rm_path, trained=True)
             else:
                 # Reward = this model with the adapter off (original score head); critic = adapter on
                 # (its own trainable copy of the score head, starting equal to the RM's).
                 self.critic = add_adapter(freeze(classifier(rm_path)), self.lora, self.CRITIC, ["score"])
                 self.reward_model = self.critic
         elif self.lora is None:
-            self.critic = classifier(policy_path)
+            self.critic = classifier(policy_path, trained=True)
             nn.init.zeros_(self.critic.score.weight)  # a fresh head predicts 0 until the critic learns
         else:
             self.shared_base = True
             self.critic = add_adapter(self.policy, self.lora, self.CRITIC)
             hidden = hf_model(self.policy).config.hidden_size
-            self.value_head = nn.Linear(hidden, 1, bias=False, device=device, dtype=dtype)
+            self.value_head = nn.Linear(hidden, 1, bias=False, device=device)
             nn.init.zeros_(self.value_head.weight)
 
         # Keys carry the role: in full fine-tuning both models have a `model.embed_tokens.weight`.
@@ -242,6 +248,8 @@ class PPOModels:
         self.critic_params = {f"critic.{n}": p for n, p in self._trainable(self.critic, self.CRITIC).items()}
         if self.value_head is not None:
             self.critic_params["critic.value_head.weight"] = self.value_head.weight
+        for param in self.all_trainable():  # adapters and head copies train in float32
+            param.data = param.data.float()
         self.activate_policy()
 
     def _trainable(self, model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
@@ -256,15 +264,21 @@ class PPOModels:
         if self.lora is not None:
             activate_adapter(self.policy, self.POLICY, self.all_trainable())
 
+    def compute(self):
+        """Autocast to the compute dtype where it is not float32 (GPU default: bf16)."""
+        return compute_context(self.device, self.dtype)
+
     def policy_logprobs(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
         self.activate_policy()
-        return response_logprobs(self.policy, batch)
+        with self.compute():
+            return response_logprobs(self.policy, batch)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
         if self.reference is not None:
-            return response_logprobs(self.reference, batch)[0]
-        with self.policy.disable_adapter():
+            with self.compute():
+                return response_logprobs(self.reference, batch)[0]
+        with self.policy.disable_adapter(), self.compute():
             return response_logprobs(self.policy, batch)[0]
 
     def values(self, batch: TokenBatch) -> Tensor:
@@ -273,7 +287,8 @@ class PPOModels:
             head = self.value_head
         else:
             head = hf_model(self.critic).score
-        values = head(response_hidden(self.critic, batch)).squeeze(-1).float()
+        with self.compute():
+            values = head(response_hidden(self.critic, batch)).squeeze(-1).float()
         if self.shared_base:
             self.activate_policy()
         return values
@@ -560,9 +575,11 @@ class PPORun:
         tok.padding_side = side
         ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
         self.models.activate_policy()
-        return self.models.policy(
-            input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)
-        ).loss
+        with self.models.compute():
+            out = self.models.policy(
+                input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)
+            )
+        return out.loss.float()
 
     def _rollout_metrics(
         self,

@@ -123,7 +123,9 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_reward_rises_while_kl_stays_under_the_guard(policy_dir, the_reward, tmp_path):
     reporter = MemoryReporter()
-    config = small_config()
+    # The test learning rate is huge, so the KL leash is firmer than MOSS's 0.02: over seeds 0-2 the
+    # reward rises by 2.5-3 while the KL to the reference peaks at 10-16 nats.
+    config = small_config(kl_coef=0.05)
     result = train_ppo(
         policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
     )
