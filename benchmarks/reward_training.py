@@ -318,6 +318,10 @@ def run_trl(data: dict, args) -> dict:
 
 
 def _child(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     data = json.loads(Path(args.data_file).read_text())
     result = run_ours(data, args) if args.worker == "ours" else run_trl(data, args)
     print("RESULT " + json.dumps(result), flush=True)
@@ -340,6 +344,8 @@ def _spawn(worker: str, data_file: Path, args) -> dict:
     ]
     if args.no_share_prompt:
         cmd.append("--no-share-prompt")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -370,7 +376,8 @@ def _bench(kind: str, args) -> list[list[object]]:
     tokens = _mean_tokens(comparisons, Path(args.model))
     print(
         f"\n[{kind}] {len(train)} training pairs, {len(held_out)} held-out pairs, "
-        f"{tokens:.0f} tokens per prompt+response, batch {args.batch_pairs} pairs, device {_device(args.device)}",
+        f"{tokens:.0f} tokens per prompt+response, batch {args.batch_pairs} pairs, device {_device(args.device)}, "
+        f"threads {args.threads or 'default'}",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,6 +430,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--no-share-prompt", action="store_true", help="ours without prompt sharing (ablation)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per trainer (0: torch's default); 1 is steadiest on a busy CPU",
     )
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
