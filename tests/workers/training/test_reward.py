@@ -365,3 +365,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bf16_autocast_path_trains(tiny_model_dir, tmp_path):
+    """The CUDA default (bf16 autocast over fp32 master weights), exercised on the CPU."""
+    config = RewardConfig(**{**FAST, "epochs": 1, "dtype": "bfloat16"})
+    reporter = MemoryReporter()
+    result = train_reward_model(
+        tiny_model_dir, marker_rankings(16), tmp_path / "rm", tmp_path / "ckpt", config, reporter
+    )
+    assert all(math.isfinite(v) for v in reporter.series("train_loss"))
+    trained = load_file(str(tmp_path / "rm" / "model.safetensors"))
+    assert trained["score.weight"].dtype == torch.float32  # master weights stay fp32
+    assert math.isfinite(result.metrics["val_loss"])
