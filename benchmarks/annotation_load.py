@@ -215,13 +215,75 @@ def token_credentials(url: str, user_ids: list[int]) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- the server
 
 
+def proposed_app():
+    """The app with two changes proposed for files outside the annotation area, measured side by side
+    with the unchanged app (--server proposed). Nothing here is used by prefloop itself.
+
+    1. app/security.py: end the read transaction right after the session-cookie lookup. As it is, the
+       pooled connection stays checked out while the request waits for the next threadpool thread;
+       with more waiting requests than pool connections every thread ends up blocked on the pool
+       (30 s timeouts, 500s).
+    2. app/main.py: set the CSRF cookie from a plain ASGI middleware instead of @app.middleware("http")
+       (BaseHTTPMiddleware runs every request through an extra task group and response stream).
+    """
+    from types import SimpleNamespace
+
+    from app import security
+    from app.main import create_app
+    from app.security import CSRF_COOKIE
+
+    original = security.user_for_session_cookie
+
+    def user_then_release(db, cookie, settings=None):
+        user = original(db, cookie, settings)
+        snapshot = None
+        if user is not None:
+            snapshot = SimpleNamespace(id=user.id, username=user.username, role=user.role)
+        db.rollback()  # hand the connection back to the pool before the next threadpool hop
+        return snapshot
+
+    security.user_for_session_cookie = user_then_release
+    app = create_app()
+    app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "BaseHTTPMiddleware"]
+
+    def csrf_cookie_asgi(inner):
+        from starlette.datastructures import MutableHeaders
+        from starlette.responses import Response
+
+        cookie_header = Response()
+
+        async def middleware(scope, receive, send):
+            if scope["type"] != "http":
+                return await inner(scope, receive, send)
+
+            async def send_with_cookie(message):
+                if message["type"] == "http.response.start":
+                    token = scope.get("state", {}).get("new_csrf_token")
+                    if token:
+                        cookie_header.raw_headers = []
+                        cookie_header.set_cookie(CSRF_COOKIE, token, httponly=False, samesite="lax")
+                        headers = MutableHeaders(scope=message)
+                        for name, value in cookie_header.raw_headers:
+                            headers.append(name.decode(), value.decode())
+                await send(message)
+
+            await inner(scope, receive, send_with_cookie)
+
+        return middleware
+
+    app.add_middleware(lambda inner: csrf_cookie_asgi(inner))
+    return app
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(url: str, workers: int, data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    url: str, workers: int, data_dir: Path, variant: str = "production"
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -232,7 +294,9 @@ def start_server(url: str, workers: int, data_dir: Path) -> tuple[subprocess.Pop
         "PREFLOOP_SERVE_POLICY": "false",
     }
     command = [
-        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+        sys.executable, "-m", "uvicorn",
+        "app.main:create_app" if variant == "production" else "benchmarks.annotation_load:proposed_app",
+        "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
@@ -267,6 +331,21 @@ def stop_server(process: subprocess.Popen) -> None:
 # ---------------------------------------------------------------- the load
 
 
+def postgres_cpu() -> float:
+    """CPU seconds used so far by the Postgres server processes on this machine."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] and proc.info["name"].startswith("postgres"):
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+    return total
+
+
 def process_tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and its children (uvicorn's workers)."""
     import psutil
@@ -291,6 +370,9 @@ class Stats:
     empty: int = 0
     errors: int = 0
     server_cpu: float = 0.0  # CPU seconds of the server processes during warm-up and measurement
+    postgres_cpu: float = 0.0  # of every Postgres process on the machine (other databases included)
+    client_cpu: float = 0.0  # of this load generator
+    wall: float = 0.0
     requests: int = 0
     error_samples: list[str] = field(default_factory=list)
 
@@ -378,7 +460,8 @@ async def annotator(
     while time.perf_counter() < stop_at:
         counted = time.perf_counter() >= warm_until
         t0 = time.perf_counter()
-        if task is None:
+        fetched = task is None
+        if fetched:
             stats.requests += 1
             try:
                 status, body = await conn.request("GET", "/api/tasks/next")
@@ -412,7 +495,7 @@ async def annotator(
         task = json.loads(body).get("next_task") if piggyback else None
         if counted and t2 <= stop_at:
             stats.submits += 1
-            if t1 - t0 > 1e-6:
+            if fetched:
                 stats.next_ms.append((t1 - t0) * 1000)
             stats.submit_ms.append((t2 - t1) * 1000)
             stats.loop_ms.append((t2 - t0) * 1000)
@@ -468,6 +551,13 @@ def main() -> None:
         ),
         help="a Postgres URL allowed to create and drop the scratch database",
     )
+    parser.add_argument(
+        "--server",
+        choices=("production", "proposed"),
+        default="production",
+        help="production: app.main:create_app as shipped; proposed: with the two changes described in "
+        "proposed_app() (for files outside the annotation area), to measure them",
+    )
     parser.add_argument("--url", help="drive this running server instead of starting one (127.0.0.1 only)")
     parser.add_argument("--tokens", type=Path, help="with --url: a file of annotator API tokens, one a line")
     parser.add_argument("--keep-database", action="store_true", help="do not drop the scratch database")
@@ -513,17 +603,27 @@ def main() -> None:
             session_credentials(user_ids) if args.auth == "session" else token_credentials(url, user_ids)
         )
         with tempfile.TemporaryDirectory(prefix="prefloop-load-") as data_dir:
-            server, base = start_server(url, args.workers, Path(data_dir))
+            server, base = start_server(url, args.workers, Path(data_dir), args.server)
             print(f"server at {base} ({args.workers} uvicorn workers); load average {load_average()}")
             results = {}
             for mode in modes:
-                cpu_before = process_tree_cpu(server.pid)
+                before = (
+                    process_tree_cpu(server.pid),
+                    postgres_cpu(),
+                    time.process_time(),
+                    time.perf_counter(),
+                )
                 stats = asyncio.run(run_load(base, credentials, duration, args.warmup, mode == "piggyback"))
-                stats.server_cpu = process_tree_cpu(server.pid) - cpu_before
+                stats.server_cpu = process_tree_cpu(server.pid) - before[0]
+                stats.postgres_cpu = postgres_cpu() - before[1]
+                stats.client_cpu = time.process_time() - before[2]
+                stats.wall = time.perf_counter() - before[3]
                 results[mode] = stats
             stop_server(server)
             server = None
-        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
+        report(
+            args, results, duration, f"{args.server} app, {args.workers} uvicorn workers, {args.auth} auth"
+        )
     finally:
         if server is not None:
             stop_server(server)
@@ -552,6 +652,12 @@ def report(args, results: dict[str, Stats], duration: float, setup: str) -> None
         print(f"ratio prefloop {mode} / peer: {stats.submits / duration / PEER[1]:.0f}x submits/s")
         if stats.empty:
             print(f"note ({mode}): {stats.empty} times the pool was empty (seed more --tasks)")
+        if stats.wall:
+            print(
+                f"CPU cores busy ({mode}): server {stats.server_cpu / stats.wall:.2f}, postgres "
+                f"{stats.postgres_cpu / stats.wall:.2f}, load generator {stats.client_cpu / stats.wall:.2f} "
+                f"of {os.cpu_count()}"
+            )
         for sample in stats.error_samples:
             print(f"error ({mode}): {sample}")
 

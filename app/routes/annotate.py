@@ -110,12 +110,8 @@ def annotate_page(request: Request, principal: Annotator, db: DbSession):
 
 @router.get("/annotate/next")
 def annotate_next(request: Request, principal: Annotator, db: DbSession):
-    """The task block alone (htmx: 'check again' and the empty-pool poll)."""
-    view = _next_view(request, db, principal.id)
-    context = _task_context(request, db, principal.id, view)
-    context["guidelines"] = load_guidelines(db)
-    db.rollback()
-    return render(request, "annotate/index.html", context, block="task")
+    """The task block alone for htmx ('check again', the empty-pool poll); the whole page otherwise."""
+    return annotate_page(request, principal, db)
 
 
 def _refusal(request: Request, message: str, status_code: int) -> HTMLResponse:
