@@ -504,7 +504,7 @@ class _Decoding:
         if seed is not None:
             self.rng = torch.Generator(device=device)
             self.rng.manual_seed(seed)
-        self.decoder = owner._decoder(self.batch, total)
+        self.decoder = owner._decoder(self.batch, total, sampling.max_new_tokens)
         self.steps = 0
         self.last: Tensor | None = None
 
@@ -558,6 +558,8 @@ class BatchedGenerator:
 
     # Larger requests run in chunks of similar prompt length: less padding, a bounded KV cache.
     max_batch_size = 64
+    # Packing the fast path's weights costs what one or two dozen decode steps save; short runs skip it.
+    min_tokens_to_pack = 32
 
     def __init__(self, model: nn.Module, tokenizer, device: str | torch.device | None = None):
         self.model = model
@@ -576,9 +578,12 @@ class BatchedGenerator:
         """Whether the next call will use the Llama fast path (it checks the model's layers now)."""
         return self.use_fast_path and _LlamaDecoder.supports(self.model)
 
-    def _decoder(self, batch: int, total_len: int):
+    def _decoder(self, batch: int, total_len: int, new_tokens: int):
         if self.fast_path_active():
-            return _LlamaDecoder(self.model, batch, total_len, self.device, self.fast_path_packed)
+            packed = self.fast_path_packed
+            if packed is None and new_tokens < self.min_tokens_to_pack:
+                packed = False
+            return _LlamaDecoder(self.model, batch, total_len, self.device, packed)
         return _HFDecoder(self.model, batch, total_len, self.device)
 
     def generate_ids(
