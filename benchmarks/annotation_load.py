@@ -300,7 +300,8 @@ def start_server(
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True)
+    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - the server writes to it until it stops
+    process = subprocess.Popen(command, env=env, cwd=ROOT, start_new_session=True, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -621,6 +622,11 @@ def main() -> None:
                 results[mode] = stats
             stop_server(server)
             server = None
+            server_log = (Path(data_dir) / "server.log").read_text(errors="replace")
+        failures = server_log.count("Traceback")
+        if failures:
+            last = [line for line in server_log.splitlines() if line.strip()][-1]
+            print(f"the server logged {failures} exceptions; the last: {last}")
         report(
             args, results, duration, f"{args.server} app, {args.workers} uvicorn workers, {args.auth} auth"
         )
