@@ -162,7 +162,9 @@ class _HFDecoder:
         self.length = 0
         self.cache = None
 
-    def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
+    shares_prefix = False  # plain left padding: every model's own mask handling understands it
+
+    def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor, shared: int = 0) -> Tensor:
         self.length = input_ids.shape[1]
         self.mask[:, : self.length] = valid
         out = self.model(
@@ -175,8 +177,8 @@ class _HFDecoder:
         self.cache = out.past_key_values
         return out.logits[:, -1]
 
-    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        self.length += 1
+    def step(self, tokens: Tensor, positions: Tensor, column: int) -> Tensor:
+        self.length = column + 1
         out = self.model(
             input_ids=tokens[:, None],
             attention_mask=self.mask[:, : self.length],
@@ -381,11 +383,14 @@ class _LlamaDecoder:
         # Half precision: normalise in float32 and scale after casting back, like LlamaRMSNorm.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
-    def _forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """Run `input_ids` (B, T) at cache columns [length, length + T); returns last-position logits."""
+    def _forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor, start: int) -> Tensor:
+        """Run `input_ids` (b, T) through cache rows [0, b) at columns [start, start + T).
+
+        Attends to everything cached in those rows before `start`; returns the last position's logits.
+        """
         batch, width = input_ids.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        start, end = self.length, self.length + width
+        end = start + width
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads: (B, T, 1, D)
@@ -398,7 +403,7 @@ class _LlamaDecoder:
             # Rotary embedding on queries and keys together (rotate_half layout, as in transformers).
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             q, k = qk[:, :, :heads], qk[:, :, heads:]
-            keys, values = self.keys[index], self.values[index]
+            keys, values = self.keys[index, :batch], self.values[index, :batch]
             keys[:, :, start:end] = k.transpose(1, 2)
             values[:, :, start:end] = v.transpose(1, 2)
             keys, values = keys[:, :, :end], values[:, :, :end]
@@ -422,18 +427,52 @@ class _LlamaDecoder:
         self.length = end
         return self.lm_head(self._norm(x[:, -1], self.final_norm))
 
-    def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
-        width = input_ids.shape[1]
-        self.key_valid[:, 0, 0, :width] = valid.bool()
-        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
-        mask = causal & valid.bool()[:, None, None, :]
-        # Padding queries see only themselves, so no softmax row is empty (that would give NaN).
-        mask |= torch.eye(width, dtype=torch.bool, device=input_ids.device)
-        return self._forward(input_ids, positions, mask)
+    shares_prefix = True  # prefill() accepts a shared prefix (see _Decoding for the layout)
 
-    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        mask = self.key_valid[..., : self.length + 1]
-        return self._forward(tokens[:, None], positions[:, None], mask)
+    def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor, shared: int = 0) -> Tensor:
+        """Fill the cache with the prompts and return their next-token logits.
+
+        Prefill is compute-bound, so work is saved where it is plainly repeated: the first `shared` columns
+        (a prefix all rows have, such as the chat template's system turn) run once for one row and are
+        copied to the others, and rows whose remaining tokens are identical (K samples of one prompt) run
+        once each. Keys and values depend only on tokens and positions, so the copies are exact.
+        """
+        batch, width = input_ids.shape
+        device = input_ids.device
+        valid = valid.bool()
+        self.key_valid[:, 0, 0, :width] = valid
+        if shared:
+            causal = torch.ones(shared, shared, dtype=torch.bool, device=device).tril()
+            self._forward(input_ids[:1, :shared], positions[:1, :shared], causal, start=0)
+            self.keys[:, 1:batch, :, :shared] = self.keys[:, :1, :, :shared]
+            self.values[:, 1:batch, :, :shared] = self.values[:, :1, :, :shared]
+        # Distinct remainders, in order of first appearance (a real token may equal the pad id, so the
+        # validity mask is part of what makes two rows the same).
+        rest = torch.cat([input_ids[:, shared:], valid[:, shared:].long()], dim=1).tolist()
+        groups: dict[tuple[int, ...], int] = {}
+        source = [groups.setdefault(tuple(row), len(groups)) for row in rest]
+        ids, pos, ok = input_ids, positions, valid
+        if len(groups) < batch:
+            firsts = torch.tensor([source.index(g) for g in range(len(groups))], device=device)
+            ids, pos, ok = input_ids[firsts], positions[firsts], valid[firsts]
+        span = width - shared
+        causal = torch.ones(span, span, dtype=torch.bool, device=device).tril()
+        mask = torch.cat(
+            [ok[:, None, None, :shared].expand(-1, 1, span, -1), causal & ok[:, None, None, shared:]], dim=-1
+        )
+        # Padding queries see only themselves, so no softmax row is empty (that would give NaN).
+        mask[..., shared:] |= torch.eye(span, dtype=torch.bool, device=device)
+        logits = self._forward(ids[:, shared:], pos[:, shared:], mask, start=shared)
+        if len(groups) == batch:
+            return logits
+        index = torch.tensor(source, device=device)
+        self.keys[:, :batch, :, shared:width] = self.keys[:, index, :, shared:width]
+        self.values[:, :batch, :, shared:width] = self.values[:, index, :, shared:width]
+        return logits[index]
+
+    def step(self, tokens: Tensor, positions: Tensor, column: int) -> Tensor:
+        mask = self.key_valid[..., : column + 1]
+        return self._forward(tokens[:, None], positions[:, None], mask, start=column)
 
     def keep_rows(self, rows: Tensor) -> bool:
         """Drop every other row from the batch; only the filled part of the cache is copied."""
@@ -449,6 +488,14 @@ class _LlamaDecoder:
 
 
 # --- the decoding loop --------------------------------------------------------------------------
+
+
+def _common_prefix_length(prompts: list[list[int]]) -> int:
+    first = prompts[0]
+    length = min(len(p) for p in prompts)
+    for other in prompts[1:]:
+        length = next((i for i in range(length) if other[i] != first[i]), length)
+    return length
 
 
 @contextmanager
@@ -468,6 +515,11 @@ class _Decoding:
     """One batched decoding run. Create it and call `advance()` under `_inference`; each call produces the
     next token of every row.
 
+    Cache layout, one row per prompt: `shared` columns holding the prefix that every prompt starts with
+    (0 unless the decoder can share it), then the rest of each prompt left-padded to a common width, then
+    one column per new token. All rows write their next token to the same column; positions count real
+    tokens only, so padding in between changes nothing.
+
     Rows that have stopped are dropped from the decoder's batch (and KV cache) once they are a quarter of
     it, so the steps that wait for the longest response get cheaper instead of carrying dead rows along.
     """
@@ -482,18 +534,25 @@ class _Decoding:
         device = owner.device
         self.sampling = sampling
         self.batch = len(prompt_ids)
-        self.width = max(len(p) for p in prompt_ids)
+        fast = owner.fast_path_active()
+        # Sharing a prefix needs at least two rows and leaves every row one token of its own to predict from.
+        self.shared = _common_prefix_length(prompt_ids) if fast and self.batch > 1 else 0
+        self.shared = min(self.shared, min(len(p) for p in prompt_ids) - 1)
+        rest_width = max(len(p) for p in prompt_ids) - self.shared
+        self.width = self.shared + rest_width
         total = self.width + sampling.max_new_tokens
         ids = torch.full((self.batch, self.width), owner.pad_token_id, dtype=torch.long)
         valid = torch.zeros(self.batch, self.width, dtype=torch.long)
         # Tokens the repetition penalty looks at; padding repeats the row's last prompt token.
         history = torch.empty(self.batch, total, dtype=torch.long)
         for row, prompt in enumerate(prompt_ids):
-            pad = self.width - len(prompt)
-            ids[row, pad:] = torch.tensor(prompt)
-            valid[row, pad:] = 1
-            history[row, :pad] = prompt[-1]
-        history[:, : self.width].copy_(torch.where(valid.bool(), ids, history[:, : self.width]))
+            pad = rest_width - (len(prompt) - self.shared)
+            ids[row, : self.shared] = torch.tensor(prompt[: self.shared], dtype=torch.long)
+            ids[row, self.shared + pad :] = torch.tensor(prompt[self.shared :], dtype=torch.long)
+            valid[row, : self.shared] = 1
+            valid[row, self.shared + pad :] = 1
+            history[row, : self.width] = prompt[-1]
+        history[:, : self.width] = torch.where(valid.bool(), ids, history[:, : self.width])
         self.input_ids, self.valid, self.history = ids.to(device), valid.to(device), history.to(device)
         self.positions = (self.valid.cumsum(-1) - 1).clamp(min=0)
         self.stop_ids = torch.tensor(list(owner.stop_token_ids), dtype=torch.long, device=device)
@@ -504,7 +563,7 @@ class _Decoding:
         if seed is not None:
             self.rng = torch.Generator(device=device)
             self.rng.manual_seed(seed)
-        self.decoder = owner._decoder(self.batch, total, sampling.max_new_tokens)
+        self.decoder = owner._decoder(fast, self.batch, total, sampling.max_new_tokens)
         self.steps = 0
         self.last: Tensor | None = None
 
@@ -514,13 +573,13 @@ class _Decoding:
 
     def advance(self) -> tuple[Tensor, Tensor]:
         """(tokens (B,), emitted (B,) bool): the new token of each row and whether the row produced it."""
+        column = self.width + self.steps
         if self.last is None:
-            logits = self.decoder.prefill(self.input_ids, self.valid, self.positions)
+            logits = self.decoder.prefill(self.input_ids, self.valid, self.positions, self.shared)
             self.positions = self.positions[:, -1]
         else:
             self.positions = self.positions + 1
-            logits = self.decoder.step(self.last, self.positions)
-        column = self.width + self.steps
+            logits = self.decoder.step(self.last, self.positions, column - 1)
         sampled = sample_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
         live = ~self.finished[self.active]
         sampled = torch.where(live, sampled, torch.full_like(sampled, self.pad_id))
@@ -578,8 +637,8 @@ class BatchedGenerator:
         """Whether the next call will use the Llama fast path (it checks the model's layers now)."""
         return self.use_fast_path and _LlamaDecoder.supports(self.model)
 
-    def _decoder(self, batch: int, total_len: int, new_tokens: int):
-        if self.fast_path_active():
+    def _decoder(self, fast: bool, batch: int, total_len: int, new_tokens: int):
+        if fast:
             packed = self.fast_path_packed
             if packed is None and new_tokens < self.min_tokens_to_pack:
                 packed = False

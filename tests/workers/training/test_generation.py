@@ -206,23 +206,32 @@ def test_the_stop_token_is_the_tokenizers_eos(tiny):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_fast_path_logits_match_the_transformers_forward(tiny, packed):
-    from workers.training.generation import _LlamaDecoder
+@pytest.mark.parametrize("shared", [False, True])
+def test_fast_path_logits_match_the_transformers_forward(tiny, packed, shared):
+    """Prefill and two decode steps against one full transformers forward over the same layout. With
+    `shared`, the prompts' common prefix runs once and a duplicated prompt's remainder runs once."""
+    from workers.training.generation import _common_prefix_length, _LlamaDecoder
 
     model, tokenizer = tiny
     generator = BatchedGenerator(model, tokenizer)
     assert generator.fast_path_active()
-    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    valid = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    chats = [CONVERSATIONS[0], CONVERSATIONS[1], CONVERSATIONS[0], CONVERSATIONS[3]]
+    prompts = [generator.chat_prompt_ids(c) for c in chats]
+    prefix = _common_prefix_length(prompts) if shared else 0
+    assert prefix > 10 or not shared  # the default system turn of the chat template
+    rest = max(len(p) for p in prompts) - prefix
+    ids = torch.tensor([p[:prefix] + [0] * (rest - len(p) + prefix) + p[prefix:] for p in prompts])
+    valid = torch.tensor(
+        [[1] * prefix + [0] * (rest - len(p) + prefix) + [1] * (len(p) - prefix) for p in prompts]
+    )
     positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    width = ids.shape[1]
     extra = torch.randint(0, len(tokenizer), (len(prompts), 3), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         decoder = _LlamaDecoder(model, len(prompts), width + 3, torch.device("cpu"), packed=packed)
-        ours = [decoder.prefill(ids, valid, positions)]
+        ours = [decoder.prefill(ids, valid, positions, prefix)]
         for step in range(2):
-            ours.append(decoder.step(extra[:, step], positions[:, -1] + step + 1))
+            ours.append(decoder.step(extra[:, step], positions[:, -1] + step + 1, width + step))
         full_ids = torch.cat([ids, extra[:, :2]], 1)
         full_mask = torch.cat([valid, torch.ones_like(extra[:, :2])], 1)
         full_pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
@@ -233,13 +242,18 @@ def test_fast_path_logits_match_the_transformers_forward(tiny, packed):
 
 @pytest.mark.parametrize("path", ["fast-packed", "fast-plain", "generic"])
 @pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_equals_transformers_greedy_generate(tiny, path, penalty):
+@pytest.mark.parametrize("chats", ["varied", "shared-system-and-duplicate"])
+def test_greedy_equals_transformers_greedy_generate(tiny, path, penalty, chats):
     model, tokenizer = tiny
     generator = BatchedGenerator(model, tokenizer)
     generator.use_fast_path = path != "generic"
     generator.fast_path_packed = path == "fast-packed"
     sampling = SamplingConfig(max_new_tokens=12, do_sample=False, repetition_penalty=penalty)
-    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    if chats == "varied":
+        conversations = CONVERSATIONS
+    else:  # a long common prefix (the template's system turn) and a repeated prompt
+        conversations = [CONVERSATIONS[0], CONVERSATIONS[1], CONVERSATIONS[0], CONVERSATIONS[3]]
+    prompts = [generator.chat_prompt_ids(c) for c in conversations]
     rollout = generator.generate_ids(prompts, sampling)
     assert len({t for r in rollout.response_ids for t in r}) > 20  # a real comparison, not a repeated token
     assert rollout.response_ids == hf_greedy(model, tokenizer, prompts, sampling)
