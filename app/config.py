@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         default="", description="Celery broker; empty means a SQLite-backed kombu broker in data_dir."
     )
+    # Per process (each uvicorn worker and Celery child has its own pool); keep the sum of all pools
+    # under Postgres's max_connections.
+    db_pool_size: int = Field(default=10, ge=1, description="Postgres connections kept per process.")
+    db_max_overflow: int = Field(default=10, ge=0, description="Extra connections under bursts.")
     redis_url: str = Field(
         default="", description="Redis for policy wake-up messages; empty disables pub/sub (polling only)."
     )

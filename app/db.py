@@ -33,8 +33,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str, pool_size: int = 20) -> Engine:
-    """An engine for SQLite (embedded) or Postgres (production)."""
+def make_engine(url: str, pool_size: int | None = None, max_overflow: int | None = None) -> Engine:
+    """An engine for SQLite (embedded) or Postgres (production); pool sizes default to the settings'."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -42,7 +42,15 @@ def make_engine(url: str, pool_size: int = 20) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    from app.config import get_settings
+
+    settings = get_settings()
+    return create_engine(
+        url,
+        pool_size=pool_size or settings.db_pool_size,
+        max_overflow=settings.db_max_overflow if max_overflow is None else max_overflow,
+        pool_pre_ping=True,
+    )
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from http.cookies import SimpleCookie
 from urllib.parse import quote
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from starlette.datastructures import MutableHeaders
 
 from app.config import Settings, get_settings
 from app.db import make_engine, session_factory
@@ -59,13 +61,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     for router in ROUTERS:
         app.include_router(router)
 
-    @app.middleware("http")
-    async def csrf_cookie(request: Request, call_next):
-        response: Response = await call_next(request)
-        token = getattr(request.state, "new_csrf_token", None)
-        if token:
-            response.set_cookie(CSRF_COOKIE, token, httponly=False, samesite="lax", secure=False)
-        return response
+    app.add_middleware(CsrfCookieMiddleware)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -92,6 +88,35 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return JSONResponse({"detail": "; ".join(problems), "errors": jsonable_errors(exc)}, status_code=422)
 
     return app
+
+
+class CsrfCookieMiddleware:
+    """Sets the CSRF cookie when a request minted a token (first page view of a browser).
+
+    Plain ASGI rather than @app.middleware("http"): it only touches the response headers, and the
+    wrapping of BaseHTTPMiddleware costs a noticeable share of a hot API request.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cookie(message) -> None:
+            if message["type"] == "http.response.start":
+                token = scope.get("state", {}).get("new_csrf_token")
+                if token:
+                    cookie = SimpleCookie()
+                    cookie[CSRF_COOKIE] = token
+                    cookie[CSRF_COOKIE]["path"] = "/"
+                    cookie[CSRF_COOKIE]["samesite"] = "lax"
+                    MutableHeaders(scope=message).append("set-cookie", cookie.output(header="").strip())
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict]:

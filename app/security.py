@@ -7,7 +7,7 @@ import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from argon2 import PasswordHasher
@@ -26,6 +26,7 @@ CSRF_COOKIE = "prefloop_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 TOKEN_PREFIX = "pfl_"
+TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 _hasher = PasswordHasher()
@@ -75,8 +76,14 @@ def user_for_token(db: Session, token: str) -> User | None:
     )
     if row is None or not row.user.is_active:
         return None
-    db.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=datetime.now(UTC)))
-    db.commit()
+    now = datetime.now(UTC)
+    last = row.last_used_at
+    if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC
+        last = last.replace(tzinfo=UTC)
+    # "Last used" to the minute is enough; writing it on every request would cost a commit each.
+    if last is None or now - last > TOKEN_TOUCH_INTERVAL:
+        db.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        db.commit()
     return row.user
 
 
@@ -187,10 +194,13 @@ def current_principal(request: Request, db: DbSession) -> Principal | None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or revoked API token.")
     elif cookie := request.cookies.get(SESSION_COOKIE):
         user = user_for_session_cookie(db, cookie)
-    if user is None:
-        return None
-    principal = Principal(id=user.id, username=user.username, role=user.role, via_token=via_token)
-    request.state.principal = principal
+    principal = None
+    if user is not None:
+        principal = Principal(id=user.id, username=user.username, role=user.role, via_token=via_token)
+        request.state.principal = principal
+    # End the read transaction: the connection goes back to the pool while the request waits for
+    # its handler's thread, so waiting requests can never hold every connection between them.
+    db.rollback()
     return principal
 
 
