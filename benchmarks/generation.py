@@ -5,7 +5,7 @@ and sampling settings (temperature 0.8, top-p 0.9, repetition penalty 1.1) for b
 By default neither stops at EOS, so both produce exactly --new-tokens tokens per row (equal work);
 with --stop-at-eos both stop rows at EOS and count the tokens up to and including it.
 
-    python benchmarks/generation.py                      # batch 4, 16, 32; 64 new tokens; 2 repeats
+    python benchmarks/generation.py                      # batch 4, 16, 32; 128 new tokens; 2 repeats
     python benchmarks/generation.py --batch-sizes 32 --new-tokens 128 --repeats 3
 """
 
@@ -68,7 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-sizes", default="4,16,32", help="comma-separated batch sizes (default 4,16,32)"
     )
-    parser.add_argument("--new-tokens", type=int, default=64, help="max new tokens per row (default 64)")
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=128,
+        help="max new tokens per row (default 128, the SamplingConfig default)",
+    )
     parser.add_argument(
         "--repeats",
         type=int,
