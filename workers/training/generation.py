@@ -383,8 +383,10 @@ class _LlamaDecoder:
         # Half precision: normalise in float32 and scale after casting back, like LlamaRMSNorm.
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
-    def _forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor, start: int) -> Tensor:
-        """Run `input_ids` (b, T) through cache rows [0, b) at columns [start, start + T).
+    def _forward(
+        self, input_ids: Tensor, positions: Tensor, mask: Tensor, start: int, row: int = 0
+    ) -> Tensor:
+        """Run `input_ids` (b, T) through cache rows [row, row + b) at columns [start, start + T).
 
         Attends to everything cached in those rows before `start`; returns the last position's logits.
         """
@@ -403,7 +405,7 @@ class _LlamaDecoder:
             # Rotary embedding on queries and keys together (rotate_half layout, as in transformers).
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             q, k = qk[:, :, :heads], qk[:, :, heads:]
-            keys, values = self.keys[index, :batch], self.values[index, :batch]
+            keys, values = self.keys[index, row : row + batch], self.values[index, row : row + batch]
             keys[:, :, start:end] = k.transpose(1, 2)
             values[:, :, start:end] = v.transpose(1, 2)
             keys, values = keys[:, :, :end], values[:, :, :end]
@@ -432,10 +434,12 @@ class _LlamaDecoder:
     def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor, shared: int = 0) -> Tensor:
         """Fill the cache with the prompts and return their next-token logits.
 
-        Prefill is compute-bound, so work is saved where it is plainly repeated: the first `shared` columns
-        (a prefix all rows have, such as the chat template's system turn) run once for one row and are
-        copied to the others, and rows whose remaining tokens are identical (K samples of one prompt) run
-        once each. Keys and values depend only on tokens and positions, so the copies are exact.
+        Prefill is compute-bound, so it skips work that is plainly repeated or wasted: the first `shared`
+        columns (a prefix every row has, such as the chat template's system turn) run once for one row
+        and are copied to the others; rows whose remaining tokens are identical (K samples of one prompt)
+        run once; and the distinct remainders run in groups of similar length, each only as wide as its
+        longest member, instead of all padded to the longest prompt. Keys and values depend only on
+        tokens and positions, so the copies are exact.
         """
         batch, width = input_ids.shape
         device = input_ids.device
@@ -446,26 +450,34 @@ class _LlamaDecoder:
             self._forward(input_ids[:1, :shared], positions[:1, :shared], causal, start=0)
             self.keys[:, 1:batch, :, :shared] = self.keys[:, :1, :, :shared]
             self.values[:, 1:batch, :, :shared] = self.values[:, :1, :, :shared]
-        # Distinct remainders, in order of first appearance (a real token may equal the pad id, so the
-        # validity mask is part of what makes two rows the same).
+        # Distinct remainders (a real token may equal the pad id, so validity is part of the identity),
+        # longest first; distinct remainder d is computed in cache row d, then rows are put in place.
         rest = torch.cat([input_ids[:, shared:], valid[:, shared:].long()], dim=1).tolist()
-        groups: dict[tuple[int, ...], int] = {}
-        source = [groups.setdefault(tuple(row), len(groups)) for row in rest]
-        ids, pos, ok = input_ids, positions, valid
-        if len(groups) < batch:
-            firsts = torch.tensor([source.index(g) for g in range(len(groups))], device=device)
-            ids, pos, ok = input_ids[firsts], positions[firsts], valid[firsts]
-        span = width - shared
-        causal = torch.ones(span, span, dtype=torch.bool, device=device).tril()
-        mask = torch.cat(
-            [ok[:, None, None, :shared].expand(-1, 1, span, -1), causal & ok[:, None, None, shared:]], dim=-1
-        )
-        # Padding queries see only themselves, so no softmax row is empty (that would give NaN).
-        mask[..., shared:] |= torch.eye(span, dtype=torch.bool, device=device)
-        logits = self._forward(ids[:, shared:], pos[:, shared:], mask, start=shared)
-        if len(groups) == batch:
+        first_row: dict[tuple[int, ...], int] = {}
+        for r, key in enumerate(rest):
+            first_row.setdefault(tuple(key), r)
+        lengths = valid[:, shared:].sum(1).tolist()
+        distinct = sorted(first_row.values(), key=lambda r: -lengths[r])
+        slot = {tuple(rest[r]): d for d, r in enumerate(distinct)}
+        pieces, done = [], 0
+        for count, span in _length_groups([lengths[r] for r in distinct]):
+            rows = torch.tensor(distinct[done : done + count], device=device)
+            lo = width - span  # the group's columns: its longest remainder, right-aligned like all rows
+            ok = valid[rows]
+            causal = torch.ones(span, span, dtype=torch.bool, device=device).tril()
+            mask = torch.cat(
+                [ok[:, None, None, :lo].expand(-1, 1, span, -1), causal & ok[:, None, None, lo:]], -1
+            )
+            # Padding queries see only themselves, so no softmax row is empty (that would give NaN).
+            mask[..., lo:] |= torch.eye(span, dtype=torch.bool, device=device)
+            pieces.append(self._forward(input_ids[rows, lo:], positions[rows, lo:], mask, start=lo, row=done))
+            done += count
+        self.length = width
+        logits = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        order = [slot[tuple(key)] for key in rest]
+        if order == list(range(batch)):
             return logits
-        index = torch.tensor(source, device=device)
+        index = torch.tensor(order, device=device)
         self.keys[:, :batch, :, shared:width] = self.keys[:, index, :, shared:width]
         self.values[:, :batch, :, shared:width] = self.values[:, index, :, shared:width]
         return logits[index]
@@ -488,6 +500,18 @@ class _LlamaDecoder:
 
 
 # --- the decoding loop --------------------------------------------------------------------------
+
+
+def _length_groups(lengths: list[int], fill: float = 0.75) -> list[tuple[int, int]]:
+    """Split lengths sorted longest first into runs (count, width) whose members are at least `fill` of the
+    run's first: prefill padding stays under a quarter without a separate pass per length."""
+    groups: list[tuple[int, int]] = []
+    for length in lengths:
+        if groups and length >= fill * groups[-1][1]:
+            groups[-1] = (groups[-1][0] + 1, groups[-1][1])
+        else:
+            groups.append((1, length))
+    return groups
 
 
 def _common_prefix_length(prompts: list[list[int]]) -> int:

@@ -205,6 +205,14 @@ def test_the_stop_token_is_the_tokenizers_eos(tiny):
     assert tokenizer.convert_ids_to_tokens(list(generator.stop_token_ids)) == ["<|im_end|>"]
 
 
+def test_prefill_groups_keep_padding_under_a_quarter():
+    from workers.training.generation import _length_groups
+
+    # 18 and 15 are at least 0.75 * 20; 12 starts a group of width 12, and 6 < 9 starts another.
+    assert _length_groups([20, 18, 15, 12, 6]) == [(3, 20), (1, 12), (1, 6)]
+    assert _length_groups([7]) == [(1, 7)]
+
+
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("shared", [False, True])
 def test_fast_path_logits_match_the_transformers_forward(tiny, packed, shared):
