@@ -260,32 +260,30 @@ def _mkl_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Linear:
-    """One projection, or several side by side, in one of two forms.
+    """One projection, or several side by side (their outputs concatenated).
 
-    Packed (x86 CPU, float32): the layers' current weights, adapters merged in, concatenated and laid out
-    for MKL's packed GEMM. A decode step multiplies each weight by a skinny (batch x hidden) input, where
-    plain sgemm spends much of its time re-packing the weight every call; the copy is made once per
-    decoding call. Inputs with another row count (the prefill) use the concatenated weight directly.
-
-    Plain (GPUs, other dtypes): the layers' own tensors, no copy, adapters applied unmerged like peft.
+    Always usable in plain form: the layers' own tensors, no copy, adapters applied unmerged like peft.
+    With `pack_rows` (x86 CPU, float32) it also holds the current weights, adapters merged in and
+    concatenated, laid out for MKL's packed GEMM, used for inputs of exactly that many rows: a decode
+    step multiplies each weight by a skinny (batch x hidden) input, where plain sgemm spends much of its
+    time re-packing the weight on every call. The packed copy is made once per decoding call.
     """
 
     def __init__(self, modules: list[nn.Module], pack_rows: int | None):
-        parts = [_linear_parts(m) for m in modules]
+        self.parts = [_linear_parts(m) for m in modules]
         self.rows = pack_rows
+        self.packed = None
         if pack_rows:
-            self.weight = torch.cat([p.merged() for p in parts]) if len(parts) > 1 else parts[0].merged()
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, pack_rows)
-            self.parts: list[_LinearParts] = []
-        else:
-            self.packed = None
-            self.parts = parts
+            merged = [p.merged() for p in self.parts]
+            weight = torch.cat(merged) if len(merged) > 1 else merged[0]
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows)
+            # The packed call reads only the shape of its "original weight" argument (which it would use
+            # for other row counts; those never reach it), so a zero-stride stand-in spares a second copy.
+            self.shape = weight.new_zeros(1, 1).expand(weight.shape)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            if x.shape[0] == self.rows:
-                return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)
-            return F.linear(x, self.weight)
+        if self.packed is not None and x.shape[0] == self.rows:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.shape, None, self.rows)
         outputs = []
         for part in self.parts:
             y = F.linear(x, part.weight)
