@@ -1,24 +1,27 @@
 """Batched sampling with a KV cache: PPO rollouts, responses for ranking tasks, the playground stream.
 
-One decoding loop serves all three callers. Prompts are left-padded so that every row's next token
-lands in the same cache column; a row that emits EOS stops contributing tokens while the others go on,
-until all rows are done or `max_new_tokens` is reached.
+One decoding loop serves all three callers. Prompts are padded on the left so that every row's next
+token lands in the same cache column; a row that emits EOS stops contributing tokens while the others go
+on, until all rows are done or `max_new_tokens` is reached, and stopped rows leave the batch once they
+are a quarter of it.
 
 Sampling (`sample_next_tokens`) follows the Hugging Face order and definitions: repetition penalty on
 every token already in the row (prompt and response), then temperature, then top-p (nucleus), then a
-draw. It only ever looks at the top of the distribution, which is where its speed comes from, but the
-kept set is exactly the nucleus, so the distribution is the one specified.
+draw. It looks only at the top of the distribution, widening where a row needs it, instead of sorting
+the vocabulary, but the kept set is exactly the nucleus, so the distribution is the one specified.
 
 Two forward backends produce next-token logits:
 
 - `_LlamaDecoder`, a fast path for Llama-architecture models (SmolLM2, Llama 2/3, also under peft
-  LoRA): a pre-allocated KV cache written in place, fused QKV and gate/up projections, grouped-query
-  attention without repeating K/V, and the LM head on the last position only. On x86 CPUs the
-  decode-step matmuls use MKL's packed-weight GEMM, which suits the skinny (batch x hidden) inputs.
+  LoRA): a pre-allocated KV cache written in place, grouped-query attention without repeating K/V, the
+  LM head on the last position only, a prefill that runs a prefix shared by all prompts (the chat
+  template's system turn) and duplicated prompts once, and on x86 CPUs decode-step matmuls on
+  MKL-packed copies of the weights (fused QKV and gate/up), which suit the skinny (batch x hidden)
+  inputs of a decode step.
 - `_HFDecoder`, the model's own forward with its own cache, for every other causal LM.
 
-Weights are read from the model at the start of every call (LoRA adapters merged into the fused
-copy), so PPO's updates between calls are always seen; nothing is cached across calls.
+Weights are read from the model at the start of every call (LoRA adapters merged into the packed copy
+or applied on the fly), so PPO's updates between calls are always seen; nothing is cached across calls.
 """
 
 from __future__ import annotations
