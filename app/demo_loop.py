@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
@@ -105,6 +106,8 @@ def run_demo_loop(tasks: int, algorithm: str, base_model, timeout: float) -> Non
     from app.security import create_api_token, hash_password
     from app.tasks_pool import claimable_task_count, request_refill
 
+    # One log line per poll would drown the progress bars.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = get_settings()
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     click.echo("1/6 preparing the database, the base policy and the demo data")
