@@ -323,7 +323,10 @@ def _child(args) -> None:
 
         torch.set_num_threads(args.threads)
     data = json.loads(Path(args.data_file).read_text())
-    result = run_ours(data, args) if args.worker == "ours" else run_trl(data, args)
+    # Checkpoints and trained models (~2 GB) go to a folder that is removed when the child ends.
+    with tempfile.TemporaryDirectory(prefix=f"rm-bench-{args.worker}-") as scratch:
+        tempfile.tempdir = scratch
+        result = run_ours(data, args) if args.worker == "ours" else run_trl(data, args)
     print("RESULT " + json.dumps(result), flush=True)
 
 
