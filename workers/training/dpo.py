@@ -35,6 +35,7 @@ from workers.training.lora import (
     resolve_device,
     resolve_dtype,
     response_logprobs,
+    return_freed_memory_to_os,
     save_policy_folder,
 )
 from workers.training.ppo_math import masked_sum
@@ -198,6 +199,7 @@ def train_dpo(
     if config.loss_type != "sigmoid":
         raise ValueError(f"unsupported DPO loss {config.loss_type!r}; only 'sigmoid' is implemented")
     device = resolve_device(config.device)
+    return_freed_memory_to_os(device)
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
     if tokenizer.pad_token is None:

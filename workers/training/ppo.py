@@ -59,6 +59,7 @@ from workers.training.lora import (
     resolve_dtype,
     response_hidden,
     response_logprobs,
+    return_freed_memory_to_os,
     save_policy_folder,
 )
 from workers.training.reporting import Reporter, RunCancelled
@@ -350,6 +351,7 @@ class PPORun:
             raise ValueError("PPO needs at least one prompt")
         self.config, self.reporter = config, reporter
         self.device = resolve_device(config.device)
+        return_freed_memory_to_os(self.device)
         torch.manual_seed(config.seed)
         self.models = PPOModels(
             Path(policy_path),
@@ -398,12 +400,14 @@ class PPORun:
 
     def _prompt_indices(self, step: int) -> list[int]:
         n, size = len(self.prompts), self.config.rollout_batch_size
+        orders: dict[int, list[int]] = {}
         out = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, n)
-            order = list(range(n))
-            random.Random(self.config.seed * 7919 + epoch).shuffle(order)
-            out.append(order[pos])
+            if epoch not in orders:  # each pass over the prompts has its own seeded order
+                orders[epoch] = list(range(n))
+                random.Random(self.config.seed * 7919 + epoch).shuffle(orders[epoch])
+            out.append(orders[epoch][pos])
         return out
 
     # -- 1-2: rollout and scores
