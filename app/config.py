@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     # under Postgres's max_connections.
     db_pool_size: int = Field(default=10, ge=1, description="Postgres connections kept per process.")
     db_max_overflow: int = Field(default=10, ge=0, description="Extra connections under bursts.")
+    auth_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How long a web process trusts a verified login or token before reading the user "
+        "again; logout elsewhere, role changes and deactivation take effect within this. 0: every request.",
+    )
     redis_url: str = Field(
         default="", description="Redis for policy wake-up messages; empty disables pub/sub (polling only)."
     )

@@ -17,7 +17,7 @@ from starlette.datastructures import MutableHeaders
 from app.config import Settings, get_settings
 from app.db import make_engine, session_factory
 from app.routes import ROUTERS
-from app.security import CSRF_COOKIE
+from app.security import CSRF_COOKIE, PrincipalCache
 from app.serving import PolicyHolder
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
+    app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
     app.state.policy_holder = None
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
     for router in ROUTERS:

@@ -214,7 +214,9 @@ class Task(Base):
         CheckConstraint("required_annotations >= 1", name="required_positive"),
         CheckConstraint("annotation_count <= required_annotations", name="not_overfilled"),
         # Slots handed out (active + submitted assignments) never exceed what the task asks for.
-        CheckConstraint("claimed_count >= 0 AND claimed_count <= required_annotations", name="claims_in_range"),
+        CheckConstraint(
+            "claimed_count >= 0 AND claimed_count <= required_annotations", name="claims_in_range"
+        ),
         Index("ix_tasks_status_id", "status", "id"),
         # Only tasks with a free slot: the assignment query walks this index in id order.
         Index(

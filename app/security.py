@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,12 +15,12 @@ from typing import Annotated
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
-from app.deps import DbSession
 from app.models import ROLES, ApiToken, User
 
 SESSION_COOKIE = "prefloop_session"
@@ -99,16 +101,19 @@ def make_session_cookie(user: User, settings: Settings | None = None) -> str:
     return _serializer(settings).dumps({"uid": user.id, "gen": user.session_generation})
 
 
-def user_for_session_cookie(db: Session, cookie: str, settings: Settings | None = None) -> User | None:
+def session_cookie_identity(cookie: str, settings: Settings | None = None) -> tuple[int, int] | None:
+    """(user id, session generation) of a cookie this server signed and that has not expired, else None.
+
+    Checks the signature only; whether the user still exists, is active and has not logged out since
+    (a newer generation) is for the database, see current_principal.
+    """
     settings = settings or get_settings()
     try:
         data = _serializer(settings).loads(cookie, max_age=settings.session_max_age_seconds)
     except BadSignature:
         return None
-    user = db.get(User, data.get("uid"))
-    if user is None or not user.is_active or user.session_generation != data.get("gen"):
-        return None
-    return user
+    uid, gen = data.get("uid"), data.get("gen")
+    return (uid, gen) if isinstance(uid, int) and isinstance(gen, int) else None
 
 
 # ---------------------------------------------------------------- CSRF (signed double-submit cookie)
@@ -183,24 +188,87 @@ class LoginRequired(HTTPException):
         )
 
 
-def current_principal(request: Request, db: DbSession) -> Principal | None:
+class PrincipalCache:
+    """Principals verified against the database in the last `ttl` seconds, by credential.
+
+    Every API call and page load needs its caller's user row (active? logged out since? which role?);
+    reading it each time costs a pooled connection and a round trip before the handler starts. Within
+    `ttl` a credential seen before is answered from memory. Logout in this process drops the user's
+    entries at once; another process, or a change made outside the web app (CLI, SQL), takes effect
+    within `ttl` seconds. ttl 0 turns the cache off.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 50_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[tuple, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Principal | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            self._entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key: tuple, principal: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                now = time.monotonic()
+                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()
+            self._entries[key] = (time.monotonic() + self.ttl, principal)
+
+    def forget_user(self, user_id: int) -> None:
+        with self._lock:
+            self._entries = {k: v for k, v in self._entries.items() if v[1].id != user_id}
+
+
+def principal_cache(request: Request) -> PrincipalCache:
+    """The app's cache (one per app, made by create_app, so apps in one process never share entries)."""
+    return request.app.state.principal_cache
+
+
+def _principal_from_db(request: Request, key: tuple) -> Principal | None:
+    """The principal of a credential, read from the database (in a short session of its own)."""
+    with request.app.state.sessionmaker() as db:
+        if key[0] == "token":
+            user = user_for_token(db, key[1])
+            if user is None:
+                raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or revoked API token.")
+        else:
+            user = db.get(User, key[1])
+            if user is None or not user.is_active or user.session_generation != key[2]:
+                return None
+        return Principal(id=user.id, username=user.username, role=user.role, via_token=key[0] == "token")
+
+
+async def current_principal(request: Request) -> Principal | None:
+    """Who is calling: a bearer token or the session cookie, checked against the database (or the
+    principal cache); None for an anonymous request. An invalid bearer token is a 401 right away."""
     auth = request.headers.get("authorization", "")
-    user: User | None = None
-    via_token = False
     if auth.lower().startswith("bearer "):
-        user = user_for_token(db, auth[7:].strip())
-        via_token = True
-        if user is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or revoked API token.")
+        key: tuple = ("token", auth[7:].strip())
     elif cookie := request.cookies.get(SESSION_COOKIE):
-        user = user_for_session_cookie(db, cookie)
-    principal = None
-    if user is not None:
-        principal = Principal(id=user.id, username=user.username, role=user.role, via_token=via_token)
+        identity = session_cookie_identity(cookie, request.app.state.settings)
+        if identity is None:
+            return None
+        key = ("session", *identity)
+    else:
+        return None
+    cache = principal_cache(request)
+    principal = cache.get(key)
+    if principal is None:
+        principal = await run_in_threadpool(_principal_from_db, request, key)
+        if principal is not None:
+            cache.put(key, principal)
+    if principal is not None:
         request.state.principal = principal
-    # End the read transaction: the connection goes back to the pool while the request waits for
-    # its handler's thread, so waiting requests can never hold every connection between them.
-    db.rollback()
     return principal
 
 

@@ -14,11 +14,18 @@ load generator itself stays cheap) and, until the time is up, repeats:
 It prints submits/s, the latency percentiles of both requests and of the whole loop, and the error
 count (any non-2xx answer or a broken connection). The first --warmup seconds are not counted.
 
+Each mode runs flat out (a loop starts the moment the last one ends: the server's capacity) and at an
+offered rate (Poisson arrivals, 300 submits/s by default: the latency annotators see at that load).
+Flat out, latency says little: with N annotators and no pause, Little's law fixes the mean loop time
+at N / throughput (100 annotators at 300/s wait 333 ms on average whatever the server does), so a
+latency target only means something at a given load below capacity.
+
 For scale, the issue quotes Label Studio 1.23.2 (gunicorn, 4 workers, same Postgres, a pairwise
 project) at about 10 submits/s with p99 near 10 s at 100 clients on this 2-core machine; that figure
 is a reference, not re-measured here.
 
     python benchmarks/annotation_load.py                         # 100 annotators, 20 s, 2 workers
+    python benchmarks/annotation_load.py --rates 0,200,300,400 --modes piggyback
     python benchmarks/annotation_load.py --annotators 20 --duration 10
     python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
 """
@@ -215,75 +222,13 @@ def token_credentials(url: str, user_ids: list[int]) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- the server
 
 
-def proposed_app():
-    """The app with two changes proposed for files outside the annotation area, measured side by side
-    with the unchanged app (--server proposed). Nothing here is used by prefloop itself.
-
-    1. app/security.py: end the read transaction right after the session-cookie lookup. As it is, the
-       pooled connection stays checked out while the request waits for the next threadpool thread;
-       with more waiting requests than pool connections every thread ends up blocked on the pool
-       (30 s timeouts, 500s).
-    2. app/main.py: set the CSRF cookie from a plain ASGI middleware instead of @app.middleware("http")
-       (BaseHTTPMiddleware runs every request through an extra task group and response stream).
-    """
-    from types import SimpleNamespace
-
-    from app import security
-    from app.main import create_app
-    from app.security import CSRF_COOKIE
-
-    original = security.user_for_session_cookie
-
-    def user_then_release(db, cookie, settings=None):
-        user = original(db, cookie, settings)
-        snapshot = None
-        if user is not None:
-            snapshot = SimpleNamespace(id=user.id, username=user.username, role=user.role)
-        db.rollback()  # hand the connection back to the pool before the next threadpool hop
-        return snapshot
-
-    security.user_for_session_cookie = user_then_release
-    app = create_app()
-    app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "BaseHTTPMiddleware"]
-
-    def csrf_cookie_asgi(inner):
-        from starlette.datastructures import MutableHeaders
-        from starlette.responses import Response
-
-        cookie_header = Response()
-
-        async def middleware(scope, receive, send):
-            if scope["type"] != "http":
-                return await inner(scope, receive, send)
-
-            async def send_with_cookie(message):
-                if message["type"] == "http.response.start":
-                    token = scope.get("state", {}).get("new_csrf_token")
-                    if token:
-                        cookie_header.raw_headers = []
-                        cookie_header.set_cookie(CSRF_COOKIE, token, httponly=False, samesite="lax")
-                        headers = MutableHeaders(scope=message)
-                        for name, value in cookie_header.raw_headers:
-                            headers.append(name.decode(), value.decode())
-                await send(message)
-
-            await inner(scope, receive, send_with_cookie)
-
-        return middleware
-
-    app.add_middleware(lambda inner: csrf_cookie_asgi(inner))
-    return app
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(
-    url: str, workers: int, data_dir: Path, variant: str = "production"
-) -> tuple[subprocess.Popen, str]:
+def start_server(url: str, workers: int, data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -295,7 +240,7 @@ def start_server(
     }
     command = [
         sys.executable, "-m", "uvicorn",
-        "app.main:create_app" if variant == "production" else "benchmarks.annotation_load:proposed_app",
+        "app.main:create_app",
         "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",
@@ -452,15 +397,37 @@ def judgement(task: dict, rng: random.Random) -> bytes:
 
 
 async def annotator(
-    conn: Connection, seed: int, warm_until: float, stop_at: float, stats: Stats, piggyback: bool
+    conn: Connection,
+    seed: int,
+    warm_until: float,
+    stop_at: float,
+    stats: Stats,
+    piggyback: bool,
+    interval: float,
 ):
     """next → submit until the time is up. With piggyback the submit also returns the next task
-    (`?next=true`), so a loop is one request instead of two."""
+    (`?next=true`), so a loop is one request instead of two.
+
+    interval 0: the next loop starts as soon as the last one ends (closed loop: measures capacity;
+    latency is then mostly queueing, N / throughput by Little's law). interval > 0: loops start on a
+    Poisson schedule with that mean gap (open loop: measures latency at a given load); a late loop
+    counts its latency from when it was due, so a slow server cannot hide its backlog.
+    """
     rng = random.Random(seed)
     task = None
-    while time.perf_counter() < stop_at:
-        counted = time.perf_counter() >= warm_until
-        t0 = time.perf_counter()
+    due = time.perf_counter() + (rng.expovariate(1 / interval) if interval else 0.0)
+    while True:
+        if interval:
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+            t0 = due
+            due += rng.expovariate(1 / interval)
+        else:
+            t0 = time.perf_counter()
+        if t0 >= stop_at:
+            break
+        counted = t0 >= warm_until
         fetched = task is None
         if fetched:
             stats.requests += 1
@@ -498,13 +465,21 @@ async def annotator(
             stats.submits += 1
             if fetched:
                 stats.next_ms.append((t1 - t0) * 1000)
-            stats.submit_ms.append((t2 - t1) * 1000)
+                stats.submit_ms.append((t2 - t1) * 1000)
+            else:
+                stats.submit_ms.append((t2 - t0) * 1000)
             stats.loop_ms.append((t2 - t0) * 1000)
 
 
 async def run_load(
-    base: str, credentials: list[dict[str, str]], duration: float, warmup: float, piggyback: bool = False
+    base: str,
+    credentials: list[dict[str, str]],
+    duration: float,
+    warmup: float,
+    piggyback: bool = False,
+    rate: float = 0.0,
 ) -> Stats:
+    """Drive the server with one simulated annotator per credential; rate: total loops/s (0: flat out)."""
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -512,10 +487,11 @@ async def run_load(
     conns = [Connection(host, port, headers) for headers in credentials]
     await asyncio.gather(*(c.open() for c in conns))
     stats = Stats()
+    interval = len(conns) / rate if rate > 0 else 0.0
     start = time.perf_counter()
     warm_until, stop_at = start + warmup, start + warmup + duration
     await asyncio.gather(
-        *(annotator(c, i, warm_until, stop_at, stats, piggyback) for i, c in enumerate(conns))
+        *(annotator(c, i, warm_until, stop_at, stats, piggyback, interval) for i, c in enumerate(conns))
     )
     await asyncio.gather(*(c.close() for c in conns))
     return stats
@@ -552,13 +528,6 @@ def main() -> None:
         ),
         help="a Postgres URL allowed to create and drop the scratch database",
     )
-    parser.add_argument(
-        "--server",
-        choices=("production", "proposed"),
-        default="production",
-        help="production: app.main:create_app as shipped; proposed: with the two changes described in "
-        "proposed_app() (for files outside the annotation area), to measure them",
-    )
     parser.add_argument("--url", help="drive this running server instead of starting one (127.0.0.1 only)")
     parser.add_argument("--tokens", type=Path, help="with --url: a file of annotator API tokens, one a line")
     parser.add_argument("--keep-database", action="store_true", help="do not drop the scratch database")
@@ -568,11 +537,24 @@ def main() -> None:
         help="two-requests: GET next then POST submit; piggyback: POST submit?next=true returns the next "
         "task (one request per loop); comma-separated, each measured in turn on the same server",
     )
+    parser.add_argument(
+        "--rates",
+        default="0,300",
+        help="total submits/s the annotators aim at, comma-separated, each run per mode: 0 = flat out "
+        "(closed loop, capacity), R > 0 = Poisson arrivals at R/s (open loop, latency at that load)",
+    )
     args = parser.parse_args()
     duration = min(args.duration, 300.0)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(modes) <= {"two-requests", "piggyback"}:
         raise SystemExit("--modes takes two-requests and/or piggyback")
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit("--rates takes numbers, e.g. 0,300") from None
+    if any(r < 0 for r in rates):
+        raise SystemExit("--rates must be 0 (flat out) or positive")
+    runs = [(mode, rate) for rate in rates for mode in modes]
 
     try:
         import uvloop
@@ -587,9 +569,9 @@ def main() -> None:
         tokens = [t.strip() for t in args.tokens.read_text().splitlines() if t.strip()]
         credentials = [{"Authorization": f"Bearer {t}"} for t in tokens[: args.annotators]]
         results = {}
-        for mode in modes:
-            results[mode] = asyncio.run(
-                run_load(args.url.rstrip("/"), credentials, duration, args.warmup, mode == "piggyback")
+        for mode, rate in runs:
+            results[run_label(mode, rate)] = asyncio.run(
+                run_load(args.url.rstrip("/"), credentials, duration, args.warmup, mode == "piggyback", rate)
             )
         report(args, results, duration, "external server")
         return
@@ -604,22 +586,24 @@ def main() -> None:
             session_credentials(user_ids) if args.auth == "session" else token_credentials(url, user_ids)
         )
         with tempfile.TemporaryDirectory(prefix="prefloop-load-") as data_dir:
-            server, base = start_server(url, args.workers, Path(data_dir), args.server)
+            server, base = start_server(url, args.workers, Path(data_dir))
             print(f"server at {base} ({args.workers} uvicorn workers); load average {load_average()}")
             results = {}
-            for mode in modes:
+            for mode, rate in runs:
                 before = (
                     process_tree_cpu(server.pid),
                     postgres_cpu(),
                     time.process_time(),
                     time.perf_counter(),
                 )
-                stats = asyncio.run(run_load(base, credentials, duration, args.warmup, mode == "piggyback"))
+                stats = asyncio.run(
+                    run_load(base, credentials, duration, args.warmup, mode == "piggyback", rate)
+                )
                 stats.server_cpu = process_tree_cpu(server.pid) - before[0]
                 stats.postgres_cpu = postgres_cpu() - before[1]
                 stats.client_cpu = time.process_time() - before[2]
                 stats.wall = time.perf_counter() - before[3]
-                results[mode] = stats
+                results[run_label(mode, rate)] = stats
             stop_server(server)
             server = None
             server_log = (Path(data_dir) / "server.log").read_text(errors="replace")
@@ -627,9 +611,7 @@ def main() -> None:
         if failures:
             last = [line for line in server_log.splitlines() if line.strip()][-1]
             print(f"the server logged {failures} exceptions; the last: {last}")
-        report(
-            args, results, duration, f"{args.server} app, {args.workers} uvicorn workers, {args.auth} auth"
-        )
+        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
     finally:
         if server is not None:
             stop_server(server)
@@ -637,9 +619,13 @@ def main() -> None:
             drop_database(args.pg_admin_url, url)
 
 
+def run_label(mode: str, rate: float) -> str:
+    return f"{mode}, {'flat out' if rate <= 0 else f'{rate:.0f}/s offered'}"
+
+
 def report(args, results: dict[str, Stats], duration: float, setup: str) -> None:
     print()
-    print(f"{args.annotators} annotators, {duration:.0f}s measured per mode after {args.warmup:.0f}s warm-up, "
+    print(f"{args.annotators} annotators, {duration:.0f}s measured per run after {args.warmup:.0f}s warm-up, "
           f"{setup}; load average {load_average()}")  # fmt: skip
     rows = []
     for mode, stats in results.items():

@@ -17,6 +17,7 @@ from app.security import (
     authenticate,
     check_csrf,
     make_session_cookie,
+    principal_cache,
     public,
 )
 from app.templating import render
@@ -70,12 +71,13 @@ def login(
 
 
 @router.post("/logout", include_in_schema=False)
-def logout(principal: AnyUser, db: DbSession) -> RedirectResponse:
+def logout(request: Request, principal: AnyUser, db: DbSession) -> RedirectResponse:
     # Bumping the generation invalidates every cookie issued to this user, not only this browser's.
     db.execute(
         update(User).where(User.id == principal.id).values(session_generation=User.session_generation + 1)
     )
     db.commit()
+    principal_cache(request).forget_user(principal.id)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from app.security import hash_token
 
 
@@ -91,3 +93,58 @@ def test_passwords_are_argon2_hashed(db, make_user):
     assert user.password_hash.startswith("$argon2")
     assert verify_password(password, user.password_hash)
     assert not verify_password(password + "x", user.password_hash)
+
+
+def test_a_change_made_outside_the_app_applies_once_the_principal_cache_lapses(client, login, db, app):
+    """Verified logins are trusted for auth_cache_seconds; a deactivation by the CLI or SQL (which this
+    process cannot see) shuts the session out as soon as that window has passed."""
+    from sqlalchemy import update
+
+    from app.models import User
+
+    app.state.principal_cache.ttl = 0.3
+    user = login("annotator")
+    assert client.get("/api/tasks/next").status_code in (200, 204)
+    db.execute(update(User).where(User.id == user.id).values(is_active=False))
+    db.commit()
+    cached = client.get("/api/tasks/next")
+    assert cached.status_code in (200, 204)  # within the window: still trusted
+    time.sleep(0.35)
+    assert client.get("/api/tasks/next").status_code == 401
+
+
+def test_with_the_principal_cache_off_every_request_reads_the_user(client, login, db, app):
+    from sqlalchemy import update
+
+    from app.models import User
+
+    user = login("annotator")
+    assert client.get("/api/tasks/next").status_code in (200, 204)
+    app.state.principal_cache.ttl = 0
+    app.state.principal_cache.forget_user(user.id)
+    db.execute(update(User).where(User.id == user.id).values(role="researcher"))
+    db.commit()
+    refused = client.get("/api/tasks/next")
+    assert refused.status_code == 403
+    assert "you are signed in as researcher" in refused.json()["detail"]
+
+
+def test_principal_cache_entries_expire_and_are_bounded():
+    from app.security import Principal, PrincipalCache
+
+    cache = PrincipalCache(ttl=60, max_entries=3)
+    alice = Principal(id=1, username="alice", role="annotator", via_token=False)
+    bob = Principal(id=2, username="bob", role="admin", via_token=True)
+    cache.put(("session", 1, 0), alice)
+    cache.put(("token", "t"), bob)
+    assert cache.get(("session", 1, 0)) == alice
+    assert cache.get(("session", 1, 1)) is None  # a newer generation is another credential
+    cache.forget_user(1)
+    assert cache.get(("session", 1, 0)) is None
+    assert cache.get(("token", "t")) == bob
+    for i in range(5):
+        cache.put(("session", 10 + i, 0), alice)
+    assert len(cache._entries) <= 3
+    cache.ttl = -1  # already lapsed when stored: never stored
+    cache.put(("session", 99, 0), alice)
+    assert cache.get(("session", 99, 0)) is None

@@ -291,7 +291,10 @@ class _Linear:
         for part in self.parts:
             y = F.linear(x, part.weight)
             for a, b, scale in part.adapters:
-                y = y + F.linear(F.linear(x, a), b) * scale
+                # Adapters may be float32 over a half-precision base (LoRA keeps its trainable weights
+                # in full precision); compute them in their own dtype and add the result back, like peft.
+                delta = F.linear(F.linear(x.to(a.dtype), a), b) * scale
+                y = y + delta.to(y.dtype)
             outputs.append(y)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
