@@ -18,6 +18,8 @@ may come back to them. Reloading the page gives back the task they hold instead 
 from __future__ import annotations
 
 import random
+import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +27,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, TextClause, and_, bindparam, select, text, update
+from sqlalchemy import DateTime, Engine, TextClause, TextualSelect, and_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import is_postgres
@@ -90,11 +92,12 @@ WHERE id = (
 RETURNING task_id
 """
 
-# The oldest ordinary task with a free slot that this annotator has not seen (an expired assignment
-# of theirs does not count as seen). Walks ix_tasks_claimable.
+# The oldest ordinary task from id :floor on with a free slot that this annotator has not seen (an
+# expired assignment of theirs does not count as seen). Walks ix_tasks_claimable.
 _CANDIDATE = """
 SELECT t.id FROM tasks t
 WHERE t.status = 'open' AND t.claimed_count < t.required_annotations AND t.is_gold = false{kind}
+  AND t.id >= :floor
   AND NOT EXISTS (
     SELECT 1 FROM assignments a
     WHERE a.task_id = t.id AND a.user_id = :user_id AND a.status <> 'expired'
@@ -113,8 +116,15 @@ RETURNING task_id
 """
 
 # Postgres: choose (skipping rows other transactions hold), count the slot and assign, in one statement.
+# OFFSET 0 keeps the NOT EXISTS a per-candidate probe of (task_id, user_id): left to itself the planner
+# turns it into a merge anti-join that reads every assignment of the table, so each claim grew slower
+# as annotations piled up.
 _CLAIM_POSTGRES = (
-    "WITH candidate AS (" + _CANDIDATE.replace("LIMIT 1", "LIMIT 1 FOR UPDATE SKIP LOCKED") + "),\n"
+    "WITH candidate AS ("
+    + _CANDIDATE.replace("LIMIT 1", "LIMIT 1 FOR UPDATE SKIP LOCKED").replace(
+        "a.status <> 'expired'\n", "a.status <> 'expired' OFFSET 0\n"
+    )
+    + "),\n"
     "claimed AS (UPDATE tasks SET claimed_count = claimed_count + 1 FROM candidate "
     "WHERE tasks.id = candidate.id RETURNING tasks.id)\n"
     + _ASSIGN.format(
@@ -144,6 +154,28 @@ ORDER BY tr.position
 _EXPIRES_AT = text(
     "SELECT expires_at FROM assignments WHERE task_id = :task_id AND user_id = :user_id"
 ).columns(expires_at=DateTime(timezone=True))
+# Postgres, the common case of a next-task request in one round trip: resume the held task or else
+# claim a new slot (as _RESUME and _CLAIM_POSTGRES), and return the chosen task as _VIEW does. The
+# claim runs only when nothing was resumed (a one-time filter on the resumed CTE).
+_NEXT_POSTGRES = (
+    "WITH resumed AS ("
+    + _RESUME
+    + "),\n"
+    + _CLAIM_POSTGRES.replace("WITH candidate AS (", "candidate AS (", 1)
+    .replace("WHERE t.status = 'open'", "WHERE NOT EXISTS (SELECT 1 FROM resumed) AND t.status = 'open'", 1)
+    .replace("\nINSERT INTO assignments", ",\nassigned AS (INSERT INTO assignments", 1)
+    + "),\nchosen AS (SELECT task_id FROM resumed UNION ALL SELECT task_id FROM assigned)\n"
+    + """
+SELECT c.task_id, t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position,
+       r.id AS response_id, r.text
+FROM chosen c
+JOIN tasks t ON t.id = c.task_id
+JOIN prompts p ON p.id = t.prompt_id
+JOIN task_responses tr ON tr.task_id = t.id
+JOIN responses r ON r.id = tr.response_id
+ORDER BY tr.position
+"""
+)
 # Typed so that SQLite stores them in the same text format as the ORM does (its comparisons are textual).
 _TIMES = (
     bindparam("now", type_=DateTime(timezone=True)),
@@ -152,25 +184,26 @@ _TIMES = (
 
 
 @lru_cache(maxsize=32)
-def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause:
+def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause | TextualSelect:
     """A compiled-once statement for this dialect and kind filter (none when every kind is wanted)."""
     kind = "" if kinds == TASK_KINDS else _KIND
     sql = {
         "resume": _RESUME,
         "claim": _CLAIM_POSTGRES if dialect == "postgresql" else _CLAIM_SQLITE,
         "assign": _ASSIGN_ONE,
+        "next": _NEXT_POSTGRES,
     }[name].replace("{kind}", kind)
     stmt = text(sql)
     stmt = stmt.bindparams(*[b for b in _TIMES if f":{b.key}" in sql])
     if ":kinds" in sql:
         stmt = stmt.bindparams(bindparam("kinds", expanding=True))
-    return stmt
+    return stmt.columns(messages=JSONType) if name == "next" else stmt
 
 
 def _params(
     user_id: int, kinds: tuple[str, ...], now: datetime, ttl: timedelta, **extra: Any
 ) -> dict[str, Any]:
-    params = {"user_id": user_id, "now": now, "expires_at": now + ttl, **extra}
+    params = {"user_id": user_id, "now": now, "expires_at": now + ttl, "floor": 0, **extra}
     if kinds != TASK_KINDS:
         params["kinds"] = list(kinds)
     return params
@@ -226,21 +259,16 @@ def _take_slot(db: Session, task_id: int, user_id: int, now: datetime, ttl: time
     return True
 
 
-def _claim_gold(
-    db: Session,
-    user_id: int,
-    kinds: tuple[str, ...],
-    now: datetime,
-    ttl: timedelta,
-    share: float,
-    rng: random.Random,
-) -> int | None:
-    """Now and then a gold task (known best answer) instead of an ordinary one (app/quality/gold.py)."""
-    if share <= 0 or "rank" not in kinds or rng.random() >= share:
-        return None
+def _draws_gold(share: float, kinds: tuple[str, ...], rng: random.Random) -> bool:
+    """Whether this assignment, if it is a new one, should be a gold task (known best answer)."""
+    return share > 0 and "rank" in kinds and rng.random() < share
+
+
+def _claim_gold(db: Session, user_id: int, now: datetime, ttl: timedelta, rng: random.Random) -> int | None:
+    """A slot of a gold task this annotator has not seen (app/quality/gold.py), or None."""
     from app.quality.gold import choose_gold
 
-    task = choose_gold(db, user_id, 1.0, rng)  # the draw above already decided "gold"
+    task = choose_gold(db, user_id, 1.0, rng)  # the caller's draw already decided "gold"
     if task is None:
         return None
     return task.id if _take_slot(db, task.id, user_id, now, ttl) else None
@@ -250,21 +278,20 @@ def _assign(
     db: Session,
     user_id: int,
     ttl_seconds: int,
-    kinds: Sequence[str] | None,
-    gold_share: float,
-    rng: random.Random | None,
+    kinds: tuple[str, ...],
+    gold: bool,
+    rng: random.Random,
 ) -> tuple[int | None, datetime]:
     """Resume the held task or claim a new slot (uncommitted); returns it with its new deadline."""
-    wanted = _kinds(kinds)
     ttl = timedelta(seconds=ttl_seconds)
     now = utcnow()
-    task_id = _resume(db, user_id, wanted, now, ttl)
+    task_id = _resume(db, user_id, kinds, now, ttl)
+    if task_id is None and gold:
+        task_id = _claim_gold(db, user_id, now, ttl, rng)
     if task_id is None:
-        task_id = _claim_gold(db, user_id, wanted, now, ttl, gold_share, rng or _rng)
+        task_id = _claim_new(db, user_id, kinds, now, ttl)
     if task_id is None:
-        task_id = _claim_new(db, user_id, wanted, now, ttl)
-    if task_id is None:
-        task_id = _resume(db, user_id, wanted, now, ttl)  # a concurrent request of theirs got one
+        task_id = _resume(db, user_id, kinds, now, ttl)  # a concurrent request of theirs got one
     return task_id, now + ttl
 
 
@@ -281,7 +308,8 @@ def assign_next_task(
     None when no task is left for them. With gold_share > 0, that share of new assignments is a gold
     task the annotator has not seen, when one is left.
     """
-    task_id, _deadline = _assign(db, user_id, ttl_seconds, kinds, gold_share, rng)
+    wanted, rng = _kinds(kinds), rng or _rng
+    task_id, _deadline = _assign(db, user_id, ttl_seconds, wanted, _draws_gold(gold_share, wanted, rng), rng)
     db.commit()
     return task_id
 
@@ -295,6 +323,10 @@ def load_task_view(db: Session, task_id: int, user_id: int | None = None) -> Tas
     expires_at = None
     if user_id is not None:
         expires_at = conn.execute(_EXPIRES_AT, {"task_id": task_id, "user_id": user_id}).scalar()
+    return _view_of(rows, task_id, expires_at)
+
+
+def _view_of(rows: Sequence[Any], task_id: int, expires_at: datetime | None) -> TaskView:
     first = rows[0]
     return TaskView(
         id=task_id,
@@ -307,6 +339,68 @@ def load_task_view(db: Session, task_id: int, user_id: int | None = None) -> Tas
     )
 
 
+class ScanFloors:
+    """Per annotator, the id their last claim found: where their next claim starts looking.
+
+    Every claim takes a slot of the oldest task with one free, and counting the slot rewrites the task
+    row, so the front of ix_tasks_claimable fills with entries of rows that are no longer claimable.
+    Postgres removes them only when the table is vacuumed (at most about once a minute), and under a
+    steady stream of claims a scan from the first id walks past thousands of them. Everything below an
+    annotator's last claim was, at that moment, taken, locked by another claim, or seen by them, so
+    their next scan can start there. A floor lasts `ttl` seconds: then the scan starts from the first
+    id again and picks up slots given back since (skips, expired assignments). A scan from a floor
+    that finds nothing is repeated from the first id, so "nothing left" is always a full answer.
+    """
+
+    def __init__(self, ttl: float = 10.0, max_entries: int = 100_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._floors: dict[tuple[int, tuple[str, ...]], tuple[float, int]] = {}
+
+    def get(self, user_id: int, kinds: tuple[str, ...]) -> int:
+        entry = self._floors.get((user_id, kinds))
+        return entry[1] if entry and entry[0] > time.monotonic() else 0
+
+    def set(self, user_id: int, kinds: tuple[str, ...], task_id: int) -> None:
+        if len(self._floors) >= self.max_entries:
+            self._floors.clear()
+        self._floors[(user_id, kinds)] = (time.monotonic() + self.ttl, task_id)
+
+
+_floors_by_engine: weakref.WeakKeyDictionary[Engine, ScanFloors] = weakref.WeakKeyDictionary()
+
+
+def _floors(db: Session) -> ScanFloors:
+    """The floors of this session's database (per engine: ids mean nothing across databases)."""
+    engine = db.get_bind()
+    floors = _floors_by_engine.get(engine)
+    if floors is None:
+        floors = _floors_by_engine.setdefault(engine, ScanFloors())
+    return floors
+
+
+def _next_in_one_statement(
+    db: Session, user_id: int, kinds: tuple[str, ...], ttl_seconds: int
+) -> TaskView | None:
+    """Postgres: resume or claim, and read the task, in one round trip (uncommitted); None if no task.
+
+    None leaves the transaction to roll back: the statement may have counted a slot it could not
+    assign (a concurrent request of the same annotator claimed that task first).
+    """
+    ttl = timedelta(seconds=ttl_seconds)
+    stmt = _statement("next", "postgresql", kinds)
+    floors = _floors(db)
+    floor = floors.get(user_id, kinds)
+    for start in (floor, 0) if floor else (0,):
+        now = utcnow()
+        rows = db.connection().execute(stmt, _params(user_id, kinds, now, ttl, floor=start)).all()
+        if rows:
+            floors.set(user_id, kinds, rows[0].task_id)
+            return _view_of(rows, rows[0].task_id, now + ttl)
+        db.rollback()
+    return None
+
+
 def next_task(
     db: Session,
     user_id: int,
@@ -316,7 +410,19 @@ def next_task(
     rng: random.Random | None = None,
 ) -> TaskView | None:
     """Assign (or resume) a task and return what the annotator sees (committed); None when nothing is left."""
-    task_id, deadline = _assign(db, user_id, ttl_seconds, kinds, gold_share, rng)
+    wanted, rng = _kinds(kinds), rng or _rng
+    gold = _draws_gold(gold_share, wanted, rng)
+    if not gold and is_postgres(db):
+        view = _next_in_one_statement(db, user_id, wanted, ttl_seconds)
+        if view is not None:
+            db.commit()
+            return view
+        # Nothing free for them, or a concurrent request of theirs claimed the same slot first:
+        # look for what they now hold.
+        now, ttl = utcnow(), timedelta(seconds=ttl_seconds)
+        task_id, deadline = _resume(db, user_id, wanted, now, ttl), now + ttl
+    else:
+        task_id, deadline = _assign(db, user_id, ttl_seconds, wanted, gold, rng)
     view = None
     if task_id is not None:
         view = replace(load_task_view(db, task_id), expires_at=deadline)  # set by the assigning statement

@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     )
     # Per process (each uvicorn worker and Celery child has its own pool); keep the sum of all pools
     # under Postgres's max_connections.
-    db_pool_size: int = Field(default=10, ge=1, description="Postgres connections kept per process.")
+    db_pool_size: int = Field(
+        default=20,
+        ge=1,
+        description="Postgres connections kept per process; a web process also runs this many handlers at once.",
+    )
     db_max_overflow: int = Field(default=10, ge=0, description="Extra connections under bursts.")
     auth_cache_seconds: float = Field(
         default=2.0,

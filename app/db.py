@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event, exc
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -45,12 +46,43 @@ def make_engine(url: str, pool_size: int | None = None, max_overflow: int | None
     from app.config import get_settings
 
     settings = get_settings()
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=settings.db_max_overflow if max_overflow is None else max_overflow,
-        pool_pre_ping=True,
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+IDLE_PING_SECONDS = 5.0
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Check a pooled connection before use if it sat idle a while; hand out busy ones as they are.
+
+    A database restart or an idle timeout kills connections while they wait in the pool, and the
+    first request to draw a dead one would fail. SQLAlchemy's pool_pre_ping prevents that with a
+    round trip on every checkout, which under load is one extra round trip per request for
+    connections that were in use a moment ago. Pinging only connections idle for IDLE_PING_SECONDS
+    keeps the protection where it matters; a failed ping makes the pool open a fresh connection.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def returned(_dbapi_connection, record) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def ping_if_idle(dbapi_connection, record, _proxy) -> None:
+        returned_at = record.info.get("returned_at")
+        if returned_at is None or time.monotonic() - returned_at < IDLE_PING_SECONDS:
+            return  # just opened, or back from a request a moment ago
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise exc.DisconnectionError(f"idle connection is gone: {error}") from error
+        if not alive:
+            raise exc.DisconnectionError("idle connection is gone")
 
 
 def get_engine(url: str | None = None) -> Engine:

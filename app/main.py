@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
 from urllib.parse import quote
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -37,6 +38,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if engine.dialect.name != "sqlite":
+            # Handlers run in worker threads and nearly all of them use a pooled connection: with more
+            # threads than pooled connections the extra threads queue on the pool instead, or open
+            # overflow connections that are closed again on return (a new Postgres process each time).
+            anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
         holder = PolicyHolder(app.state.sessionmaker, settings)
         app.state.policy_holder = holder
         holder.start()

@@ -225,6 +225,13 @@ class Task(Base):
             postgresql_where=text("status = 'open' AND claimed_count < required_annotations"),
             sqlite_where=text("status = 'open' AND claimed_count < required_annotations"),
         ),
+        # The few open gold tasks, for the gold draw (without it, that query reads every open task).
+        Index(
+            "ix_tasks_gold_open",
+            "id",
+            postgresql_where=text("is_gold = true AND status = 'open'"),
+            sqlite_where=text("is_gold = true AND status = 'open'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -266,6 +273,15 @@ class Assignment(Base):
         UniqueConstraint("task_id", "user_id"),
         CheckConstraint(_in("status", ASSIGNMENT_STATUSES), name="status"),
         Index("ix_assignments_status_expires_at", "status", "expires_at"),
+        # The task an annotator holds right now: read on every page load and next-task call, and
+        # without it found among everything the annotator ever did.
+        Index(
+            "ix_assignments_active_user",
+            "user_id",
+            "id",
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

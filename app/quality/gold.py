@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, delete, func, insert, literal, select, true, update
+from sqlalchemy import ColumnElement, Select, delete, exists, func, insert, literal, select, true, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
@@ -334,17 +334,18 @@ def choose_gold(db: Session, user_id: int, share: float, rng: random.Random) -> 
     """
     if share <= 0 or rng.random() >= share:
         return None
-    seen = select(Assignment.task_id).where(Assignment.user_id == user_id)
-    answered = select(Annotation.task_id).where(Annotation.user_id == user_id)
+    # Probed per gold task (there are few), not read in full: an annotator's history only grows.
+    seen = exists().where(Assignment.task_id == Task.id, Assignment.user_id == user_id)
+    answered = exists().where(Annotation.task_id == Task.id, Annotation.user_id == user_id)
     ids = db.scalars(
         select(Task.id).where(
-            Task.is_gold.is_(True),
+            Task.is_gold,  # as the partial index ix_tasks_gold_open says it (not IS TRUE), so it is used
             Task.gold_response_id.is_not(None),
             Task.status == "open",
             Task.claimed_count < Task.required_annotations,
             Task.annotation_count < Task.required_annotations,
-            Task.id.not_in(seen),
-            Task.id.not_in(answered),
+            ~seen,
+            ~answered,
         )
     ).all()
     if not ids:

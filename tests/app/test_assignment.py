@@ -16,7 +16,7 @@ from app.assignment import (
     next_task,
     release_assignment,
 )
-from app.models import Assignment, Task, utcnow
+from app.models import TASK_KINDS, Assignment, Task, utcnow
 from app.schemas import AnnotationIn
 from app.tasks_pool import add_static_tasks
 
@@ -144,3 +144,35 @@ def test_gold_tasks_come_only_at_their_share(db, make_user):
     a, b = make_user()[0], make_user()[0]
     assert assign_next_task(db, a.id, TTL, gold_share=0.0) == ordinary[0]
     assert assign_next_task(db, b.id, TTL, gold_share=1.0, rng=random.Random(0)) == gold_task
+
+
+def _floors_of(db):
+    from app.assignment import _floors
+
+    return _floors(db)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_slot_given_back_below_the_scan_floor_is_offered_when_nothing_is_left_above(db, make_user):
+    first, second = seed(db, 2)
+    early, late = make_user()[0], make_user()[0]
+    assert next_task(db, early.id, TTL).id == first
+    assert next_task(db, late.id, TTL).id == second  # late's next scan starts at `second`
+    assert release_assignment(db, first, early.id)  # `first` has a free slot again, below that floor
+    rank_all(db, second, late.id)
+    assert next_task(db, late.id, TTL).id == first  # nothing from the floor on: scanned from the start
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_the_scan_floor_lapses_and_the_oldest_free_slot_comes_first_again(db, make_user):
+    first, second, third = seed(db, 3)
+    early, late = make_user()[0], make_user()[0]
+    assert next_task(db, early.id, TTL).id == first
+    assert next_task(db, late.id, TTL).id == second
+    assert release_assignment(db, first, early.id)
+    rank_all(db, second, late.id)
+    floors = _floors_of(db)
+    assert floors.get(late.id, TASK_KINDS) == second
+    floors.ttl = 0  # as if the floor's time were up
+    floors.set(late.id, TASK_KINDS, second)
+    assert next_task(db, late.id, TTL).id == first  # not `third`: the oldest free slot again
