@@ -57,9 +57,21 @@ def normalise(payload: AnnotationIn) -> AnnotationIn:
     )
 
 
-def payload_hash(payload: AnnotationIn) -> str:
-    body = normalise(payload).model_dump(exclude={"time_spent_ms"})
-    body["flags"] = {str(k): v for k, v in body["flags"].items()}
+def payload_hash(payload: AnnotationIn, normalised: bool = False) -> str:
+    """The judgement's identity for replays: equal for payloads that mean the same (time spent aside).
+
+    Pass normalised=True for a payload that already went through normalise().
+    """
+    p = payload if normalised else normalise(payload)
+    body = {
+        "ranking": p.ranking,
+        "all_bad": p.all_bad,
+        "skip": p.skip,
+        "skip_reason": p.skip_reason,
+        "flags": {str(k): v for k, v in p.flags.items()},
+        "flag_note": p.flag_note,
+        "rationale": p.rationale,
+    }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -272,7 +284,7 @@ def submit_annotation(
     Raises AnnotationError (404, 409, 422) with a message that says what to fix.
     """
     payload = normalise(payload)
-    digest = payload_hash(payload)
+    digest = payload_hash(payload, normalised=True)
     try:
         result = _store(db, task_id, user_id, payload, digest)
     except _AlreadyJudged:

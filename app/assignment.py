@@ -115,21 +115,23 @@ ON CONFLICT (task_id, user_id) DO UPDATE
 RETURNING task_id
 """
 
-# Postgres: choose (skipping rows other transactions hold), count the slot and assign, in one statement.
-# OFFSET 0 keeps the NOT EXISTS a per-candidate probe of (task_id, user_id): left to itself the planner
-# turns it into a merge anti-join that reads every assignment of the table, so each claim grew slower
-# as annotations piled up.
+# Postgres: choose (skipping rows other transactions hold), assign, and count the slot, in one
+# statement. The slot is counted only for an assignment actually made (none when a concurrent request
+# of the same annotator assigned this task first), so the statement never needs undoing and can run
+# on its own, without a surrounding transaction. OFFSET 0 keeps the NOT EXISTS a per-candidate probe
+# of (task_id, user_id): left to itself the planner turns it into a merge anti-join that reads every
+# assignment of the table, so each claim grew slower as annotations piled up.
+_CANDIDATE_LOCKED = _CANDIDATE.replace("LIMIT 1", "LIMIT 1 FOR UPDATE SKIP LOCKED").replace(
+    "a.status <> 'expired'\n", "a.status <> 'expired' OFFSET 0\n"
+)
+_ASSIGN_CANDIDATE = _ASSIGN.format(source="SELECT id, :user_id, 'active', :now, :expires_at FROM candidate")
+_COUNT_ASSIGNED = (
+    "UPDATE tasks SET claimed_count = claimed_count + 1 FROM assigned "
+    "WHERE tasks.id = assigned.task_id RETURNING tasks.id AS task_id"
+)
 _CLAIM_POSTGRES = (
-    "WITH candidate AS ("
-    + _CANDIDATE.replace("LIMIT 1", "LIMIT 1 FOR UPDATE SKIP LOCKED").replace(
-        "a.status <> 'expired'\n", "a.status <> 'expired' OFFSET 0\n"
-    )
-    + "),\n"
-    "claimed AS (UPDATE tasks SET claimed_count = claimed_count + 1 FROM candidate "
-    "WHERE tasks.id = candidate.id RETURNING tasks.id)\n"
-    + _ASSIGN.format(
-        source="SELECT id, :user_id, 'active', :now, :expires_at FROM claimed",
-    )
+    "WITH candidate AS (" + _CANDIDATE_LOCKED + "),\n"
+    "assigned AS (" + _ASSIGN_CANDIDATE + ")\n" + _COUNT_ASSIGNED
 )
 
 # SQLite: count the slot of the candidate (atomic: SQLite runs one writer at a time), then assign.
@@ -158,14 +160,14 @@ _EXPIRES_AT = text(
 # claim a new slot (as _RESUME and _CLAIM_POSTGRES), and return the chosen task as _VIEW does. The
 # claim runs only when nothing was resumed (a one-time filter on the resumed CTE).
 _NEXT_POSTGRES = (
-    "WITH resumed AS ("
-    + _RESUME
+    "WITH resumed AS (" + _RESUME + "),\n"
+    "candidate AS ("
+    + _CANDIDATE_LOCKED.replace("WHERE t.status", "WHERE NOT EXISTS (SELECT 1 FROM resumed) AND t.status", 1)
     + "),\n"
-    + _CLAIM_POSTGRES.replace("WITH candidate AS (", "candidate AS (", 1)
-    .replace("WHERE t.status = 'open'", "WHERE NOT EXISTS (SELECT 1 FROM resumed) AND t.status = 'open'", 1)
-    .replace("\nINSERT INTO assignments", ",\nassigned AS (INSERT INTO assignments", 1)
-    + "),\nchosen AS (SELECT task_id FROM resumed UNION ALL SELECT task_id FROM assigned)\n"
-    + """
+    "assigned AS (" + _ASSIGN_CANDIDATE + "),\n"
+    "claimed AS (" + _COUNT_ASSIGNED + "),\n"
+    "chosen AS (SELECT task_id FROM resumed UNION ALL SELECT task_id FROM claimed)\n"
+    """
 SELECT c.task_id, t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position,
        r.id AS response_id, r.text
 FROM chosen c
@@ -227,10 +229,7 @@ def _claim_new(
     conn = db.connection()
     params = _params(user_id, kinds, now, ttl)
     if dialect == "postgresql":
-        task_id = conn.execute(_statement("claim", dialect, kinds), params).scalar()
-        if task_id is None:
-            db.rollback()  # a slot may have been counted for an assignment that was not made
-        return task_id
+        return conn.execute(_statement("claim", dialect, kinds), params).scalar()
     for _ in range(MAX_CLAIM_ATTEMPTS):
         task_id = conn.execute(_statement("claim", dialect, kinds), params).scalar()
         if task_id is None:
@@ -382,22 +381,25 @@ def _floors(db: Session) -> ScanFloors:
 def _next_in_one_statement(
     db: Session, user_id: int, kinds: tuple[str, ...], ttl_seconds: int
 ) -> TaskView | None:
-    """Postgres: resume or claim, and read the task, in one round trip (uncommitted); None if no task.
+    """Postgres: resume or claim, and read the task, in one round trip; None if no task is left.
 
-    None leaves the transaction to roll back: the statement may have counted a slot it could not
-    assign (a concurrent request of the same annotator claimed that task first).
+    The statement is complete on its own (see _CLAIM_POSTGRES), so when the session has no transaction
+    open yet it runs in autocommit: no BEGIN and COMMIT round trips around it.
     """
     ttl = timedelta(seconds=ttl_seconds)
     stmt = _statement("next", "postgresql", kinds)
+    if db.in_transaction():
+        conn = db.connection()
+    else:
+        conn = db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     floors = _floors(db)
     floor = floors.get(user_id, kinds)
     for start in (floor, 0) if floor else (0,):
         now = utcnow()
-        rows = db.connection().execute(stmt, _params(user_id, kinds, now, ttl, floor=start)).all()
+        rows = conn.execute(stmt, _params(user_id, kinds, now, ttl, floor=start)).all()
         if rows:
             floors.set(user_id, kinds, rows[0].task_id)
             return _view_of(rows, rows[0].task_id, now + ttl)
-        db.rollback()
     return None
 
 
@@ -418,7 +420,8 @@ def next_task(
             db.commit()
             return view
         # Nothing free for them, or a concurrent request of theirs claimed the same slot first:
-        # look for what they now hold.
+        # look for what they now hold (in a transaction of its own).
+        db.rollback()
         now, ttl = utcnow(), timedelta(seconds=ttl_seconds)
         task_id, deadline = _resume(db, user_id, wanted, now, ttl), now + ttl
     else:

@@ -176,3 +176,40 @@ def test_the_scan_floor_lapses_and_the_oldest_free_slot_comes_first_again(db, ma
     floors.ttl = 0  # as if the floor's time were up
     floors.set(late.id, TASK_KINDS, second)
     assert next_task(db, late.id, TTL).id == first  # not `third`: the oldest free slot again
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_concurrent_requests_of_one_annotator_count_each_slot_they_hold_once(db, make_user, engine):
+    """Tabs asking at once: each gets a task it holds, and every task's slot counter equals its
+    assignments (a lost race never leaves a slot counted for an assignment that was not made)."""
+    import threading
+
+    from sqlalchemy import func
+
+    from app.db import session_factory
+
+    tasks = seed(db, 4, required=2)
+    user, _ = make_user()
+    sessions = session_factory(engine)
+    got: list[int | None] = []
+    barrier = threading.Barrier(6)
+
+    def ask() -> None:
+        with sessions() as own:
+            barrier.wait()
+            view = next_task(own, user.id, TTL)
+            got.append(view.id if view else None)
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    db.expire_all()
+    held = set(db.scalars(select(Assignment.task_id).where(Assignment.user_id == user.id)))
+    assert None not in got and set(got) <= held
+    for task_id in tasks:
+        assignments = db.scalar(
+            select(func.count()).select_from(Assignment).where(Assignment.task_id == task_id)
+        )
+        assert claimed(db, task_id) == assignments
