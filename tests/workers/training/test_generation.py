@@ -418,6 +418,38 @@ def test_lora_policy_uses_current_adapter_weights(tiny_model_dir, packed):
     assert after == reference.generate_ids(prompts, sampling).response_ids
 
 
+def test_float32_adapters_over_a_bfloat16_base_decode_like_peft(tiny_model_dir):
+    """LoRA keeps its trainable weights in float32 over a half-precision base; the fast path computes
+    them in their own dtype (as peft does) instead of failing on the mix."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.training.generation import _LlamaDecoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+                if "lora_B" in name:
+                    param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    generator = BatchedGenerator(model, tokenizer)
+    assert generator.fast_path_active()
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS[:2]]
+    ids = torch.tensor([prompts[0][-12:], prompts[1][-12:]])
+    valid = torch.ones_like(ids)
+    positions = torch.arange(12).expand(2, -1)
+    with torch.inference_mode():
+        decoder = _LlamaDecoder(model, 2, 13, torch.device("cpu"))
+        ours = decoder.prefill(ids, valid, positions)
+        reference = model(input_ids=ids, attention_mask=valid, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=0.05, atol=0.05)
+    sampling = SamplingConfig(max_new_tokens=4, do_sample=False, repetition_penalty=1.0)
+    assert all(len(r) == 4 for r in generator.generate_ids(prompts, sampling).response_ids)
+
+
 def test_other_architectures_take_the_generic_path(tiny):
     from transformers import GPT2Config, GPT2LMHeadModel
 
