@@ -36,15 +36,21 @@ def test_serve_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path, tiny_mo
         "PREFLOOP_POLICY_POLL_SECONDS": "1",
     }
     prefloop = [sys.executable, "-m", "app.cli"]
-    init = subprocess.run([*prefloop, "init", "--demo", "--base-model", str(tiny_model_dir)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    init = subprocess.run(
+        [*prefloop, "init", "--demo", "--base-model", str(tiny_model_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert init.returncode == 0, init.stderr + init.stdout
 
     port = _free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
-        server = subprocess.Popen([*prefloop, "serve", "--port", str(port)], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [*prefloop, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -59,7 +65,10 @@ def test_serve_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path, tiny_mo
                 pass
             assert server.poll() is None, log_path.read_text()
             time.sleep(1)
-        assert body and body["status"] == "ok" and body["served_policy_version"] == 0, (body, log_path.read_text())
+        assert body and body["status"] == "ok" and body["served_policy_version"] == 0, (
+            body,
+            log_path.read_text(),
+        )
         output = log_path.read_text()
         assert base in output and "annotator / annotator-demo" in output
         worker_pids = _children_of(server.pid)
@@ -68,8 +77,9 @@ def test_serve_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path, tiny_mo
         with httpx.Client(base_url=base, follow_redirects=False) as browser:
             browser.get("/login")
             csrf = browser.cookies["prefloop_csrf"]
-            login = browser.post("/login", data={"username": "annotator", "password": "annotator-demo",
-                                                 "csrf_token": csrf})
+            login = browser.post(
+                "/login", data={"username": "annotator", "password": "annotator-demo", "csrf_token": csrf}
+            )
             assert login.status_code == 303 and login.headers["location"] == "/annotate"
             assert "prefloop_session" in browser.cookies
     finally:
@@ -82,4 +92,6 @@ def test_serve_runs_the_embedded_stack_and_stops_cleanly(tmp_path: Path, tiny_mo
     assert code == 0, log_path.read_text()
     assert "prefloop stopped" in log_path.read_text()
     for pid in worker_pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )
