@@ -10,10 +10,11 @@ Per step, a side samples `--batch` responses of up to `--response-tokens` tokens
 makes one PPO update. Response tokens/s = response tokens / step wall time, over the measured steps
 (the first step is a warm-up and not counted). TRL generates exactly `--response-tokens` tokens per row
 (no stop token, its default); prefloop stops a row at EOS, so its count is of real tokens only.
-By default TRL runs the same recipe as ours (one PPO epoch, one mini-batch, no gradient
-checkpointing); `--trl-defaults` runs TRL's own defaults instead (4 epochs, gradient checkpointing).
+TRL runs twice: side `trl` with the same recipe as ours (one PPO epoch, one mini-batch, no gradient
+checkpointing), the like-for-like comparison; side `trl-defaults` with TRL's own defaults (4 epochs,
+gradient checkpointing), what a TRL user gets out of the box.
 
-    python benchmarks/ppo_step.py                  # all three sides, 2 measured steps each
+    python benchmarks/ppo_step.py                  # all four sides, 2 measured steps each
     python benchmarks/ppo_step.py --sides ours-lora,trl --steps 5
 """
 
@@ -196,6 +197,7 @@ def worker_trl(args) -> dict:
             marks.append(time.perf_counter())
 
     on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    defaults = bool(args.trl_defaults or args.worker == "trl-defaults")
     with tempfile.TemporaryDirectory(dir=args.bench_dir) as tmp:
         config = PPOConfig(
             output_dir=tmp,
@@ -208,8 +210,8 @@ def worker_trl(args) -> dict:
             temperature=0.8,
             learning_rate=1e-5,
             kl_coef=0.02,
-            num_ppo_epochs=4 if args.trl_defaults else 1,
-            gradient_checkpointing=bool(args.trl_defaults),
+            num_ppo_epochs=4 if defaults else 1,
+            gradient_checkpointing=defaults,
             bf16=False,
             fp16=False,
             use_cpu=on_cpu,
@@ -280,7 +282,7 @@ def launch(side: str, python: str, args, policy: Path, reward: Path) -> dict:
         "--device",
         args.device,
     ]
-    if args.trl_defaults:
+    if side == "trl-defaults":
         cmd.append("--trl-defaults")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if args.threads:
@@ -305,7 +307,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--sides", default="ours-full,ours-lora,trl", help="comma list of ours-full, ours-lora, trl"
+        "--sides",
+        default="ours-full,ours-lora,trl,trl-defaults",
+        help="comma list of ours-full, ours-lora, trl (TRL with our recipe: 1 epoch, no gradient "
+        "checkpointing), trl-defaults (TRL's own defaults: 4 epochs, gradient checkpointing)",
     )
     parser.add_argument("--steps", type=int, default=2, help="measured PPO steps per side (plus one warm-up)")
     parser.add_argument("--batch", type=int, default=8)
@@ -313,9 +318,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bench-dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--trl-venv", type=Path, default=None, help="default: BENCH_DIR/trl-venv")
-    parser.add_argument(
-        "--trl-defaults", action="store_true", help="TRL's own defaults: 4 PPO epochs, grad ckpt"
-    )
+    parser.add_argument("--trl-defaults", action="store_true", help=argparse.SUPPRESS)  # set for that side
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per side")
     parser.add_argument(
         "--threads",
@@ -346,7 +349,7 @@ def main() -> None:
     print(
         f"PPO step, SmolLM2-135M fp32, batch {args.batch}, {args.response_tokens}-token responses, "
         f"device {args.device}, {args.steps} measured steps, {results[sides[0]]['threads']} threads"
-        + (" (TRL with its own defaults)" if args.trl_defaults else " (TRL: 1 epoch, no grad ckpt)")
+        + " (trl: 1 epoch, no grad ckpt; trl-defaults: 4 epochs, grad ckpt)"
     )
     header = f"{'side':<10} {'resp tok/s':>10} {'s/step':>7} {'mean len':>8} {'peak RSS GB':>11} {'x TRL tok/s':>11} {'x TRL RSS':>9}"
     print(header)
@@ -364,6 +367,16 @@ def main() -> None:
             f"{side:<10} {tps:>10.1f} {step:>7.2f} {r['mean_response_length']:>8.1f} {r['peak_rss_gb']:>11.2f} "
             f"{ratio_t:>11} {ratio_m:>9}"
         )
+    trl_own = results.get("trl-defaults")
+    if trl_own is not None:
+        own_tps = sum(trl_own["tokens"]) / sum(trl_own["step_seconds"])
+        for side, r in results.items():
+            if side.startswith("ours"):
+                print(
+                    f"{side} / trl-defaults (TRL's own recipe: 4 epochs, grad ckpt): "
+                    f"{r['tokens_per_s'] / own_tps:.2f}x tokens/s, "
+                    f"{r['peak_rss_gb'] / trl_own['peak_rss_gb']:.2f}x peak RSS"
+                )
     for side, r in results.items():
         if "cuda_peak_gb" in r:
             print(f"{side}: CUDA peak allocated {r['cuda_peak_gb']:.2f} GB")
