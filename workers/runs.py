@@ -3,13 +3,15 @@
 Every body follows the same lifecycle (`execute`): claim the row (a redelivered message or a second
 worker does nothing), report progress and metrics through DbReporter, stop on cancel, record the
 result or the full error on the row. Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so a
-run whose worker died resumes where it stopped when the message is delivered again.
+run whose worker died resumes where it stopped when the message is delivered again; the checkpoints
+are deleted once the run has succeeded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -109,6 +111,9 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
     reporter.flush()
     with sessions() as db:
         finish_run(db, run_id, "succeeded", result=result)
+    # Checkpoints exist to resume a run after a crash; a finished run's output is in the registry, and
+    # each checkpoint holds a full model with its optimiser state, so they go now.
+    shutil.rmtree(run_dir(run_id) / "checkpoints", ignore_errors=True)
     return "succeeded"
 
 

@@ -40,6 +40,7 @@ def test_a_reward_run_records_metrics_and_registers_the_model(settings, engine, 
     db.expire_all()
     run = db.get(Run, run_id)
     assert run.status == "succeeded" and run.progress == 1.0 and run.attempts == 1
+    assert not (settings.runs_dir / str(run_id) / "checkpoints").exists()  # only needed to resume
     model = db.get(RewardModel, run.result["reward_model_id"])
     assert model.comparison_snapshot == comparison_snapshot(db)
     assert {"val_accuracy", "reward_mean", "reward_std"} <= set(model.metrics)
