@@ -182,13 +182,15 @@ def round_promote(version: int) -> None:
 
 @round_group.command("rollback")
 def round_rollback() -> None:
-    """Put the previously live policy version back."""
+    """Put the previously live policy version back and refill tasks with it."""
     from app.db import session_scope
     from app.registry import RegistryError, rollback
+    from app.rounds import after_rollback
 
     with session_scope() as db:
         try:
             policy = rollback(db, get_settings())
         except RegistryError as exc:
             raise click.ClickException(str(exc)) from None
+        after_rollback(db, policy)
     click.echo(f"policy v{policy.version} is live again")

@@ -127,6 +127,14 @@ def maybe_start_auto_round(db: Session, min_comparisons: int) -> Round | None:
         return None
 
 
+def after_rollback(db: Session, policy: Policy) -> None:
+    """Refill the task pool with the policy that is live again. No arena tasks against the version
+    just taken down: an admin rolls back to stop serving it."""
+    from app.tasks_pool import request_refill
+
+    request_refill(db, policy_version=policy.version)
+
+
 def after_promote(db: Session, policy: Policy, previous: Policy | None) -> None:
     """Refill the task pool with the new live policy, part of it arena tasks against the previous one;
     a round that waited for an admin's approval of this candidate is done now."""

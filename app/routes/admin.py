@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -576,19 +577,21 @@ def policies_page(request: Request, principal: Admin, db: DbSession, notice: str
     return render(request, "admin/policies.html", {**_policies_context(request, db), "notice": notice})
 
 
-def _refill_after_promote(db: Session, policy: Policy, previous: Policy | None) -> None:
-    """The round code refills the task pool with the new live policy; a failure there must not undo the promote."""
-    if previous is not None and previous.id == policy.id:
-        return
+def _refill_safely(db: Session, policy: Policy, refill: Callable[[], None]) -> None:
+    """Refill the task pool for the policy now live; a failure there must not undo the promote or
+    rollback that already happened."""
     try:
-        from app.rounds import after_promote
-    except ImportError:
-        return
-    try:
-        after_promote(db, policy, previous)
+        refill()
     except Exception:
-        log.exception("refilling tasks after promoting v%s failed", policy.version)
+        log.exception("refilling tasks for v%s failed", policy.version)
         db.rollback()
+
+
+def _refill_after_promote(db: Session, policy: Policy, previous: Policy | None) -> None:
+    from app.rounds import after_promote
+
+    if previous is None or previous.id != policy.id:
+        _refill_safely(db, policy, lambda: after_promote(db, policy, previous))
 
 
 @router.post("/admin/policies/{version}/promote")
@@ -616,6 +619,9 @@ def rollback_form(request: Request, principal: Admin, db: DbSession):
     except RegistryError as exc:
         context = {**_policies_context(request, db), "error": str(exc)}
         return render(request, "admin/policies.html", context, status_code=status.HTTP_409_CONFLICT)
+    from app.rounds import after_rollback
+
+    _refill_safely(db, policy, lambda: after_rollback(db, policy))
     _wake_holder(request)
     return RedirectResponse(f"/admin/policies?notice=rolled-back-{policy.version}", status_code=303)
 

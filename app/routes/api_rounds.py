@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.deps import DbSession
 from app.models import Policy, Round, Run, RunMetric
 from app.registry import RegistryError, live_policy, promote, rollback
-from app.rounds import RoundConflict, RoundError, after_promote, cancel_round, start_round
+from app.rounds import RoundConflict, RoundError, after_promote, after_rollback, cancel_round, start_round
 from app.security import EXPORT_ROLES, Admin, require_role
 
 router = APIRouter(tags=["rounds and policies"])
@@ -193,4 +193,5 @@ def rollback_version(request: Request, principal: Admin, db: DbSession):
     except RegistryError as exc:
         raise HTTPException(409, str(exc)) from None
     _wake_local_holder(request)
+    after_rollback(db, policy)
     return _policy_out(policy, policy.id)

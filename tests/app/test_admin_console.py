@@ -297,6 +297,22 @@ def test_promote_and_roll_back_move_the_live_alias(client, admin, db, settings, 
     assert "v0 is live again" in client.get(response.headers["location"]).text
 
 
+def test_rollback_refills_the_pool_with_the_version_live_again(client, admin, db, settings, tiny_model_dir):
+    import json
+
+    from app.prompt_sets import create_prompt_set
+
+    base, candidate = publish_two_versions(db, settings, tiny_model_dir)
+    data = "\n".join(json.dumps({"prompt": f"question {i}?"}) for i in range(4)).encode()
+    create_prompt_set(db, name="pool", data=data, filename="pool.jsonl", eval_fraction=0.0)
+    assert client.post(f"/admin/policies/{candidate.version}/promote").status_code == 200
+    assert client.post("/admin/policies/rollback").status_code == 200
+    db.expire_all()
+    refills = db.scalars(select(Run).where(Run.kind == "generate").order_by(Run.id)).all()
+    assert [r.config["policy_version"] for r in refills] == [candidate.version, base.version]
+    assert refills[-1].config["arena_versions"] == []  # nothing against the version taken down
+
+
 def test_promoting_a_rejected_version_shows_why(client, admin, db, settings, tiny_model_dir):
     base, candidate = publish_two_versions(db, settings, tiny_model_dir)
     candidate.status = "rejected"
