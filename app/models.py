@@ -320,7 +320,9 @@ class Comparison(Base):
     __table_args__ = (UniqueConstraint("annotation_id", "chosen_response_id", "rejected_response_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"), index=True)
+    # Looked up by annotation through the unique index above (annotation_id leads it); a second
+    # index on the column alone would only cost an insert per comparison.
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
     chosen_response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))
     rejected_response_id: Mapped[int] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"))

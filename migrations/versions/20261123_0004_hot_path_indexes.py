@@ -1,4 +1,5 @@
-"""indexes of the assignments annotators hold right now and of open gold tasks
+"""indexes of the assignments annotators hold right now and of open gold tasks; no duplicate
+index on comparisons.annotation_id (the unique index leads with it)
 
 Revision ID: 0004
 Revises: 0003
@@ -28,8 +29,10 @@ def upgrade() -> None:
         'ix_tasks_gold_open', 'tasks', ['id'], unique=False,
         postgresql_where=sa.text(GOLD_OPEN), sqlite_where=sa.text(GOLD_OPEN),
     )
+    op.drop_index('ix_comparisons_annotation_id', table_name='comparisons')
 
 
 def downgrade() -> None:
+    op.create_index('ix_comparisons_annotation_id', 'comparisons', ['annotation_id'], unique=False)
     op.drop_index('ix_tasks_gold_open', table_name='tasks')
     op.drop_index('ix_assignments_active_user', table_name='assignments')
