@@ -18,7 +18,6 @@ may come back to them. Reloading the page gives back the task they hold instead 
 from __future__ import annotations
 
 import random
-import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from sqlalchemy import DateTime, Engine, TextClause, TextualSelect, and_, bindpa
 from sqlalchemy.orm import Session
 
 from app.db import is_postgres
+from app.expiring import ExpiringMap
 from app.models import TASK_KINDS, Assignment, JSONType, Task, utcnow
 
 _rng = random.Random()
@@ -352,18 +352,21 @@ class ScanFloors:
     """
 
     def __init__(self, ttl: float = 10.0, max_entries: int = 100_000):
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._floors: dict[tuple[int, tuple[str, ...]], tuple[float, int]] = {}
+        self._floors: ExpiringMap[int] = ExpiringMap(ttl, max_entries)
+
+    @property
+    def ttl(self) -> float:
+        return self._floors.ttl
+
+    @ttl.setter
+    def ttl(self, seconds: float) -> None:
+        self._floors.ttl = seconds
 
     def get(self, user_id: int, kinds: tuple[str, ...]) -> int:
-        entry = self._floors.get((user_id, kinds))
-        return entry[1] if entry and entry[0] > time.monotonic() else 0
+        return self._floors.get((user_id, kinds)) or 0
 
     def set(self, user_id: int, kinds: tuple[str, ...], task_id: int) -> None:
-        if len(self._floors) >= self.max_entries:
-            self._floors.clear()
-        self._floors[(user_id, kinds)] = (time.monotonic() + self.ttl, task_id)
+        self._floors.put((user_id, kinds), task_id)
 
 
 _floors_by_engine: weakref.WeakKeyDictionary[Engine, ScanFloors] = weakref.WeakKeyDictionary()

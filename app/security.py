@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
+from app.expiring import ExpiringMap
 from app.models import ROLES, ApiToken, User
 
 SESSION_COOKIE = "prefloop_session"
@@ -188,7 +187,7 @@ class LoginRequired(HTTPException):
         )
 
 
-class PrincipalCache:
+class PrincipalCache(ExpiringMap[Principal]):
     """Principals verified against the database in the last `ttl` seconds, by credential.
 
     Every API call and page load needs its caller's user row (active? logged out since? which role?);
@@ -199,34 +198,10 @@ class PrincipalCache:
     """
 
     def __init__(self, ttl: float, max_entries: int = 50_000):
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._entries: dict[tuple, tuple[float, Principal]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> Principal | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] < time.monotonic():
-            self._entries.pop(key, None)
-            return None
-        return entry[1]
-
-    def put(self, key: tuple, principal: Principal) -> None:
-        if self.ttl <= 0:
-            return
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                now = time.monotonic()
-                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
-                if len(self._entries) >= self.max_entries:
-                    self._entries.clear()
-            self._entries[key] = (time.monotonic() + self.ttl, principal)
+        super().__init__(ttl, max_entries)
 
     def forget_user(self, user_id: int) -> None:
-        with self._lock:
-            self._entries = {k: v for k, v in self._entries.items() if v[1].id != user_id}
+        self.discard_where(lambda principal: principal.id == user_id)
 
 
 def principal_cache(request: Request) -> PrincipalCache:

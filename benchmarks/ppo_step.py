@@ -197,7 +197,7 @@ def worker_trl(args) -> dict:
             marks.append(time.perf_counter())
 
     on_cpu = args.device == "cpu" or not torch.cuda.is_available()
-    defaults = bool(args.trl_defaults or args.worker == "trl-defaults")
+    defaults = args.worker == "trl-defaults"  # TRL's own recipe; side "trl" runs ours
     with tempfile.TemporaryDirectory(dir=args.bench_dir) as tmp:
         config = PPOConfig(
             output_dir=tmp,
@@ -282,8 +282,6 @@ def launch(side: str, python: str, args, policy: Path, reward: Path) -> dict:
         "--device",
         args.device,
     ]
-    if side == "trl-defaults":
-        cmd.append("--trl-defaults")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -318,7 +316,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bench-dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--trl-venv", type=Path, default=None, help="default: BENCH_DIR/trl-venv")
-    parser.add_argument("--trl-defaults", action="store_true", help=argparse.SUPPRESS)  # set for that side
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per side")
     parser.add_argument(
         "--threads",

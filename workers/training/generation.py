@@ -165,9 +165,8 @@ class _HFDecoder:
         self.length = 0
         self.cache = None
 
-    shares_prefix = False  # plain left padding: every model's own mask handling understands it
-
     def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor, shared: int = 0) -> Tensor:
+        # `shared` is always 0 here: _Decoding lays out a shared prefix only for the fast path.
         self.length = input_ids.shape[1]
         self.mask[:, : self.length] = valid
         out = self.model(
@@ -432,8 +431,6 @@ class _LlamaDecoder:
             x = x + layer.down(F.silu(gate_up[:, :inner]) * gate_up[:, inner:]).view(batch, width, -1)
         self.length = end
         return self.lm_head(self._norm(x[:, -1], self.final_norm))
-
-    shares_prefix = True  # prefill() accepts a shared prefix (see _Decoding for the layout)
 
     def prefill(self, input_ids: Tensor, valid: Tensor, positions: Tensor, shared: int = 0) -> Tensor:
         """Fill the cache with the prompts and return their next-token logits.
