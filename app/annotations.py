@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 from sqlalchemy import DateTime, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.db import is_postgres, run_on_its_own
 from app.models import Annotation, Response, utcnow
 from app.schemas import AnnotationIn, AnnotationResult
 
@@ -156,26 +159,23 @@ def _existing(db: Session, task_id: int, user_id: int, digest: str) -> Annotatio
 
 # ---------------------------------------------------------------- SQL of the hot path
 #
-# Hand-written statements, built once (submission is the busiest write of the system). Postgres
-# reads the task under its row lock in one statement and writes everything in a second; SQLite
-# (one writer at a time) uses plain statements.
+# Hand-written statements, built once (submission is the busiest write of the system).
+#
+# Postgres: one call of prefloop_submit_annotation (migration 0005) locks the task row, reads the
+# annotator's assignment after the lock, checks the ranking against the responses shown and writes
+# everything, in one round trip; its `outcome` says which rule refused a judgement, and the messages
+# are made here. SQLite (one writer at a time) runs the same steps as plain statements.
 
-# The task row is locked first (the order assignment and expiry use too); only then is the
-# assignment read, in a statement of its own: a statement that waited for the lock would still see
-# the assignment as it was before the wait (e.g. before the expiry job took it back).
-_LOCK_POSTGRES = text(
+_SUBMIT_POSTGRES = text(
     """
-SELECT t.prompt_id,
-       (SELECT array_agg(tr.response_id ORDER BY tr.position)
-          FROM task_responses tr WHERE tr.task_id = t.id) AS shown
-FROM tasks t WHERE t.id = :task_id
-FOR UPDATE
+SELECT outcome, shown, new_annotation_id, shown_order_unchanged
+FROM prefloop_submit_annotation(
+    :task_id, :user_id, :named, :flagged, :order, :skip, :all_bad, CAST(:ranking AS jsonb),
+    :skip_reason, CAST(:flags AS jsonb), :rationale, :time_spent_ms, :payload_hash, :now,
+    :chosen, :rejected, :margin)
 """
-)
-_ASSIGNMENT_POSTGRES = text(
-    "SELECT id AS assignment_id, status AS assignment_status FROM assignments "
-    "WHERE task_id = :task_id AND user_id = :user_id"
-)
+).bindparams(bindparam("now", type_=DateTime(timezone=True)))
+
 # SQLite has no row locks: a no-op write takes the database's write lock, then one read sees it all.
 _LOCK_SQLITE = text("UPDATE tasks SET claimed_count = claimed_count WHERE id = :task_id")
 _STATE_SQLITE = text(
@@ -188,39 +188,10 @@ WHERE t.id = :task_id
 """
 )
 
-
-@dataclass(frozen=True)
-class _State:
-    prompt_id: int
-    shown: list[int]
-    assignment_id: int | None
-    assignment_status: str | None
-
-
-def _locked_state(conn, task_id: int, user_id: int) -> _State | None:
-    """The task's shown responses and this annotator's assignment, read under the task's lock."""
-    key = {"task_id": task_id, "user_id": user_id}
-    if conn.dialect.name == "postgresql":
-        task = conn.execute(_LOCK_POSTGRES, key).first()
-        if task is None:
-            return None
-        assignment = conn.execute(_ASSIGNMENT_POSTGRES, key).first()
-        return _State(
-            task.prompt_id,
-            list(task.shown or []),
-            assignment.assignment_id if assignment else None,
-            assignment.assignment_status if assignment else None,
-        )
-    conn.execute(_LOCK_SQLITE, key)
-    row = conn.execute(_STATE_SQLITE, key).first()
-    if row is None:
-        return None
-    return _State(row.prompt_id, json.loads(row.shown or "[]"), row.assignment_id, row.assignment_status)
-
-
 # Count the judgement (or give a skipped slot back). A judgement counts only while the task takes
 # one: open, not yet complete, and — when the annotator's assignment expired — with a free slot.
-_COUNT = """
+_COUNT_SQLITE = text(
+    """
 UPDATE tasks SET
     annotation_count = annotation_count + :counts,
     claimed_count = claimed_count + :claim_delta,
@@ -230,44 +201,12 @@ WHERE id = :task_id AND (:skip OR (
     AND claimed_count + :claim_delta <= required_annotations))
 RETURNING id
 """
-_ANNOTATION_COLUMNS = (
-    "task_id, user_id, ranking, all_bad, skipped, skip_reason, flags, rationale, time_spent_ms, "
-    "shown_order_unchanged, payload_hash, created_at"
 )
-_ANNOTATION_VALUES = (
-    ":task_id, :user_id, {ranking}, :all_bad, :skip, :skip_reason, {flags}, :rationale, :time_spent_ms, "
-    ":unchanged, :payload_hash, :now"
-)
-
-# Postgres: the count, the annotation, its comparisons and the assignment in one statement.
-_WRITE_POSTGRES = text(
-    f"""
-WITH counted AS ({_COUNT}),
-annotation AS (
-    INSERT INTO annotations ({_ANNOTATION_COLUMNS})
-    SELECT {_ANNOTATION_VALUES.format(ranking="CAST(:ranking AS jsonb)", flags="CAST(:flags AS jsonb)")}
-    FROM counted
-    RETURNING id
-),
-pairs AS (
-    INSERT INTO comparisons (annotation_id, prompt_id, chosen_response_id, rejected_response_id, margin, created_at)
-    SELECT annotation.id, :prompt_id, p.chosen, p.rejected, p.margin, :now
-    FROM annotation,
-         unnest(CAST(:chosen AS integer[]), CAST(:rejected AS integer[]), CAST(:margin AS float8[]))
-             AS p(chosen, rejected, margin)
-),
-assigned AS (
-    UPDATE assignments SET status = :assignment_status
-    WHERE id = :assignment_id AND EXISTS (SELECT 1 FROM annotation)
-)
-SELECT id FROM annotation
-"""
-).bindparams(bindparam("now", type_=DateTime(timezone=True)))
-
-_COUNT_SQLITE = text(_COUNT)
 _ANNOTATION_SQLITE = text(
-    f"INSERT INTO annotations ({_ANNOTATION_COLUMNS}) "
-    f"VALUES ({_ANNOTATION_VALUES.format(ranking=':ranking', flags=':flags')}) RETURNING id"
+    "INSERT INTO annotations (task_id, user_id, ranking, all_bad, skipped, skip_reason, flags, rationale, "
+    "time_spent_ms, shown_order_unchanged, payload_hash, created_at) "
+    "VALUES (:task_id, :user_id, :ranking, :all_bad, :skip, :skip_reason, :flags, :rationale, "
+    ":time_spent_ms, :unchanged, :payload_hash, :now) RETURNING id"
 ).bindparams(bindparam("now", type_=DateTime(timezone=True)))
 _PAIRS_SQLITE = text(
     "INSERT INTO comparisons (annotation_id, prompt_id, chosen_response_id, rejected_response_id, margin, "
@@ -284,104 +223,166 @@ def submit_annotation(
     Raises AnnotationError (404, 409, 422) with a message that says what to fix.
     """
     payload = normalise(payload)
-    digest = payload_hash(payload, normalised=True)
+    judgement = _Judgement.of(task_id, user_id, payload, payload_hash(payload, normalised=True))
     try:
-        result = _store(db, task_id, user_id, payload, digest)
-    except _AlreadyJudged:
-        db.rollback()
-        replay = _existing(db, task_id, user_id, digest)
-        db.rollback()
-        if replay is None:  # cannot happen: the assignment says it was judged
-            raise AnnotationError(409, f"task {task_id} was already judged by you") from None
-        return replay, False
-    except IntegrityError:
+        outcome = _write_postgres(db, judgement) if is_postgres(db) else _write_sqlite(db, judgement)
+    except (IntegrityError, psycopg.IntegrityError):
         # A concurrent identical request (double click, client retry) stored it first.
         db.rollback()
-        replay = _existing(db, task_id, user_id, digest)
-        db.rollback()
+        replay = _replay(db, judgement)
         if replay is None:
             raise
         return replay, False
     except BaseException:
         db.rollback()
         raise
-    return result, True
-
-
-class _AlreadyJudged(Exception):
-    """This annotator's assignment is submitted or skipped: the request is a replay or a change."""
-
-
-def _store(db: Session, task_id: int, user_id: int, payload: AnnotationIn, digest: str) -> AnnotationResult:
-    conn = db.connection()
-    postgres = conn.dialect.name == "postgresql"
-    state = _locked_state(conn, task_id, user_id)
-    if state is None:
+    if outcome.status == "stored":
+        db.commit()
+        return _result(outcome.annotation_id, task_id, payload, outcome.unchanged), True
+    db.rollback()  # nothing was written (SQLite: give up the write lock)
+    if outcome.status == "judged":
+        replay = _replay(db, judgement)
+        if replay is None:  # cannot happen: the assignment says it was judged
+            raise AnnotationError(409, f"task {task_id} was already judged by you")
+        return replay, False
+    if outcome.status == "no_task":
         raise AnnotationError(404, f"there is no task {task_id}")
-    if state.assignment_status in ("submitted", "skipped"):
-        raise _AlreadyJudged()
-    shown = state.shown
-    _check_ranking(db, payload, shown)
-    if state.assignment_id is None:
+    if outcome.status == "invalid":
+        _check_ranking(db, payload, outcome.shown)
+        raise AnnotationError(422, f"rank every response of the task once: {sorted(outcome.shown)}")
+    if outcome.status == "not_assigned":
         raise AnnotationError(
             409, f"task {task_id} is not assigned to you; fetch one with GET /api/tasks/next"
         )
-    holds_slot = state.assignment_status == "active"
-    if payload.skip:
-        counts, claim_delta = 0, -1 if holds_slot else 0  # the slot goes back to the pool
-    else:
-        counts, claim_delta = 1, 0 if holds_slot else 1  # expired: it needs a free slot again
-    unchanged = (
-        not payload.skip
-        and not payload.all_bad
-        and all(len(group) == 1 for group in payload.ranking)
-        and [group[0] for group in payload.ranking] == shown
+    raise AnnotationError(
+        409,
+        f"task {task_id} no longer takes judgements (your assignment expired and the task was "
+        "completed by others, or it was closed); fetch the next task",
     )
-    pairs = [] if payload.skip else derive_comparisons(payload.ranking, payload.all_bad)
-    params = {
-        "task_id": task_id,
-        "user_id": user_id,
-        "prompt_id": state.prompt_id,
-        "assignment_id": state.assignment_id,
-        "assignment_status": "skipped" if payload.skip else "submitted",
-        "counts": counts,
-        "claim_delta": claim_delta,
-        "skip": payload.skip,
-        "ranking": json.dumps(payload.ranking),
-        "all_bad": payload.all_bad,
-        "skip_reason": payload.skip_reason,
-        "flags": json.dumps(_flags_json(payload)),
-        "rationale": payload.rationale,
-        "time_spent_ms": payload.time_spent_ms,
-        "unchanged": unchanged,
-        "payload_hash": digest,
-        "now": utcnow(),
-    }
-    if postgres:
-        params["chosen"] = [p.chosen for p in pairs]
-        params["rejected"] = [p.rejected for p in pairs]
-        params["margin"] = [p.margin for p in pairs]
-        annotation_id = conn.execute(_WRITE_POSTGRES, params).scalar()
-    else:
-        annotation_id = None
-        if conn.execute(_COUNT_SQLITE, params).scalar() is not None:
-            annotation_id = conn.execute(_ANNOTATION_SQLITE, params).scalar_one()
-            if pairs:
-                rows = [
-                    {**params, "annotation_id": annotation_id, "chosen": p.chosen, "rejected": p.rejected,
-                     "margin": p.margin}
-                    for p in pairs
-                ]  # fmt: skip
-                conn.execute(_PAIRS_SQLITE, rows)
-            conn.execute(_ASSIGNED_SQLITE, params)
-    if annotation_id is None:
-        raise AnnotationError(
-            409,
-            f"task {task_id} no longer takes judgements (your assignment expired and the task was "
-            "completed by others, or it was closed); fetch the next task",
+
+
+def _replay(db: Session, judgement: _Judgement) -> AnnotationResult | None:
+    """The stored result of this annotator's judgement of the task (409 if it was a different one)."""
+    try:
+        return _existing(db, judgement.task_id, judgement.user_id, judgement.digest)
+    finally:
+        db.commit()  # only read: a commit keeps the connection's prepared statements (see read_session)
+
+
+@dataclass(frozen=True)
+class _Judgement:
+    """A normalised judgement as the storing statements take it."""
+
+    task_id: int
+    user_id: int
+    payload: AnnotationIn
+    digest: str
+    named: list[int]  # the ranking's response ids, best first
+    flagged: list[int]
+    no_ties: bool
+    pairs: list[Pair]
+
+    @classmethod
+    def of(cls, task_id: int, user_id: int, payload: AnnotationIn, digest: str) -> _Judgement:
+        return cls(
+            task_id=task_id,
+            user_id=user_id,
+            payload=payload,
+            digest=digest,
+            named=[rid for group in payload.ranking for rid in group],
+            flagged=sorted(payload.flags),
+            no_ties=all(len(group) == 1 for group in payload.ranking),
+            pairs=[] if payload.skip else derive_comparisons(payload.ranking, payload.all_bad),
         )
-    db.commit()
-    return _result(annotation_id, task_id, payload, unchanged)
+
+    def fits(self, shown: list[int]) -> bool:
+        """Every shown response ranked exactly once (or none, when allowed), flags on shown ones only."""
+        named, task = set(self.named), set(shown)
+        if not (named <= task and set(self.flagged) <= task):
+            return False
+        return not self.named or (len(self.named) == len(shown) and task <= named)
+
+    def unchanged(self, shown: list[int]) -> bool:
+        p = self.payload
+        return not p.skip and not p.all_bad and self.no_ties and self.named == shown
+
+    def params(self) -> dict[str, Any]:
+        p = self.payload
+        return {
+            "task_id": self.task_id,
+            "user_id": self.user_id,
+            "skip": p.skip,
+            "ranking": json.dumps(p.ranking),
+            "all_bad": p.all_bad,
+            "skip_reason": p.skip_reason,
+            "flags": json.dumps(_flags_json(p)),
+            "rationale": p.rationale,
+            "time_spent_ms": p.time_spent_ms,
+            "payload_hash": self.digest,
+            "now": utcnow(),
+        }
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    status: str  # stored | no_task | judged | invalid | not_assigned | closed
+    shown: list[int] = field(default_factory=list)
+    annotation_id: int | None = None
+    unchanged: bool = False
+
+
+def _write_postgres(db: Session, judgement: _Judgement) -> _Outcome:
+    params = {
+        **judgement.params(),
+        "named": judgement.named,
+        "flagged": judgement.flagged,
+        "order": judgement.named if judgement.no_ties else None,
+        "chosen": [p.chosen for p in judgement.pairs],
+        "rejected": [p.rejected for p in judgement.pairs],
+        "margin": [p.margin for p in judgement.pairs],
+    }
+    row = run_on_its_own(db, _SUBMIT_POSTGRES, params)[0]
+    return _Outcome(
+        row.outcome, list(row.shown or []), row.new_annotation_id, bool(row.shown_order_unchanged)
+    )
+
+
+def _write_sqlite(db: Session, judgement: _Judgement) -> _Outcome:
+    """The steps of prefloop_submit_annotation (migration 0005), under SQLite's database write lock."""
+    conn = db.connection()
+    key = {"task_id": judgement.task_id, "user_id": judgement.user_id}
+    conn.execute(_LOCK_SQLITE, key)
+    state = conn.execute(_STATE_SQLITE, key).first()
+    if state is None:
+        return _Outcome("no_task")
+    shown = json.loads(state.shown or "[]")
+    if state.assignment_status in ("submitted", "skipped"):
+        return _Outcome("judged", shown)
+    if not judgement.fits(shown):
+        return _Outcome("invalid", shown)
+    if state.assignment_id is None:
+        return _Outcome("not_assigned", shown)
+    # A skip gives a held slot back; a judgement on an expired assignment needs a free slot again.
+    holds_slot = state.assignment_status == "active"
+    skip = judgement.payload.skip
+    counts, claim_delta = (0, -1 if holds_slot else 0) if skip else (1, 0 if holds_slot else 1)
+    params = {**judgement.params(), "counts": counts, "claim_delta": claim_delta}
+    if conn.execute(_COUNT_SQLITE, params).scalar() is None:
+        return _Outcome("closed", shown)
+    unchanged = judgement.unchanged(shown)
+    annotation_id = conn.execute(_ANNOTATION_SQLITE, {**params, "unchanged": unchanged}).scalar_one()
+    if judgement.pairs:
+        rows = [
+            {**params, "annotation_id": annotation_id, "prompt_id": state.prompt_id, "chosen": p.chosen,
+             "rejected": p.rejected, "margin": p.margin}
+            for p in judgement.pairs
+        ]  # fmt: skip
+        conn.execute(_PAIRS_SQLITE, rows)
+    conn.execute(
+        _ASSIGNED_SQLITE,
+        {"assignment_id": state.assignment_id, "assignment_status": "skipped" if skip else "submitted"},
+    )
+    return _Outcome("stored", shown, annotation_id, unchanged)
 
 
 def _flags_json(payload: AnnotationIn) -> dict:

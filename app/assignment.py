@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import DateTime, Engine, TextClause, TextualSelect, and_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
-from app.db import is_postgres
+from app.db import is_postgres, run_on_its_own
 from app.expiring import ExpiringMap
 from app.models import TASK_KINDS, Assignment, JSONType, Task, utcnow
 
@@ -80,6 +80,7 @@ def _kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
 # work. Postgres claims a slot in one statement; SQLite (one writer at a time) in two.
 
 _KIND = " AND t.kind IN :kinds"
+_KIND_ARRAY = " AND t.kind = ANY(:kinds)"  # the same as one array parameter (a statement psycopg runs)
 
 # Resume: the task this annotator holds, with its deadline pushed (page reload, second tab, retry).
 _RESUME = """
@@ -188,7 +189,7 @@ _TIMES = (
 @lru_cache(maxsize=32)
 def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause | TextualSelect:
     """A compiled-once statement for this dialect and kind filter (none when every kind is wanted)."""
-    kind = "" if kinds == TASK_KINDS else _KIND
+    kind = "" if kinds == TASK_KINDS else _KIND_ARRAY if name == "next" else _KIND
     sql = {
         "resume": _RESUME,
         "claim": _CLAIM_POSTGRES if dialect == "postgresql" else _CLAIM_SQLITE,
@@ -197,7 +198,7 @@ def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause | 
     }[name].replace("{kind}", kind)
     stmt = text(sql)
     stmt = stmt.bindparams(*[b for b in _TIMES if f":{b.key}" in sql])
-    if ":kinds" in sql:
+    if ":kinds" in sql and name != "next":
         stmt = stmt.bindparams(bindparam("kinds", expanding=True))
     return stmt.columns(messages=JSONType) if name == "next" else stmt
 
@@ -387,19 +388,15 @@ def _next_in_one_statement(
     """Postgres: resume or claim, and read the task, in one round trip; None if no task is left.
 
     The statement is complete on its own (see _CLAIM_POSTGRES), so when the session has no transaction
-    open yet it runs in autocommit: no BEGIN and COMMIT round trips around it.
+    open yet it runs in autocommit (run_on_its_own): no BEGIN and COMMIT round trips around it.
     """
     ttl = timedelta(seconds=ttl_seconds)
     stmt = _statement("next", "postgresql", kinds)
-    if db.in_transaction():
-        conn = db.connection()
-    else:
-        conn = db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     floors = _floors(db)
     floor = floors.get(user_id, kinds)
     for start in (floor, 0) if floor else (0,):
         now = utcnow()
-        rows = conn.execute(stmt, _params(user_id, kinds, now, ttl, floor=start)).all()
+        rows = run_on_its_own(db, stmt, _params(user_id, kinds, now, ttl, floor=start))
         if rows:
             floors.set(user_id, kinds, rows[0].task_id)
             return _view_of(rows, rows[0].task_id, now + ttl)

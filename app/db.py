@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event, exc
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Dialect, Engine, MetaData, TextClause, create_engine, event, exc
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING_CONVENTION = {
@@ -113,6 +115,47 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that only reads: it ends with COMMIT rather than ROLLBACK (the same for reads).
+
+    psycopg forgets every statement it has prepared on a connection when that connection rolls back,
+    and each of the hot path's statements is then parsed and planned anew for its next uses there.
+    Frequent read-only sessions (login checks, the policy poll) would keep the pool's connections cold.
+    """
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    finally:
+        session.close()
+
+
+def run_on_its_own(db: Session, statement: TextClause, params: dict[str, Any]) -> list[Any]:
+    """Postgres: run one self-contained statement (or function call) and return its rows.
+
+    Outside a transaction it runs in autocommit: Postgres commits it by itself, which saves the BEGIN
+    and COMMIT round trips. Inside one (a caller that already read or wrote) it joins it, and the
+    caller's commit decides. Either way the statement goes to psycopg directly, prepared on its first
+    use: it is on every annotator's request, and SQLAlchemy's execution layer around a single text
+    statement costs more Python time than psycopg's own.
+    """
+    if db.in_transaction():
+        connection = db.connection()
+    else:
+        connection = db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    sql = _pyformat_sql(statement, connection.dialect)
+    with connection.connection.driver_connection.cursor(row_factory=namedtuple_row) as cursor:
+        cursor.execute(sql, params, prepare=True)
+        return cursor.fetchall() if cursor.description else []
+
+
+@lru_cache(maxsize=64)
+def _pyformat_sql(statement: TextClause, dialect: Dialect) -> str:
+    """The statement as psycopg takes it (%(name)s placeholders, bind casts rendered), compiled once."""
+    return str(statement.compile(dialect=dialect))
 
 
 def is_postgres(session_or_engine) -> bool:

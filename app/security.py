@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
+from app.db import read_session
 from app.expiring import ExpiringMap
 from app.models import ROLES, ApiToken, User
 
@@ -209,18 +210,21 @@ def principal_cache(request: Request) -> PrincipalCache:
     return request.app.state.principal_cache
 
 
-def _principal_from_db(request: Request, key: tuple) -> Principal | None:
+def _principal_from_db(
+    request: Request, kind: str, credential: str, identity: tuple[int, int] | None
+) -> Principal | None:
     """The principal of a credential, read from the database (in a short session of its own)."""
-    with request.app.state.sessionmaker() as db:
-        if key[0] == "token":
-            user = user_for_token(db, key[1])
+    with read_session(request.app.state.sessionmaker) as db:
+        if kind == "token":
+            user = user_for_token(db, credential)
             if user is None:
                 raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or revoked API token.")
         else:
-            user = db.get(User, key[1])
-            if user is None or not user.is_active or user.session_generation != key[2]:
+            user_id, generation = identity
+            user = db.get(User, user_id)
+            if user is None or not user.is_active or user.session_generation != generation:
                 return None
-        return Principal(id=user.id, username=user.username, role=user.role, via_token=key[0] == "token")
+        return Principal(id=user.id, username=user.username, role=user.role, via_token=kind == "token")
 
 
 async def current_principal(request: Request) -> Principal | None:
@@ -228,20 +232,23 @@ async def current_principal(request: Request) -> Principal | None:
     principal cache); None for an anonymous request. An invalid bearer token is a 401 right away."""
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        key: tuple = ("token", auth[7:].strip())
+        kind, credential = "token", auth[7:].strip()
     elif cookie := request.cookies.get(SESSION_COOKIE):
-        identity = session_cookie_identity(cookie, request.app.state.settings)
-        if identity is None:
-            return None
-        key = ("session", *identity)
+        kind, credential = "session", cookie
     else:
         return None
     cache = principal_cache(request)
-    principal = cache.get(key)
+    # Keyed by the credential itself: a cookie found here had its signature checked when it was put.
+    principal = cache.get((kind, credential))
     if principal is None:
-        principal = await run_in_threadpool(_principal_from_db, request, key)
+        identity = None
+        if kind == "session":
+            identity = session_cookie_identity(credential, request.app.state.settings)
+            if identity is None:
+                return None
+        principal = await run_in_threadpool(_principal_from_db, request, kind, credential, identity)
         if principal is not None:
-            cache.put(key, principal)
+            cache.put((kind, credential), principal)
     if principal is not None:
         request.state.principal = principal
     return principal

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.db import read_session
 from app.models import Policy, PolicyAlias
 from app.registry import POLICY_CHANNEL
 
@@ -89,7 +90,7 @@ class PolicyHolder:
     # ------------------------------------------------------------ following the alias
 
     def read_alias(self) -> tuple[int, str] | None:
-        with self._sessions() as db:
+        with read_session(self._sessions) as db:
             row = db.execute(
                 select(Policy.version, Policy.path).join(PolicyAlias, PolicyAlias.policy_id == Policy.id)
             ).first()

@@ -127,6 +127,8 @@ def settings(database_url, tmp_path, monkeypatch):
         "PREFLOOP_SERVE_POLICY": "false",
         "PREFLOOP_POLICY_POLL_SECONDS": "0.5",
         "PREFLOOP_DEVICE": "cpu",
+        # A collection at every app start-up would cost seconds over the suite; test_main covers it.
+        "PREFLOOP_GC_FREEZE": "false",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -90,7 +90,7 @@ def _task_context(
         "skip_reasons": SKIP_REASONS,
         "flash": flash,
     }
-    db.rollback()
+    db.commit()  # only read: a commit keeps the connection's prepared statements (app.db.read_session)
     return context
 
 
@@ -104,7 +104,7 @@ def annotate_page(request: Request, principal: Annotator, db: DbSession):
     view = _next_view(request, db, principal.id)
     context = _task_context(request, db, principal.id, view)
     context["guidelines"] = load_guidelines(db)
-    db.rollback()
+    db.commit()
     return render(request, "annotate/index.html", context, block="task")
 
 

@@ -49,3 +49,52 @@ def test_a_connection_back_from_recent_use_is_handed_out_without_a_ping(settings
         assert pings == [1]
     finally:
         engine.dispose()
+
+
+def _prepared_statements(session) -> int:
+    """How many statements psycopg has prepared on the session's connection (ends no transaction)."""
+    driver = session.connection().connection.driver_connection
+    return driver.execute("SELECT count(*) FROM pg_prepared_statements", prepare=False).fetchone()[0]
+
+
+def test_run_on_its_own_prepares_and_commits_by_itself(settings):
+    from app.db import run_on_its_own, session_factory
+
+    engine = make_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0)
+    sessions = session_factory(engine)
+    try:
+        with sessions() as db:
+            rows = run_on_its_own(db, text("SELECT :n + 1 AS answer"), {"n": 41})
+            assert [row.answer for row in rows] == [42]
+            driver = db.connection().connection.driver_connection
+            assert driver.info.transaction_status.name == "IDLE"  # autocommit: nothing left open
+            assert _prepared_statements(db) == 1  # prepared on its first use
+        with sessions() as db:
+            db.execute(text("CREATE TEMP TABLE scratch (n int)"))  # a transaction is open now
+            run_on_its_own(db, text("INSERT INTO scratch VALUES (:n)"), {"n": 7})
+            db.rollback()  # it joined the caller's transaction, so it is undone with it
+            assert db.execute(text("SELECT to_regclass('pg_temp.scratch')")).scalar() is None
+    finally:
+        engine.dispose()
+
+
+def test_read_sessions_keep_the_connections_prepared_statements(settings):
+    """psycopg forgets a connection's prepared statements at every rollback; read_session commits."""
+    from app.db import read_session, run_on_its_own, session_factory
+
+    engine = make_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0)
+    sessions = session_factory(engine)
+    statement = text("SELECT :n AS n")
+    try:
+        with sessions() as db:
+            run_on_its_own(db, statement, {"n": 1})
+        with read_session(sessions) as db:
+            db.execute(text("SELECT 1"))
+        with sessions() as db:
+            assert _prepared_statements(db) == 1  # the one connection of the pool kept it
+            db.rollback()
+            db.execute(text("SELECT 1"))
+            db.rollback()  # what a plain session's close does after a read
+            assert _prepared_statements(db) == 0
+    finally:
+        engine.dispose()
