@@ -136,19 +136,33 @@ def read_session(factory: sessionmaker[Session]) -> Iterator[Session]:
 def run_on_its_own(db: Session, statement: TextClause, params: dict[str, Any]) -> list[Any]:
     """Postgres: run one self-contained statement (or function call) and return its rows.
 
-    Outside a transaction it runs in autocommit: Postgres commits it by itself, which saves the BEGIN
-    and COMMIT round trips. Inside one (a caller that already read or wrote) it joins it, and the
-    caller's commit decides. Either way the statement goes to psycopg directly, prepared on its first
-    use: it is on every annotator's request, and SQLAlchemy's execution layer around a single text
-    statement costs more Python time than psycopg's own.
+    Outside a transaction it runs in autocommit on a connection of its own from the pool: Postgres
+    commits it by itself, which saves the BEGIN and COMMIT round trips, and the session stays without
+    a transaction. Inside one (a caller that already read or wrote) it joins it, and the caller's
+    commit decides. Either way the statement goes to psycopg directly, prepared on its first use: it
+    is on every annotator's request, and SQLAlchemy's session and execution layers around a single
+    text statement cost more Python time than psycopg's own.
     """
     if db.in_transaction():
         connection = db.connection()
-    else:
-        connection = db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    sql = _pyformat_sql(statement, connection.dialect)
-    with connection.connection.driver_connection.cursor(row_factory=namedtuple_row) as cursor:
-        cursor.execute(sql, params, prepare=True)
+        return _execute(connection.connection.driver_connection, statement, connection.dialect, params)
+    engine = db.get_bind()
+    pooled = engine.raw_connection()
+    try:
+        driver = pooled.driver_connection
+        driver.autocommit = True
+        try:
+            return _execute(driver, statement, engine.dialect, params)
+        finally:
+            if not driver.closed:
+                driver.autocommit = False  # as the pool hands connections out
+    finally:
+        pooled.close()  # back to the pool
+
+
+def _execute(driver: Any, statement: TextClause, dialect: Dialect, params: dict[str, Any]) -> list[Any]:
+    with driver.cursor(row_factory=namedtuple_row) as cursor:
+        cursor.execute(_pyformat_sql(statement, dialect), params, prepare=True)
         return cursor.fetchall() if cursor.description else []
 
 
