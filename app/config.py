@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     )
     db_max_overflow: int = Field(default=10, ge=0, description="Extra connections under bursts.")
     auth_cache_seconds: float = Field(
-        default=2.0,
+        default=10.0,
         ge=0,
         description="How long a web process trusts a verified login or token before reading the user "
         "again; logout elsewhere, role changes and deactivation take effect within this. 0: every request.",
