@@ -21,12 +21,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import psycopg
 from sqlalchemy import DateTime, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import is_postgres, run_on_its_own
+from app.hot_statements import HotStatements
 from app.models import Annotation, Response, utcnow
 from app.schemas import AnnotationIn, AnnotationResult
 
@@ -222,24 +224,49 @@ def submit_annotation(
 
     Raises AnnotationError (404, 409, 422) with a message that says what to fix.
     """
-    payload = normalise(payload)
-    judgement = _Judgement.of(task_id, user_id, payload, payload_hash(payload, normalised=True))
+    judgement = _Judgement.of(task_id, user_id, payload)
     try:
         outcome = _write_postgres(db, judgement) if is_postgres(db) else _write_sqlite(db, judgement)
     except (IntegrityError, psycopg.IntegrityError):
-        # A concurrent identical request (double click, client retry) stored it first.
         db.rollback()
-        replay = _replay(db, judgement)
-        if replay is None:
-            raise
-        return replay, False
+        return _after_conflict(db, judgement)
     except BaseException:
         db.rollback()
         raise
     if outcome.status == "stored":
         db.commit()
-        return _result(outcome.annotation_id, task_id, payload, outcome.unchanged), True
+        return _result(outcome.annotation_id, task_id, judgement.payload, outcome.unchanged), True
     db.rollback()  # nothing was written (SQLite: give up the write lock)
+    return _settle(db, judgement, outcome)
+
+
+async def submit_annotation_async(
+    hot: HotStatements, db: Session, task_id: int, user_id: int, payload: AnnotationIn
+) -> tuple[AnnotationResult, bool]:
+    """submit_annotation on Postgres with the storing call on the event loop (app.hot_statements);
+    a refused judgement is explained from the database in a worker thread, with `db`."""
+    judgement = _Judgement.of(task_id, user_id, payload)
+    try:
+        rows = await hot.rows(_SUBMIT_POSTGRES, judgement.postgres_params())
+    except psycopg.IntegrityError:
+        return await anyio.to_thread.run_sync(_after_conflict, db, judgement)
+    outcome = _Outcome.of(rows[0])
+    if outcome.status == "stored":
+        return _result(outcome.annotation_id, task_id, judgement.payload, outcome.unchanged), True
+    return await anyio.to_thread.run_sync(_settle, db, judgement, outcome)
+
+
+def _after_conflict(db: Session, judgement: _Judgement) -> tuple[AnnotationResult, bool]:
+    """A concurrent identical request (double click, client retry) stored the judgement first."""
+    replay = _replay(db, judgement)
+    if replay is None:
+        raise AnnotationError(409, f"task {judgement.task_id} is being judged by another request of yours")
+    return replay, False
+
+
+def _settle(db: Session, judgement: _Judgement, outcome: _Outcome) -> tuple[AnnotationResult, bool]:
+    """A judgement that was not stored: the stored result of a replay, or why it was refused."""
+    task_id = judgement.task_id
     if outcome.status == "judged":
         replay = _replay(db, judgement)
         if replay is None:  # cannot happen: the assignment says it was judged
@@ -248,7 +275,7 @@ def submit_annotation(
     if outcome.status == "no_task":
         raise AnnotationError(404, f"there is no task {task_id}")
     if outcome.status == "invalid":
-        _check_ranking(db, payload, outcome.shown)
+        _check_ranking(db, judgement.payload, outcome.shown)
         raise AnnotationError(422, f"rank every response of the task once: {sorted(outcome.shown)}")
     if outcome.status == "not_assigned":
         raise AnnotationError(
@@ -283,12 +310,13 @@ class _Judgement:
     pairs: list[Pair]
 
     @classmethod
-    def of(cls, task_id: int, user_id: int, payload: AnnotationIn, digest: str) -> _Judgement:
+    def of(cls, task_id: int, user_id: int, payload: AnnotationIn) -> _Judgement:
+        payload = normalise(payload)
         return cls(
             task_id=task_id,
             user_id=user_id,
             payload=payload,
-            digest=digest,
+            digest=payload_hash(payload, normalised=True),
             named=[rid for group in payload.ranking for rid in group],
             flagged=sorted(payload.flags),
             no_ties=all(len(group) == 1 for group in payload.ranking),
@@ -322,6 +350,18 @@ class _Judgement:
             "now": utcnow(),
         }
 
+    def postgres_params(self) -> dict[str, Any]:
+        """The arguments of prefloop_submit_annotation."""
+        return {
+            **self.params(),
+            "named": self.named,
+            "flagged": self.flagged,
+            "order": self.named if self.no_ties else None,
+            "chosen": [p.chosen for p in self.pairs],
+            "rejected": [p.rejected for p in self.pairs],
+            "margin": [p.margin for p in self.pairs],
+        }
+
 
 @dataclass(frozen=True)
 class _Outcome:
@@ -329,6 +369,11 @@ class _Outcome:
     shown: list[int] = field(default_factory=list)
     annotation_id: int | None = None
     unchanged: bool = False
+
+    @classmethod
+    def of(cls, row: Any) -> _Outcome:
+        """From a row of prefloop_submit_annotation."""
+        return cls(row.outcome, list(row.shown or []), row.new_annotation_id, bool(row.shown_order_unchanged))
 
 
 def _write_postgres(db: Session, judgement: _Judgement) -> _Outcome:

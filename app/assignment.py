@@ -20,17 +20,19 @@ from __future__ import annotations
 import random
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import anyio
 from sqlalchemy import DateTime, Engine, TextClause, TextualSelect, and_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import is_postgres, run_on_its_own
 from app.expiring import ExpiringMap
+from app.hot_statements import HotStatements
 from app.models import TASK_KINDS, Assignment, JSONType, Task, utcnow
 
 _rng = random.Random()
@@ -373,13 +375,28 @@ class ScanFloors:
 _floors_by_engine: weakref.WeakKeyDictionary[Engine, ScanFloors] = weakref.WeakKeyDictionary()
 
 
-def _floors(db: Session) -> ScanFloors:
-    """The floors of this session's database (per engine: ids mean nothing across databases)."""
-    engine = db.get_bind()
+def _floors(engine: Engine) -> ScanFloors:
+    """The floors of this database (per engine: ids mean nothing across databases)."""
     floors = _floors_by_engine.get(engine)
     if floors is None:
         floors = _floors_by_engine.setdefault(engine, ScanFloors())
     return floors
+
+
+def _one_statement_tries(
+    engine: Engine, user_id: int, kinds: tuple[str, ...], ttl: timedelta
+) -> Iterator[tuple[datetime, dict[str, Any]]]:
+    """The parameters of _NEXT_POSTGRES to try in turn: from the annotator's floor, then from the start."""
+    floor = _floors(engine).get(user_id, kinds)
+    for start in (floor, 0) if floor else (0,):
+        now = utcnow()
+        yield now, _params(user_id, kinds, now, ttl, floor=start)
+
+
+def _claimed(engine: Engine, user_id: int, kinds: tuple[str, ...], rows: Sequence[Any], deadline: datetime):
+    task_id = rows[0].task_id
+    _floors(engine).set(user_id, kinds, task_id)
+    return _view_of(rows, task_id, deadline)
 
 
 def _next_in_one_statement(
@@ -390,16 +407,12 @@ def _next_in_one_statement(
     The statement is complete on its own (see _CLAIM_POSTGRES), so when the session has no transaction
     open yet it runs in autocommit (run_on_its_own): no BEGIN and COMMIT round trips around it.
     """
-    ttl = timedelta(seconds=ttl_seconds)
+    ttl, engine = timedelta(seconds=ttl_seconds), db.get_bind()
     stmt = _statement("next", "postgresql", kinds)
-    floors = _floors(db)
-    floor = floors.get(user_id, kinds)
-    for start in (floor, 0) if floor else (0,):
-        now = utcnow()
-        rows = run_on_its_own(db, stmt, _params(user_id, kinds, now, ttl, floor=start))
+    for now, params in _one_statement_tries(engine, user_id, kinds, ttl):
+        rows = run_on_its_own(db, stmt, params)
         if rows:
-            floors.set(user_id, kinds, rows[0].task_id)
-            return _view_of(rows, rows[0].task_id, now + ttl)
+            return _claimed(engine, user_id, kinds, rows, now + ttl)
     return None
 
 
@@ -419,13 +432,43 @@ def next_task(
         if view is not None:
             db.commit()
             return view
-        # Nothing free for them, or a concurrent request of theirs claimed the same slot first:
-        # look for what they now hold (in a transaction of its own).
-        db.rollback()
-        now, ttl = utcnow(), timedelta(seconds=ttl_seconds)
-        task_id, deadline = _resume(db, user_id, wanted, now, ttl), now + ttl
+    return _next_by_steps(db, user_id, wanted, ttl_seconds, gold, rng)
+
+
+async def next_task_async(
+    hot: HotStatements,
+    db: Session,
+    user_id: int,
+    ttl_seconds: int,
+    kinds: Sequence[str] | None = None,
+    gold_share: float = 0.0,
+    rng: random.Random | None = None,
+) -> TaskView | None:
+    """next_task on Postgres with the one-statement claim on the event loop (app.hot_statements); a
+    gold draw, or no task found that way, goes on in a worker thread with `db`."""
+    wanted, rng = _kinds(kinds), rng or _rng
+    gold = _draws_gold(gold_share, wanted, rng)
+    if not gold:
+        ttl = timedelta(seconds=ttl_seconds)
+        stmt = _statement("next", "postgresql", wanted)
+        for now, params in _one_statement_tries(hot.engine, user_id, wanted, ttl):
+            rows = await hot.rows(stmt, params)
+            if rows:
+                return _claimed(hot.engine, user_id, wanted, rows, now + ttl)
+    return await anyio.to_thread.run_sync(_next_by_steps, db, user_id, wanted, ttl_seconds, gold, rng)
+
+
+def _next_by_steps(
+    db: Session, user_id: int, kinds: tuple[str, ...], ttl_seconds: int, gold: bool, rng: random.Random
+) -> TaskView | None:
+    """next_task in several statements: a gold task, SQLite, or on Postgres after the one statement
+    found nothing (nothing is free for them, or a concurrent request of theirs claimed the slot
+    first: look for what they now hold)."""
+    now, ttl = utcnow(), timedelta(seconds=ttl_seconds)
+    if not gold and is_postgres(db):
+        task_id, deadline = _resume(db, user_id, kinds, now, ttl), now + ttl
     else:
-        task_id, deadline = _assign(db, user_id, ttl_seconds, wanted, gold, rng)
+        task_id, deadline = _assign(db, user_id, ttl_seconds, kinds, gold, rng)
     view = None
     if task_id is not None:
         view = replace(load_task_view(db, task_id), expires_at=deadline)  # set by the assigning statement

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         description="Postgres connections kept per process; a web process also runs this many handlers at once.",
     )
     db_max_overflow: int = Field(default=10, ge=0, description="Extra connections under bursts.")
+    # Each holds a statement for about a millisecond, so a few serve hundreds of requests a second.
+    db_hot_pool_size: int = Field(
+        default=6,
+        ge=0,
+        description="Postgres connections per web process that run the annotators' next-task and submit "
+        "statements on the event loop; 0 runs them in worker threads like every other request.",
+    )
     auth_cache_seconds: float = Field(
         default=10.0,
         ge=0,

@@ -162,12 +162,12 @@ def run_on_its_own(db: Session, statement: TextClause, params: dict[str, Any]) -
 
 def _execute(driver: Any, statement: TextClause, dialect: Dialect, params: dict[str, Any]) -> list[Any]:
     with driver.cursor(row_factory=namedtuple_row) as cursor:
-        cursor.execute(_pyformat_sql(statement, dialect), params, prepare=True)
+        cursor.execute(pyformat_sql(statement, dialect), params, prepare=True)
         return cursor.fetchall() if cursor.description else []
 
 
 @lru_cache(maxsize=64)
-def _pyformat_sql(statement: TextClause, dialect: Dialect) -> str:
+def pyformat_sql(statement: TextClause, dialect: Dialect) -> str:
     """The statement as psycopg takes it (%(name)s placeholders, bind casts rendered), compiled once."""
     return str(statement.compile(dialect=dialect))
 

@@ -18,6 +18,7 @@ from starlette.datastructures import MutableHeaders
 
 from app.config import Settings, get_settings
 from app.db import make_engine, session_factory
+from app.hot_statements import HotStatements
 from app.routes import ROUTERS
 from app.security import CSRF_COOKIE, PrincipalCache
 from app.serving import PolicyHolder
@@ -44,6 +45,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             # threads than pooled connections the extra threads queue on the pool instead, or open
             # overflow connections that are closed again on return (a new Postgres process each time).
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
+        hot = HotStatements(engine, settings.db_hot_pool_size)
+        if engine.dialect.name == "postgresql" and hot.size:
+            await hot.open()
+            app.state.hot_statements = hot
         holder = PolicyHolder(app.state.sessionmaker, settings)
         app.state.policy_holder = holder
         holder.start()
@@ -59,6 +64,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if settings.gc_freeze:
                 gc.unfreeze()  # a process that goes on (tests, embedding) gets its memory back
             holder.stop()
+            app.state.hot_statements = None
+            await hot.close()
             if owns_engine:
                 engine.dispose()
 
@@ -73,6 +80,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.sessionmaker = session_factory(engine)
     app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
     app.state.policy_holder = None
+    app.state.hot_statements = None  # opened by the lifespan on Postgres
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
     for router in ROUTERS:
         app.include_router(router)

@@ -10,10 +10,12 @@ import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.orm import Session
 
-from app.annotations import AnnotationError, submit_annotation
-from app.assignment import TaskView, next_task
+from app.annotations import AnnotationError, submit_annotation, submit_annotation_async
+from app.assignment import TaskView, next_task, next_task_async
 from app.deps import DbSession
 from app.prompt_sets import PromptSetError, create_prompt_set, list_prompt_sets
 from app.schemas import (
@@ -45,6 +47,16 @@ def task_json(view: TaskView) -> dict:
     }
 
 
+async def _next_view(request: Request, db: Session, user_id: int, kinds: list[str] | None = None):
+    """next_task, on the event loop where the app runs the hot statements there (Postgres)."""
+    settings = request.app.state.settings
+    ttl, share = settings.assignment_ttl_seconds, settings.gold_share
+    hot = request.app.state.hot_statements
+    if hot is not None:
+        return await next_task_async(hot, db, user_id, ttl, kinds, gold_share=share)
+    return await run_in_threadpool(next_task, db, user_id, ttl, kinds, share)
+
+
 def json_response(data: dict, status_code: int = 200) -> Response:
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     return Response(body, status_code=status_code, media_type="application/json")
@@ -56,7 +68,7 @@ def json_response(data: dict, status_code: int = 200) -> Response:
     summary="The task to work on now",
     responses={204: {"description": "No task is left for you right now."}},
 )
-def api_next_task(
+async def api_next_task(
     request: Request,
     principal: Annotator,
     db: DbSession,
@@ -66,8 +78,7 @@ def api_next_task(
 ):
     """Assigns a task you have neither done nor skipped (or returns the one you hold). Submit before
     `expires_at`, or the slot returns to the pool. Arena tasks never reveal which policy wrote what."""
-    settings = request.app.state.settings
-    view = next_task(db, principal.id, settings.assignment_ttl_seconds, kind, gold_share=settings.gold_share)
+    view = await _next_view(request, db, principal.id, kind)
     if view is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return json_response(task_json(view))
@@ -85,7 +96,7 @@ def api_next_task(
         422: {"description": "Unknown, foreign, missing or repeated response ids, or an invalid payload."},
     },
 )
-def api_submit_annotation(
+async def api_submit_annotation(
     request: Request,
     task_id: int,
     payload: AnnotationIn,
@@ -94,14 +105,17 @@ def api_submit_annotation(
     next: Annotated[bool, Query(description="Also assign and return the next task (`next_task`).")] = False,
 ):
     """Idempotent: sending the same judgement again returns the stored result with 200."""
+    hot = request.app.state.hot_statements
     try:
-        result, created = submit_annotation(db, task_id, principal.id, payload)
+        if hot is not None:
+            result, created = await submit_annotation_async(hot, db, task_id, principal.id, payload)
+        else:
+            result, created = await run_in_threadpool(submit_annotation, db, task_id, principal.id, payload)
     except AnnotationError as exc:
         raise HTTPException(exc.status, exc.message) from None
     body = result.model_dump(exclude={"next_task"})
     if next:
-        settings = request.app.state.settings
-        view = next_task(db, principal.id, settings.assignment_ttl_seconds, gold_share=settings.gold_share)
+        view = await _next_view(request, db, principal.id)
         body["next_task"] = task_json(view) if view else None
     return json_response(body, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

@@ -149,7 +149,7 @@ def test_gold_tasks_come_only_at_their_share(db, make_user):
 def _floors_of(db):
     from app.assignment import _floors
 
-    return _floors(db)
+    return _floors(db.get_bind())
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -1,0 +1,97 @@
+"""The annotator's hot statements on the event loop (Postgres): used by the API, robust to a dead
+connection, and off with db_hot_pool_size 0."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+
+import app.hot_statements as hot_module
+from app.hot_statements import APPLICATION_NAME, HotStatements
+from app.tasks_pool import add_static_tasks
+
+pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
+
+PID = text("SELECT pg_backend_pid() AS pid")
+
+
+def _hot_backends(db) -> int:
+    db.rollback()
+    mine = "application_name = :name AND datname = current_database()"
+    return db.execute(
+        text(f"SELECT count(*) FROM pg_stat_activity WHERE {mine}"), {"name": APPLICATION_NAME}
+    ).scalar_one()
+
+
+def _seed(db) -> None:
+    add_static_tasks(db, [(f"question {i}?", [f"answer {i}.{j}" for j in range(3)]) for i in range(2)])
+
+
+def test_the_annotation_api_runs_on_the_hot_connections(client, db, api_headers, app):
+    _seed(db)
+    headers = api_headers("annotator")
+    assert app.state.hot_statements is not None and app.state.hot_statements.is_open
+    assert _hot_backends(db) == 0  # opened on first use
+    task = client.get("/api/tasks/next", headers=headers).json()
+    ranking = [[r["id"]] for r in task["responses"]]
+    url = f"/api/tasks/{task['id']}/annotation"
+    stored = client.post(url + "?next=true", json={"ranking": ranking}, headers=headers)
+    assert stored.status_code == 201 and stored.json()["comparisons"] == 3
+    assert stored.json()["next_task"]["id"] != task["id"]
+    assert _hot_backends(db) >= 1  # the claim and the judgement went through them
+    replay = client.post(url, json={"ranking": ranking}, headers=headers)
+    assert replay.status_code == 200  # a replay is settled by the sync code in a worker thread
+    changed = client.post(url, json={"ranking": ranking[::-1]}, headers=headers)
+    assert changed.status_code == 409
+
+
+def test_a_hot_connection_killed_while_idle_is_replaced(engine, db, monkeypatch):
+    async def scenario() -> tuple[int, int]:
+        hot = HotStatements(engine, size=1)
+        await hot.open()
+        try:
+            first = (await hot.rows(PID, {}))[0].pid
+            db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            db.commit()
+            monkeypatch.setattr(hot_module, "IDLE_PING_SECONDS", 0.0)  # the idle connection is pinged
+            second = (await hot.rows(PID, {}))[0].pid
+            return first, second
+        finally:
+            await hot.close()
+
+    first, second = asyncio.run(scenario())
+    assert second != first
+
+
+def test_a_statement_that_fails_leaves_the_pool_usable(engine):
+    async def scenario() -> int:
+        hot = HotStatements(engine, size=1)
+        await hot.open()
+        try:
+            with pytest.raises(Exception, match="division by zero"):
+                await hot.rows(text("SELECT 1 / :zero AS x"), {"zero": 0})
+            return (await hot.rows(text("SELECT :n AS n"), {"n": 5}))[0].n
+        finally:
+            await hot.close()
+
+    assert asyncio.run(scenario()) == 5
+
+
+def test_with_no_hot_connections_the_api_uses_worker_threads(settings, engine, db, api_headers):
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+
+    _seed(db)
+    headers = api_headers("annotator")
+    app = create_app(Settings(**{**settings.model_dump(), "db_hot_pool_size": 0}), engine)
+    with TestClient(app) as client:
+        assert app.state.hot_statements is None
+        task = client.get("/api/tasks/next", headers=headers).json()
+        ranking = [[r["id"]] for r in task["responses"]]
+        url = f"/api/tasks/{task['id']}/annotation"
+        assert client.post(url, json={"ranking": ranking}, headers=headers).status_code == 201
+    assert _hot_backends(db) == 0
