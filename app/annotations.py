@@ -377,19 +377,7 @@ class _Outcome:
 
 
 def _write_postgres(db: Session, judgement: _Judgement) -> _Outcome:
-    params = {
-        **judgement.params(),
-        "named": judgement.named,
-        "flagged": judgement.flagged,
-        "order": judgement.named if judgement.no_ties else None,
-        "chosen": [p.chosen for p in judgement.pairs],
-        "rejected": [p.rejected for p in judgement.pairs],
-        "margin": [p.margin for p in judgement.pairs],
-    }
-    row = run_on_its_own(db, _SUBMIT_POSTGRES, params)[0]
-    return _Outcome(
-        row.outcome, list(row.shown or []), row.new_annotation_id, bool(row.shown_order_unchanged)
-    )
+    return _Outcome.of(run_on_its_own(db, _SUBMIT_POSTGRES, judgement.postgres_params())[0])
 
 
 def _write_sqlite(db: Session, judgement: _Judgement) -> _Outcome:
