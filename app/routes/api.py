@@ -48,7 +48,7 @@ def task_json(view: TaskView) -> dict:
 
 
 async def _next_view(request: Request, db: Session, user_id: int, kinds: list[str] | None = None):
-    """next_task, on the event loop where the app runs the hot statements there (Postgres)."""
+    """next_task: on the event loop when the app has hot statements (Postgres), else in a worker thread."""
     settings = request.app.state.settings
     ttl, share = settings.assignment_ttl_seconds, settings.gold_share
     hot = request.app.state.hot_statements
