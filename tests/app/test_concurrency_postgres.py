@@ -7,6 +7,7 @@ lets assignments expire while people work, with the expiry job racing the submis
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -179,3 +180,66 @@ def test_expiry_racing_submissions_loses_nothing_acknowledged(settings, engine):
         assert outcome.expired > 0  # the race this test is about did happen
     finally:
         big.dispose()
+
+
+def test_twenty_annotators_over_the_api_share_the_few_hot_connections(settings, engine):
+    """The same invariants through the HTTP API, whose claims and judgements run on the event loop over
+    the app's few async connections (app.hot_statements): 20 annotators at once share 6 of them."""
+    import httpx
+
+    from app.main import create_app
+    from app.security import create_api_token
+
+    sessions = session_factory(engine)
+    with sessions() as db:
+        items = [(f"prompt {i}", [f"answer {i}.{j}" for j in range(4)]) for i in range(TASKS)]
+        add_static_tasks(db, items, required=OVERLAP, prompt_set="concurrency-api")
+        users = _annotators(db, THREADS)
+        tokens = {uid: create_api_token(db, db.get(User, uid), "concurrency") for uid in users}
+        db.commit()
+    app = create_app(settings, engine)
+    outcome = Outcome()
+
+    def nothing_left_for(user_id: int) -> bool:
+        with sessions() as db:
+            return _unseen_open_tasks(db, user_id) == 0
+
+    async def annotator(client: httpx.AsyncClient, user_id: int, seed: int) -> None:
+        rng = random.Random(seed)
+        headers = {"Authorization": f"Bearer {tokens[user_id]}"}
+        for _ in range(2000):  # bounded: a bug must not hang the test
+            fetched = await client.get("/api/tasks/next", headers=headers)
+            if fetched.status_code == 204:
+                if await asyncio.to_thread(nothing_left_for, user_id):
+                    return
+                await asyncio.sleep(0.01)  # every free slot is held right now; one may come back
+                continue
+            assert fetched.status_code == 200, fetched.text
+            task = fetched.json()
+            ids = [r["id"] for r in task["responses"]]
+            rng.shuffle(ids)
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            skip = rng.random() < 0.1
+            body = {"skip": True, "skip_reason": "cannot judge"} if skip else {"ranking": [[i] for i in ids]}
+            url = f"/api/tasks/{task['id']}/annotation"
+            stored = await client.post(url, json=body, headers=headers)
+            assert stored.status_code == 201, stored.text
+            if rng.random() < 0.2:  # a client retry gets the same answer, and stores nothing twice
+                again = await client.post(url, json=body, headers=headers)
+                assert again.status_code == 200 and again.json() == stored.json()
+            outcome.acknowledged.append((stored.json()["annotation_id"], task["id"], user_id, skip))
+        raise AssertionError(f"annotator {user_id} never ran out of tasks")
+
+    async def main() -> None:
+        async with app.router.lifespan_context(app):
+            assert app.state.hot_statements is not None
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                results = await asyncio.gather(
+                    *(annotator(client, uid, i) for i, uid in enumerate(users)), return_exceptions=True
+                )
+        outcome.errors.extend(r for r in results if isinstance(r, BaseException))
+
+    asyncio.run(main())
+    _check_invariants(engine, outcome)
+    assert sum(1 for a in outcome.acknowledged if not a[3]) == TASKS * OVERLAP
