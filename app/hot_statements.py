@@ -12,11 +12,13 @@ an empty pool, a refused judgement) goes to the sync code in a worker thread as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, TextClause
 
@@ -65,12 +67,12 @@ class HotStatements:
             cursor = connection.cursor(row_factory=namedtuple_row)
             await cursor.execute(pyformat_sql(statement, self._dialect), params, prepare=True)
             return await cursor.fetchall() if cursor.description else []
-        except psycopg.OperationalError:
-            if connection is not None and connection.broken:
-                await connection.close()
-                connection = None  # the next request that draws this slot connects again
-            raise
         finally:
+            # Broken, or left mid-statement (the request was cancelled while it waited): the next
+            # request that draws this slot connects afresh instead.
+            if connection is not None and connection.info.transaction_status != TransactionStatus.IDLE:
+                await _discard(connection)
+                connection = None
             idle.put_nowait((connection, time.monotonic()))
 
     async def _usable(self, connection: psycopg.AsyncConnection | None, returned_at: float):
@@ -88,3 +90,8 @@ class HotStatements:
                 self._conninfo, autocommit=True, application_name=APPLICATION_NAME
             )
         return connection
+
+
+async def _discard(connection: psycopg.AsyncConnection) -> None:
+    with contextlib.suppress(psycopg.Error):  # already gone
+        await connection.close()

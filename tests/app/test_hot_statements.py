@@ -95,3 +95,43 @@ def test_with_no_hot_connections_the_api_uses_worker_threads(settings, engine, d
         url = f"/api/tasks/{task['id']}/annotation"
         assert client.post(url, json={"ranking": ranking}, headers=headers).status_code == 201
     assert _hot_backends(db) == 0
+
+
+def test_a_request_cancelled_mid_statement_leaves_the_pool_usable(engine):
+    async def scenario() -> int:
+        hot = HotStatements(engine, size=1)
+        await hot.open()
+        try:
+            slow = asyncio.ensure_future(hot.rows(text("SELECT pg_sleep(5)"), {}))
+            await asyncio.sleep(0.2)
+            slow.cancel()  # as when the client goes away and the server cancels the handler
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            return (await asyncio.wait_for(hot.rows(text("SELECT 7 AS n"), {}), 10))[0].n
+        finally:
+            await hot.close()
+
+    assert asyncio.run(scenario()) == 7
+
+
+def test_a_connection_killed_mid_statement_fails_that_request_only(engine, db):
+    async def scenario() -> int:
+        hot = HotStatements(engine, size=1)
+        await hot.open()
+        try:
+            pid = (await hot.rows(PID, {}))[0].pid
+            slow = asyncio.ensure_future(hot.rows(text("SELECT pg_sleep(5)"), {}))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(_terminate, db, pid)  # the server restarts, say
+            with pytest.raises(Exception, match="terminat|closed|lost"):
+                await slow
+            return (await asyncio.wait_for(hot.rows(PID, {}), 10))[0].pid
+        finally:
+            await hot.close()
+
+    assert asyncio.run(scenario()) > 0
+
+
+def _terminate(db, pid: int) -> None:
+    db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    db.commit()
