@@ -241,10 +241,13 @@ def submit_annotation(
 
 
 async def submit_annotation_async(
-    hot: HotStatements, db: Session, task_id: int, user_id: int, payload: AnnotationIn
+    hot: HotStatements | None, db: Session, task_id: int, user_id: int, payload: AnnotationIn
 ) -> tuple[AnnotationResult, bool]:
-    """submit_annotation on Postgres with the storing call on the event loop (app.hot_statements);
-    a refused judgement is explained from the database in a worker thread, with `db`."""
+    """submit_annotation for an async handler: with `hot` (Postgres) the storing call runs on the event
+    loop, and a refused judgement is explained from the database in a worker thread with `db`;
+    without it, all of submit_annotation runs in a worker thread."""
+    if hot is None:
+        return await anyio.to_thread.run_sync(submit_annotation, db, task_id, user_id, payload)
     judgement = _Judgement.of(task_id, user_id, payload)
     try:
         rows = await hot.rows(_SUBMIT_POSTGRES, judgement.postgres_params())

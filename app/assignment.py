@@ -436,7 +436,7 @@ def next_task(
 
 
 async def next_task_async(
-    hot: HotStatements,
+    hot: HotStatements | None,
     db: Session,
     user_id: int,
     ttl_seconds: int,
@@ -444,8 +444,11 @@ async def next_task_async(
     gold_share: float = 0.0,
     rng: random.Random | None = None,
 ) -> TaskView | None:
-    """next_task on Postgres with the one-statement claim on the event loop (app.hot_statements); a
-    gold draw, or no task found that way, goes on in a worker thread with `db`."""
+    """next_task for an async handler: with `hot` (Postgres) the one-statement claim runs on the event
+    loop, and a gold draw, or no task found that way, goes on in a worker thread with `db`; without
+    it, all of next_task runs in a worker thread."""
+    if hot is None:
+        return await anyio.to_thread.run_sync(next_task, db, user_id, ttl_seconds, kinds, gold_share, rng)
     wanted, rng = _kinds(kinds), rng or _rng
     gold = _draws_gold(gold_share, wanted, rng)
     if not gold:

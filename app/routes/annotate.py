@@ -12,16 +12,18 @@ from datetime import datetime, time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from app.annotations import AnnotationError, submit_annotation
-from app.assignment import TaskView, next_task
+from app.annotations import AnnotationError, submit_annotation_async
+from app.assignment import TaskView
 from app.deps import DbSession
 from app.models import Annotation, AppSetting, utcnow
 from app.registry import live_policy
+from app.routes.api import next_view
 from app.schemas import FLAG_LABELS, AnnotationIn
 from app.security import Annotator
 from app.templating import is_htmx, render
@@ -94,24 +96,28 @@ def _task_context(
     return context
 
 
-def _next_view(request: Request, db: Session, user_id: int) -> TaskView | None:
-    settings = request.app.state.settings
-    return next_task(db, user_id, settings.assignment_ttl_seconds, gold_share=settings.gold_share)
-
-
-@router.get("/annotate")
-def annotate_page(request: Request, principal: Annotator, db: DbSession):
-    view = _next_view(request, db, principal.id)
-    context = _task_context(request, db, principal.id, view)
-    context["guidelines"] = load_guidelines(db)
-    db.commit()
+def _render_page(
+    request: Request, db: Session, user_id: int, view: TaskView | None, flash: str | None = None
+):
+    """The page (or, for htmx, its task block) around `view`; reads the database, so a worker thread."""
+    context = _task_context(request, db, user_id, view, flash=flash)
+    if not is_htmx(request):
+        context["guidelines"] = load_guidelines(db)
+        db.commit()
     return render(request, "annotate/index.html", context, block="task")
 
 
+@router.get("/annotate")
+async def annotate_page(request: Request, principal: Annotator, db: DbSession):
+    # The claim runs on the event loop where the app has hot statements (see app.hot_statements).
+    view = await next_view(request, db, principal.id)
+    return await run_in_threadpool(_render_page, request, db, principal.id, view)
+
+
 @router.get("/annotate/next")
-def annotate_next(request: Request, principal: Annotator, db: DbSession):
+async def annotate_next(request: Request, principal: Annotator, db: DbSession):
     """The task block alone for htmx ('check again', the empty-pool poll); the whole page otherwise."""
-    return annotate_page(request, principal, db)
+    return await annotate_page(request, principal, db)
 
 
 def _refusal(request: Request, message: str, status_code: int) -> HTMLResponse:
@@ -125,7 +131,7 @@ def _refusal(request: Request, message: str, status_code: int) -> HTMLResponse:
 
 
 @router.post("/annotate/tasks/{task_id}")
-def annotate_submit(
+async def annotate_submit(
     request: Request,
     task_id: int,
     principal: Annotator,
@@ -142,7 +148,9 @@ def annotate_submit(
         problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
         return _refusal(request, problems, 422)
     try:
-        result, _created = submit_annotation(db, task_id, principal.id, body)
+        result, _created = await submit_annotation_async(
+            request.app.state.hot_statements, db, task_id, principal.id, body
+        )
     except AnnotationError as exc:
         return _refusal(request, exc.message, exc.status)
     if result.status == "skipped":
@@ -151,6 +159,5 @@ def annotate_submit(
         flash = f"Saved task #{task_id} as all bad."
     else:
         flash = f"Saved task #{task_id}: {result.comparisons} comparisons."
-    view = _next_view(request, db, principal.id)
-    context = _task_context(request, db, principal.id, view, flash=flash)
-    return render(request, "annotate/index.html", context, block="task")
+    view = await next_view(request, db, principal.id)
+    return await run_in_threadpool(_render_page, request, db, principal.id, view, flash)

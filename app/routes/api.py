@@ -10,12 +10,11 @@ import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
-from app.annotations import AnnotationError, submit_annotation, submit_annotation_async
-from app.assignment import TaskView, next_task, next_task_async
+from app.annotations import AnnotationError, submit_annotation_async
+from app.assignment import TaskView, next_task_async
 from app.deps import DbSession
 from app.prompt_sets import PromptSetError, create_prompt_set, list_prompt_sets
 from app.schemas import (
@@ -47,14 +46,15 @@ def task_json(view: TaskView) -> dict:
     }
 
 
-async def _next_view(request: Request, db: Session, user_id: int, kinds: list[str] | None = None):
-    """next_task: on the event loop when the app has hot statements (Postgres), else in a worker thread."""
+async def next_view(
+    request: Request, db: Session, user_id: int, kinds: list[str] | None = None
+) -> TaskView | None:
+    """next_task with the app's settings: on the event loop where the app has hot statements."""
     settings = request.app.state.settings
-    ttl, share = settings.assignment_ttl_seconds, settings.gold_share
-    hot = request.app.state.hot_statements
-    if hot is not None:
-        return await next_task_async(hot, db, user_id, ttl, kinds, gold_share=share)
-    return await run_in_threadpool(next_task, db, user_id, ttl, kinds, share)
+    return await next_task_async(
+        request.app.state.hot_statements, db, user_id, settings.assignment_ttl_seconds, kinds,
+        gold_share=settings.gold_share,
+    )  # fmt: skip
 
 
 def json_response(data: dict, status_code: int = 200) -> Response:
@@ -78,7 +78,7 @@ async def api_next_task(
 ):
     """Assigns a task you have neither done nor skipped (or returns the one you hold). Submit before
     `expires_at`, or the slot returns to the pool. Arena tasks never reveal which policy wrote what."""
-    view = await _next_view(request, db, principal.id, kind)
+    view = await next_view(request, db, principal.id, kind)
     if view is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return json_response(task_json(view))
@@ -107,15 +107,12 @@ async def api_submit_annotation(
     """Idempotent: sending the same judgement again returns the stored result with 200."""
     hot = request.app.state.hot_statements
     try:
-        if hot is not None:
-            result, created = await submit_annotation_async(hot, db, task_id, principal.id, payload)
-        else:
-            result, created = await run_in_threadpool(submit_annotation, db, task_id, principal.id, payload)
+        result, created = await submit_annotation_async(hot, db, task_id, principal.id, payload)
     except AnnotationError as exc:
         raise HTTPException(exc.status, exc.message) from None
     body = result.model_dump(exclude={"next_task"})
     if next:
-        view = await _next_view(request, db, principal.id)
+        view = await next_view(request, db, principal.id)
         body["next_task"] = task_json(view) if view else None
     return json_response(body, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

@@ -23,6 +23,7 @@ from app.models import Annotation, Assignment, Task, User
 from app.schemas import AnnotationIn
 from app.security import hash_password
 from app.tasks_pool import add_static_tasks
+from tests.aio import run_async
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
 
@@ -240,6 +241,6 @@ def test_twenty_annotators_over_the_api_share_the_few_hot_connections(settings, 
                 )
         outcome.errors.extend(r for r in results if isinstance(r, BaseException))
 
-    asyncio.run(main())
+    run_async(main())
     _check_invariants(engine, outcome)
     assert sum(1 for a in outcome.acknowledged if not a[3]) == TASKS * OVERLAP

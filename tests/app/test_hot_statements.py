@@ -11,6 +11,7 @@ from sqlalchemy import text
 import app.hot_statements as hot_module
 from app.hot_statements import APPLICATION_NAME, HotStatements
 from app.tasks_pool import add_static_tasks
+from tests.aio import run_async
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
 
@@ -61,7 +62,7 @@ def test_a_hot_connection_killed_while_idle_is_replaced(engine, db, monkeypatch)
         finally:
             await hot.close()
 
-    first, second = asyncio.run(scenario())
+    first, second = run_async(scenario())
     assert second != first
 
 
@@ -76,7 +77,7 @@ def test_a_statement_that_fails_leaves_the_pool_usable(engine):
         finally:
             await hot.close()
 
-    assert asyncio.run(scenario()) == 5
+    assert run_async(scenario()) == 5
 
 
 def test_with_no_hot_connections_the_api_uses_worker_threads(settings, engine, db, api_headers):
@@ -111,7 +112,7 @@ def test_a_request_cancelled_mid_statement_leaves_the_pool_usable(engine):
         finally:
             await hot.close()
 
-    assert asyncio.run(scenario()) == 7
+    assert run_async(scenario()) == 7
 
 
 def test_a_connection_killed_mid_statement_fails_that_request_only(engine, db):
@@ -129,7 +130,7 @@ def test_a_connection_killed_mid_statement_fails_that_request_only(engine, db):
         finally:
             await hot.close()
 
-    assert asyncio.run(scenario()) > 0
+    assert run_async(scenario()) > 0
 
 
 def _terminate(db, pid: int) -> None:
