@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     db_hot_pool_size: int = Field(
         default=6,
         ge=0,
-        description="Postgres connections per web process that run the annotators' next-task and submit "
-        "statements on the event loop; 0 runs them in worker threads like every other request.",
+        description="Postgres connections per web process that run annotators' next-task and submit "
+        "statements (API and UI) on the event loop; 0 runs them in worker threads like other requests.",
     )
     auth_cache_seconds: float = Field(
         default=10.0,
