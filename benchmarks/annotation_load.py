@@ -12,7 +12,9 @@ load generator itself stays cheap) and, until the time is up, repeats:
     POST /api/tasks/{id}/annotation        → 201, a random ranking with a tie now and then
 
 It prints submits/s, the latency percentiles of both requests and of the whole loop, and the error
-count (any non-2xx answer or a broken connection). The first --warmup seconds are not counted.
+count (any non-2xx answer, a refusal the UI shows in place, or a broken connection). The first
+--warmup seconds are not counted. `--modes browser` drives the annotation page's own htmx requests
+instead (a form post per judgement, answered with the next task's HTML block).
 
 Each mode runs flat out (a loop starts the moment the last one ends: the server's capacity) and at an
 offered rate (Poisson arrivals, 300 submits/s by default: the latency annotators see at that load).
@@ -26,6 +28,7 @@ is a reference, not re-measured here.
 
     python benchmarks/annotation_load.py                         # 100 annotators, 20 s, 2 workers
     python benchmarks/annotation_load.py --rates 0,200,300,400 --modes piggyback
+    python benchmarks/annotation_load.py --modes browser --rates 0,200
     python benchmarks/annotation_load.py --annotators 20 --duration 10
     python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
 """
@@ -37,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -47,7 +51,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote_from_bytes, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -342,12 +346,18 @@ class Connection:
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, *, form: bool = False, htmx: bool = False
+    ) -> tuple[int, bytes]:
+        """(status, body); a refusal the UI shows in place (HX-Retarget) comes back as status 422."""
         if self.writer is None:
             await self.open()
         head = f"{method} {path} HTTP/1.1\r\n{self.fixed}"
+        if htmx:
+            head += "HX-Request: true\r\n"
         if body is not None:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            kind = "application/x-www-form-urlencoded" if form else "application/json"
+            head += f"Content-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
         self.writer.write(head.encode() + b"\r\n" + (body or b""))
         status_line = await self.reader.readline()
         if not status_line:
@@ -366,6 +376,8 @@ class Connection:
                 chunked = True
             elif name == b"connection" and b"close" in value.lower():
                 close = True
+            elif name == b"hx-retarget":
+                status = 422
         if chunked:
             data = b""
             while True:
@@ -387,6 +399,25 @@ class Connection:
             self.writer = None
 
 
+_TASK_ID = re.compile(rb'data-task-id="(\d+)"')
+_RESPONSE_ID = re.compile(rb'data-response-id="(\d+)"')
+
+
+def task_of_html(html: bytes) -> dict | None:
+    """The task in the annotation page's task block (what the page's script reads), or None."""
+    found = _TASK_ID.search(html)
+    if found is None:
+        return None
+    return {"id": int(found.group(1)), "responses": [{"id": int(i)} for i in _RESPONSE_ID.findall(html)]}
+
+
+def next_task_of(body: bytes, browser: bool, piggyback: bool) -> dict | None:
+    """The next task a submit answered with (browser, piggyback), or None (fetch it)."""
+    if browser:
+        return task_of_html(body)
+    return json.loads(body).get("next_task") if piggyback else None
+
+
 def judgement(task: dict, rng: random.Random) -> bytes:
     """A random strict ranking, with a tie on top one time in five."""
     ids = [r["id"] for r in task["responses"]]
@@ -403,11 +434,13 @@ async def annotator(
     warm_until: float,
     stop_at: float,
     stats: Stats,
-    piggyback: bool,
+    mode: str,
     interval: float,
 ):
     """next → submit until the time is up. With piggyback the submit also returns the next task
-    (`?next=true`), so a loop is one request instead of two.
+    (`?next=true`), so a loop is one request instead of two. browser does what the annotation page
+    does: htmx requests to the UI routes, a form post per judgement answered with the next task's
+    HTML block (parsed here for its task and response ids).
 
     interval 0: the next loop starts as soon as the last one ends (closed loop: measures capacity;
     latency is then mostly queueing, N / throughput by Little's law). interval > 0: loops start on a
@@ -415,6 +448,7 @@ async def annotator(
     counts its latency from when it was due, so a slow server cannot hide its backlog.
     """
     rng = random.Random(seed)
+    browser, piggyback = mode == "browser", mode in ("piggyback", "browser")
     task = None
     due = time.perf_counter() + (rng.expovariate(1 / interval) if interval else 0.0)
     while True:
@@ -433,7 +467,12 @@ async def annotator(
         if fetched:
             stats.requests += 1
             try:
-                status, body = await conn.request("GET", "/api/tasks/next")
+                if browser:
+                    status, body = await conn.request("GET", "/annotate/next", htmx=True)
+                    task = task_of_html(body)
+                    status = 204 if status == 200 and task is None else status
+                else:
+                    status, body = await conn.request("GET", "/api/tasks/next")
             except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
                 stats.error(f"next: {type(exc).__name__}: {exc}")
                 await conn.close()
@@ -445,12 +484,18 @@ async def annotator(
             if status != 200:
                 stats.error(f"next: HTTP {status}: {body[:200]!r}")
                 continue
-            task = json.loads(body)
+            task = task if browser else json.loads(body)
         t1 = time.perf_counter()
-        path = f"/api/tasks/{task['id']}/annotation" + ("?next=true" if piggyback else "")
         stats.requests += 1
         try:
-            status, body = await conn.request("POST", path, judgement(task, rng))
+            if browser:
+                form = b"payload=" + quote_from_bytes(judgement(task, rng)).encode()
+                status, body = await conn.request(
+                    "POST", f"/annotate/tasks/{task['id']}", form, form=True, htmx=True
+                )
+            else:
+                path = f"/api/tasks/{task['id']}/annotation" + ("?next=true" if piggyback else "")
+                status, body = await conn.request("POST", path, judgement(task, rng))
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             stats.error(f"submit: {type(exc).__name__}: {exc}")
             await conn.close()
@@ -461,7 +506,7 @@ async def annotator(
             stats.error(f"submit: HTTP {status}: {body[:200]!r}")
             task = None
             continue
-        task = json.loads(body).get("next_task") if piggyback else None
+        task = next_task_of(body, browser, piggyback)
         if counted and t2 <= stop_at:
             stats.submits += 1
             if fetched:
@@ -477,7 +522,7 @@ async def run_load(
     credentials: list[dict[str, str]],
     duration: float,
     warmup: float,
-    piggyback: bool = False,
+    mode: str = "two-requests",
     rate: float = 0.0,
 ) -> Stats:
     """Drive the server with one simulated annotator per credential; rate: total loops/s (0: flat out)."""
@@ -492,7 +537,7 @@ async def run_load(
     start = time.perf_counter()
     warm_until, stop_at = start + warmup, start + warmup + duration
     await asyncio.gather(
-        *(annotator(c, i, warm_until, stop_at, stats, piggyback, interval) for i, c in enumerate(conns))
+        *(annotator(c, i, warm_until, stop_at, stats, mode, interval) for i, c in enumerate(conns))
     )
     await asyncio.gather(*(c.close() for c in conns))
     return stats
@@ -539,6 +584,7 @@ def main() -> None:
         "--modes",
         default="two-requests,piggyback",
         help="two-requests: GET next then POST submit; piggyback: POST submit?next=true returns the next "
+        "task; browser: the annotation page's htmx requests (form post, next task's HTML block back) "
         "task (one request per loop); comma-separated, each measured in turn on the same server",
     )
     parser.add_argument(
@@ -550,8 +596,8 @@ def main() -> None:
     args = parser.parse_args()
     duration = min(args.duration, 300.0)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"two-requests", "piggyback"}:
-        raise SystemExit("--modes takes two-requests and/or piggyback")
+    if not set(modes) <= {"two-requests", "piggyback", "browser"}:
+        raise SystemExit("--modes takes two-requests, piggyback and/or browser")
     try:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
     except ValueError:
@@ -576,7 +622,7 @@ def main() -> None:
         results = {}
         for mode, rate in runs:
             results[run_label(mode, rate)] = asyncio.run(
-                run_load(args.url.rstrip("/"), credentials, duration, args.warmup, mode == "piggyback", rate)
+                run_load(args.url.rstrip("/"), credentials, duration, args.warmup, mode, rate)
             )
         report(args, results, duration, "external server")
         return
@@ -603,9 +649,7 @@ def main() -> None:
                     time.process_time(),
                     time.perf_counter(),
                 )
-                stats = asyncio.run(
-                    run_load(base, credentials, duration, args.warmup, mode == "piggyback", rate)
-                )
+                stats = asyncio.run(run_load(base, credentials, duration, args.warmup, mode, rate))
                 stats.server_cpu = process_tree_cpu(server.pid) - before[0]
                 stats.machine_cpu = machine_cpu() - before[1]
                 stats.client_cpu = time.process_time() - before[2]
