@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any
 
 import anyio
-from sqlalchemy import DateTime, Engine, TextClause, TextualSelect, and_, bindparam, select, text, update
+from sqlalchemy import DateTime, Engine, TextClause, and_, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from app.db import is_postgres, run_on_its_own
@@ -189,7 +189,7 @@ _TIMES = (
 
 
 @lru_cache(maxsize=32)
-def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause | TextualSelect:
+def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause:
     """A compiled-once statement for this dialect and kind filter (none when every kind is wanted)."""
     kind = "" if kinds == TASK_KINDS else _KIND_ARRAY if name == "next" else _KIND
     sql = {
@@ -202,7 +202,7 @@ def _statement(name: str, dialect: str, kinds: tuple[str, ...]) -> TextClause | 
     stmt = stmt.bindparams(*[b for b in _TIMES if f":{b.key}" in sql])
     if ":kinds" in sql and name != "next":
         stmt = stmt.bindparams(bindparam("kinds", expanding=True))
-    return stmt.columns(messages=JSONType) if name == "next" else stmt
+    return stmt
 
 
 def _params(

@@ -37,7 +37,8 @@ class HotStatements:
         # psycopg takes the URL without SQLAlchemy's driver suffix.
         self._conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.size = size
-        self._idle: asyncio.LifoQueue[tuple[psycopg.AsyncConnection, float]] | None = None
+        # Each slot: its connection (None until first use, or after one was dropped) and when it came back.
+        self._idle: asyncio.LifoQueue[tuple[psycopg.AsyncConnection | None, float]] | None = None
 
     async def open(self) -> None:
         """Make the pool on the running loop; connections are opened on first use."""
@@ -50,7 +51,7 @@ class HotStatements:
         while idle is not None and not idle.empty():
             connection, _ = idle.get_nowait()
             if connection is not None:
-                await connection.close()
+                await _discard(connection)
 
     @property
     def is_open(self) -> bool:
@@ -83,7 +84,7 @@ class HotStatements:
                 await connection.execute("SELECT 1", prepare=False)
             except psycopg.Error as error:
                 log.info("an idle hot-path connection is gone (%s); connecting again", error)
-                await connection.close()
+                await _discard(connection)
                 connection = None
         if connection is None or connection.closed:
             connection = await psycopg.AsyncConnection.connect(

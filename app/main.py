@@ -45,8 +45,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             # threads than pooled connections the extra threads queue on the pool instead, or open
             # overflow connections that are closed again on return (a new Postgres process each time).
             anyio.to_thread.current_default_thread_limiter().total_tokens = settings.db_pool_size
-        hot = HotStatements(engine, settings.db_hot_pool_size)
-        if engine.dialect.name == "postgresql" and hot.size:
+        hot = None
+        if engine.dialect.name == "postgresql" and settings.db_hot_pool_size:
+            hot = HotStatements(engine, settings.db_hot_pool_size)
             await hot.open()
             app.state.hot_statements = hot
         holder = PolicyHolder(app.state.sessionmaker, settings)
@@ -65,7 +66,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 gc.unfreeze()  # a process that goes on (tests, embedding) gets its memory back
             holder.stop()
             app.state.hot_statements = None
-            await hot.close()
+            if hot is not None:
+                await hot.close()
             if owns_engine:
                 engine.dispose()
 

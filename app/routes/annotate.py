@@ -92,7 +92,6 @@ def _task_context(
         "skip_reasons": SKIP_REASONS,
         "flash": flash,
     }
-    db.commit()  # only read: a commit keeps the connection's prepared statements (app.db.read_session)
     return context
 
 
@@ -103,7 +102,7 @@ def _render_page(
     context = _task_context(request, db, user_id, view, flash=flash)
     if not is_htmx(request):
         context["guidelines"] = load_guidelines(db)
-        db.commit()
+    db.commit()  # only read: a commit keeps the connection's prepared statements (app.db.read_session)
     return render(request, "annotate/index.html", context, block="task")
 
 
