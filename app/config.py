@@ -9,8 +9,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.paths import STATIC_DIR, TEMPLATES_DIR
+
 DEFAULT_SECRET = "change-me-development-only"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
@@ -96,8 +97,8 @@ class Settings(BaseSettings):
     )
     # Gold tasks are shown to every annotator once, so their annotation cap is set this high.
     gold_max_annotations: int = Field(default=100_000, ge=1, description="Annotation cap of a gold task.")
-    templates_dir: Path = PROJECT_ROOT / "templates"
-    static_dir: Path = PROJECT_ROOT / "static"
+    templates_dir: Path = TEMPLATES_DIR
+    static_dir: Path = STATIC_DIR
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> Settings:

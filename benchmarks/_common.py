@@ -16,7 +16,7 @@ def smollm2_dir(path: str | Path | None = None) -> Path:
         return Path(path)
     dest = BENCH_CACHE / "smollm2"
     if not (dest / "config.json").exists():
-        from app.basemodel import convert_gguf
+        from app.inference.model_files import convert_gguf
 
         BENCH_CACHE.mkdir(parents=True, exist_ok=True)
         staging = BENCH_CACHE / f"smollm2.tmp{os.getpid()}"

@@ -92,11 +92,11 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
     """Annotators and rank tasks, inserted in bulk; returns the annotators' user ids."""
     from sqlalchemy import insert, select
 
-    from app.cli import run_migrations
-    from app.db import make_engine
-    from app.models import Prompt, PromptSet, Response, Task, TaskResponse, User, utcnow
-    from app.prompt_sets import content_hash
-    from app.security import hash_password
+    from app.data.db import make_engine
+    from app.data.migrate import run_migrations
+    from app.data.models import Prompt, PromptSet, Response, Task, TaskResponse, User, utcnow
+    from app.services.accounts import hash_password
+    from app.services.prompt_uploads import content_hash
 
     run_migrations(url)
     engine = make_engine(url, pool_size=2)
@@ -202,8 +202,8 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
 def session_credentials(user_ids: list[int]) -> list[dict[str, str]]:
     """Browser-session cookies and CSRF headers, minted with the server's secret (no login round trip)."""
     from app.config import Settings
-    from app.models import User
-    from app.security import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, make_session_cookie, new_csrf_token
+    from app.data.models import User
+    from app.web.security import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, make_session_cookie, new_csrf_token
 
     settings = Settings(secret_key=SECRET, environment="test")
     out = []
@@ -215,9 +215,9 @@ def session_credentials(user_ids: list[int]) -> list[dict[str, str]]:
 
 
 def token_credentials(url: str, user_ids: list[int]) -> list[dict[str, str]]:
-    from app.db import make_engine, session_factory
-    from app.models import User
-    from app.security import create_api_token
+    from app.data.db import make_engine, session_factory
+    from app.data.models import User
+    from app.services.accounts import create_api_token
 
     engine = make_engine(url, pool_size=1)
     with session_factory(engine)() as db:
@@ -248,7 +248,7 @@ def start_server(url: str, workers: int, data_dir: Path) -> tuple[subprocess.Pop
     }
     command = [
         sys.executable, "-m", "uvicorn",
-        "app.main:create_app",
+        "app.web.main:create_app",
         "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log",

@@ -59,8 +59,8 @@ def populate(url: str, comparisons: int, seed: int = 0, batch: int = 5000) -> di
     """Create the schema and insert history holding about `comparisons` comparisons."""
     from sqlalchemy import insert
 
-    from app.db import Base, make_engine
-    from app.models import (
+    from app.data.db import Base, make_engine
+    from app.data.models import (
         Annotation,
         Comparison,
         Policy,
@@ -228,8 +228,8 @@ def child(url: str, method: str, file_format: str, out: Path) -> dict[str, float
     import datasets  # noqa: F401  (both methods pay the same imports, so baselines match)
     import pyarrow  # noqa: F401
 
-    from app.db import make_engine, session_factory
-    from app.exports import ExportSpec, export_dataset
+    from app.data.db import make_engine, session_factory
+    from app.services.exports import ExportSpec, export_dataset
 
     engine = make_engine(url, pool_size=1)
     baseline = rss_mb()
@@ -250,7 +250,7 @@ def materialise_everything(db, file_format: str, out: Path) -> int:
     (every task in one page, every row in one list) and handed to `datasets` to write."""
     import datasets
 
-    from app.exports import ExportSpec, iter_rows
+    from app.services.exports import ExportSpec, iter_rows
 
     spec = ExportSpec(format="pairwise", split_mode="none")
     rows = [row for _split, row, _meta in iter_rows(db, spec, secret_key=SECRET, page_size=10**9)]

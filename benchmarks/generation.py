@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from workers.training.generation import BatchedGenerator, SamplingConfig
+    from app.inference.generator import BatchedGenerator
+    from app.inference.sampling import SamplingConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,13 +52,13 @@ def main() -> None:
     for key in ("PREFLOOP_DATABASE_URL", "PREFLOOP_BROKER_URL", "PREFLOOP_REDIS_URL"):
         os.environ.pop(key, None)
 
-    from app.cli import run_migrations
     from app.config import get_settings, reset_settings
-    from app.db import session_scope
-    from app.models import User
-    from app.registry import init_base_policy, publish_policy
-    from app.security import create_api_token, hash_password
-    from app.webthread import WebServerThread
+    from app.data.db import session_scope
+    from app.data.migrate import run_migrations
+    from app.data.models import User
+    from app.services.accounts import create_api_token, hash_password
+    from app.services.registry import init_base_policy, publish_policy
+    from app.web.server_thread import WebServerThread
 
     reset_settings()
     settings = get_settings()

@@ -66,7 +66,7 @@ def ensure_models(bench_dir: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT))
     policy = bench_dir / "smollm2"
     if not (policy / "config.json").exists():
-        from app.basemodel import convert_gguf
+        from app.inference.model_files import convert_gguf
 
         tmp = Path(tempfile.mkdtemp(dir=bench_dir))
         convert_gguf(tmp / "model", progress=lambda m: print(f"  convert: {m}", flush=True))
@@ -115,10 +115,10 @@ def worker_ours(args, lora: bool) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from workers.training.generation import SamplingConfig
+    from app.common.reporting import MemoryReporter
+    from app.inference.sampling import SamplingConfig
     from workers.training.lora import LoraSettings
     from workers.training.ppo import PPOConfig, train_ppo
-    from workers.training.reporting import MemoryReporter
 
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
     config = PPOConfig(

@@ -165,8 +165,8 @@ def _device(name: str):
 def run_ours(data: dict, args) -> dict:
     import torch
 
+    from app.common.reporting import MemoryReporter
     from workers.training.data import Comparison, group_batches, split_by_prompt
-    from workers.training.reporting import MemoryReporter
     from workers.training.reward import RewardConfig, train_reward_model
 
     comparisons = [Comparison(**c) for c in data["comparisons"]]

@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection, Engine
 
-import app.models  # noqa: F401 - registers every table on Base.metadata
-from app.db import Base, make_engine
+import app.data.models  # noqa: F401 - registers every table on Base.metadata
+from app.data.db import Base, make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -36,13 +36,27 @@ def service_unavailable(reason: str) -> None:
     pytest.skip(message)
 
 
+# ---------------------------------------------------------------- background tasks
+
+
+@pytest.fixture(scope="session", autouse=True)
+def task_sender() -> Iterator[None]:
+    """Services enqueue by name through the broker of the current settings, as in every process."""
+    from app.broker import install_sender
+    from app.services import dispatch
+
+    install_sender()
+    yield
+    dispatch.install(None)
+
+
 # ---------------------------------------------------------------- models
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with the real SmolLM2 tokenizer, built once per test session."""
-    from app.basemodel import make_tiny_model
+    from app.inference.model_files import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-policy") / "model", seed=0)
 
@@ -51,7 +65,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def _migrate(url: str) -> None:
-    from app.cli import run_migrations
+    from app.data.migrate import run_migrations
 
     run_migrations(url)
 
@@ -88,7 +102,7 @@ def postgres_url() -> Iterator[str]:
 
 
 def _truncate_all(engine: Engine) -> None:
-    from app.db import Base
+    from app.data.db import Base
 
     names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
     with engine.begin() as conn:
@@ -106,7 +120,7 @@ def database_url(request, tmp_path) -> Iterator[str]:
     url = request.getfixturevalue("postgres_url")
     if not url:
         service_unavailable(f"Postgres is not reachable at {PG_ADMIN_URL}")
-    from app.db import make_engine
+    from app.data.db import make_engine
 
     yield url
     engine = make_engine(url, pool_size=2)
@@ -142,7 +156,7 @@ def settings(database_url, tmp_path, monkeypatch):
 
 @pytest.fixture
 def engine(settings) -> Iterator[Engine]:
-    from app.db import make_engine
+    from app.data.db import make_engine
 
     engine = make_engine(settings.sqlalchemy_url, pool_size=5)
     yield engine
@@ -151,7 +165,7 @@ def engine(settings) -> Iterator[Engine]:
 
 @pytest.fixture
 def db(engine) -> Iterator[Session]:
-    from app.db import session_factory
+    from app.data.db import session_factory
 
     session = session_factory(engine)()
     yield session
@@ -163,7 +177,7 @@ def db(engine) -> Iterator[Session]:
 
 @pytest.fixture
 def app(settings, engine):
-    from app.main import create_app
+    from app.web.main import create_app
 
     return create_app(settings, engine)
 
@@ -179,8 +193,8 @@ def client(app):
 @pytest.fixture
 def make_user(db):
     """Create a user with a role; returns (user, password)."""
-    from app.models import User
-    from app.security import hash_password
+    from app.data.models import User
+    from app.services.accounts import hash_password
 
     def factory(role: str = "annotator", username: str | None = None, password: str = "correct-horse-1"):
         user = User(
@@ -220,7 +234,7 @@ def login(client, make_user):
 @pytest.fixture
 def api_headers(db, make_user):
     """Bearer-token headers for a new user of a role."""
-    from app.security import create_api_token
+    from app.services.accounts import create_api_token
 
     def factory(role: str = "annotator") -> dict[str, str]:
         user, _ = make_user(role)

@@ -1,4 +1,4 @@
-"""docker-compose.yml: the stack DESIGN.md §2 describes, and every command it runs exists in the CLI."""
+"""docker-compose.yml: the production stack (docs/architecture.md, Processes), and every command it runs exists in the CLI."""
 
 from __future__ import annotations
 

@@ -1,99 +1,102 @@
-"""Thin Celery tasks: they receive ids, claim rows and call plain functions (DESIGN.md §5, §7).
+"""Thin Celery tasks: they receive ids and call run bodies (workers/runs/) or services.
 
-torch and the trainers are imported inside task bodies so the prefork parent never touches CUDA.
+Run bodies are imported inside their tasks: they are the way to torch and the trainers, which the
+prefork parent (it imports this module) must never load, since CUDA does not survive a fork.
 """
 
 from __future__ import annotations
 
 import logging
 
-from app.db import session_scope
+from app.config import get_settings
+from app.data.db import session_scope
+from app.services import dispatch
+from app.services.assignment import expire_stale_assignments
+from app.services.rounds import maybe_start_auto_round
+from app.services.runs import requeue_stale_runs
+from app.services.tasks_pool import refill_if_low
 from workers.celery_app import celery_app
 
 log = logging.getLogger(__name__)
 
 
-@celery_app.task(name="workers.tasks.periodic_maintenance")
+@celery_app.task(name=dispatch.PERIODIC_MAINTENANCE)
 def periodic_maintenance() -> dict[str, int]:
-    """Beat: return expired assignments to the pool; re-queue runs whose worker died; refill the pool."""
-    from app.assignment import expire_stale_assignments
-    from workers.progress import requeue_stale_runs
-    from workers.runs import enqueue_run
-
+    """Beat: return expired assignments to the pool; re-queue runs whose worker died; refill the pool;
+    start a round when enough new comparisons arrived (PREFLOOP_AUTO_ROUND_MIN_COMPARISONS, 0 = off)."""
     with session_scope() as db:
         expired = expire_stale_assignments(db)
-        requeued = requeue_stale_runs(db, enqueue_run)
+        requeued = requeue_stale_runs(db)
     if expired:
         log.info("expired %d stale assignments", expired)
     if requeued:
         log.warning("re-queued runs whose worker was lost: %s", requeued)
-    refill_run = _refill_task_pool()
-    return {"expired_assignments": expired, "requeued_runs": len(requeued), "refill_run": refill_run or 0}
-
-
-def _refill_task_pool() -> int | None:
-    """Queue a generation run when the pool of tasks with free slots runs low (app/tasks_pool.py)."""
-    from app.tasks_pool import refill_if_low
-
     with session_scope() as db:
-        run_id = refill_if_low(db)  # commits the run row, then enqueues generate_responses
-    if run_id is not None:
-        log.info("task pool is low: generation run %s queued", run_id)
-    return run_id
+        refill_run = refill_if_low(db)  # commits the run row, then enqueues the generation task
+    if refill_run is not None:
+        log.info("task pool is low: generation run %s queued", refill_run)
+    with session_scope() as db:
+        auto_round = maybe_start_auto_round(db, get_settings().auto_round_min_comparisons)
+        auto_round_id = auto_round.id if auto_round is not None else 0
+    if auto_round_id:
+        log.info("enough new comparisons: round %s started", auto_round_id)
+    return {
+        "expired_assignments": expired,
+        "requeued_runs": len(requeued),
+        "refill_run": refill_run or 0,
+        "auto_round": auto_round_id,
+    }
 
 
-# ---------------------------------------------------------------- generation (gpu queue)
+# ---------------------------------------------------------------- gpu queue
 
 
-@celery_app.task(name="workers.tasks.generate_responses")
+@celery_app.task(name=dispatch.GENERATE_RESPONSES)
 def generate_responses(run_id: int) -> str | None:
     """Sample K responses per prompt from the live policy and create rank (and arena) tasks."""
-    from app.tasks_pool import run_generation
+    from workers.runs.generation import run_generation
 
     return run_generation(run_id)
 
 
-# ---------------------------------------------------------------- training (gpu queue)
-
-
-@celery_app.task(name="workers.tasks.train_reward_model")
+@celery_app.task(name=dispatch.TRAIN_REWARD_MODEL)
 def train_reward_model(run_id: int) -> str | None:
     """Train a Bradley-Terry reward model for a run row of kind 'reward'."""
-    from workers.runs import execute_reward_run
+    from workers.runs.training import execute_reward_run
 
     return execute_reward_run(run_id)
 
 
-@celery_app.task(name="workers.tasks.train_policy")
+@celery_app.task(name=dispatch.TRAIN_POLICY)
 def train_policy(run_id: int) -> str | None:
     """Train a candidate policy (PPO-max or DPO, from the run's config) and register it."""
-    from workers.runs import execute_policy_run
+    from workers.runs.training import execute_policy_run
 
     return execute_policy_run(run_id)
 
 
-@celery_app.task(name="workers.tasks.evaluate_policy")
+@celery_app.task(name=dispatch.EVALUATE_POLICY)
 def evaluate_policy(run_id: int) -> str | None:
     """Evaluate a candidate against a baseline on held-out prompts and apply the gate."""
-    from workers.runs import execute_evaluation_run
+    from workers.runs.training import execute_evaluation_run
 
     return execute_evaluation_run(run_id)
 
 
-@celery_app.task(name="workers.tasks.run_round")
+@celery_app.task(name=dispatch.RUN_ROUND)
 def run_round(round_id: int) -> str:
     """Drive a round through all of its stages."""
-    from workers.rounds import execute_round
+    from workers.runs.rounds import execute_round
 
     return execute_round(round_id)
 
 
-# ---------------------------------------------------------------- exports (default queue)
+# ---------------------------------------------------------------- default queue
 
 
-@celery_app.task(name="workers.tasks.export_dataset")
+@celery_app.task(name=dispatch.EXPORT_DATASET)
 def export_dataset(run_id: int) -> str | None:
     """Write a researcher export (one zip under DATA_DIR/exports) for an export run row."""
-    from app.exports.jobs import run_export_job
+    from workers.runs.export import run_export_job
 
     return run_export_job(run_id)

@@ -63,7 +63,7 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def live_server(sqlite_template, tmp_path_factory) -> Iterator[LiveServer]:
-    from app.db import make_engine
+    from app.data.db import make_engine
 
     data_dir = tmp_path_factory.mktemp("e2e-data")
     db_path = data_dir / "prefloop.db"
@@ -86,7 +86,7 @@ def live_server(sqlite_template, tmp_path_factory) -> Iterator[LiveServer]:
             sys.executable,
             "-m",
             "uvicorn",
-            "app.main:create_app",
+            "app.web.main:create_app",
             "--factory",
             "--host",
             "127.0.0.1",
@@ -136,7 +136,7 @@ def server(live_server) -> LiveServer:
 
 @pytest.fixture
 def server_db(server):
-    from app.db import session_factory
+    from app.data.db import session_factory
 
     session = session_factory(server.engine)()
     yield session
@@ -146,8 +146,8 @@ def server_db(server):
 @pytest.fixture
 def annotator(server_db):
     """A fresh annotator account; returns its username."""
-    from app.models import User
-    from app.security import hash_password
+    from app.data.models import User
+    from app.services.accounts import hash_password
 
     user = User(
         username=f"ann-{uuid.uuid4().hex[:8]}", role="annotator", password_hash=hash_password(PASSWORD)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app.models import Annotation
-from app.tasks_pool import add_static_tasks
+from app.data.models import Annotation
 from tests.e2e.conftest import log_in, shot
+from tests.world import World
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,7 @@ def seed(db, n=2, k=4, kind="rank", name="e2e"):
     items = [
         (f"{name} prompt {i}: explain tides", [f"{name} answer {i}.{j}" for j in range(k)]) for i in range(n)
     ]
-    return add_static_tasks(db, items, kind=kind, prompt_set=name)
+    return World(db).tasks_from_texts(items, kind=kind, prompt_set=name)
 
 
 def label_to_id(page) -> dict[int, int]:
@@ -160,8 +160,7 @@ def test_arena_verdict_by_keyboard(page, server, server_db, annotator):
 
 
 def test_model_output_with_script_shows_as_text_and_runs_nothing(page, server, server_db, annotator):
-    add_static_tasks(
-        server_db,
+    World(server_db).tasks_from_texts(
         [(f"Reply with HTML {XSS_IMG}", [XSS_SCRIPT, XSS_IMG, "**bold** and `code`"])],
         prompt_set="xss",
     )

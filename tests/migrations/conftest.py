@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from pytest_alembic.config import Config
 from sqlalchemy import create_engine, text
 
-from app.config import PROJECT_ROOT
+from app.paths import MIGRATIONS_DIR
 from tests.conftest import PG_ADMIN_URL, service_unavailable
 
 
@@ -16,8 +17,8 @@ from tests.conftest import PG_ADMIN_URL, service_unavailable
 def alembic_config() -> Config:
     return Config(
         config_options={
-            "file": str(PROJECT_ROOT / "alembic.ini"),
-            "script_location": str(PROJECT_ROOT / "migrations"),
+            "file": str(Path(__file__).resolve().parents[2] / "alembic.ini"),
+            "script_location": str(MIGRATIONS_DIR),
         }
     )
 
@@ -25,7 +26,7 @@ def alembic_config() -> Config:
 @pytest.fixture(params=["sqlite", "postgres"])
 def alembic_engine(request, tmp_path):
     if request.param == "sqlite":
-        from app.db import make_engine
+        from app.data.db import make_engine
 
         engine = make_engine(f"sqlite:///{tmp_path / 'migrations.db'}")
         yield engine

@@ -13,7 +13,7 @@ def test_alembic_check_reports_no_pending_changes(alembic_runner, alembic_engine
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from app.db import Base
+    from app.data.db import Base
 
     alembic_runner.migrate_up_to("heads")
     with alembic_engine.connect() as conn:

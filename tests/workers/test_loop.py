@@ -16,10 +16,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.models import Policy, Response, Round, Run
-from app.registry import init_base_policy, live_policy
-from app.webthread import WebServerThread
-from tests.factories import seed_marker_preferences
+from app.data.models import Policy, Response, Round, Run
+from app.services.registry import init_base_policy, live_policy
+from app.web.server_thread import WebServerThread
+from tests.world import World, marker_preferences
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["postgres"], indirect=True)]
 
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.parametrize("database_url", ["postgr
 QUICK_ROUND = {
     "algorithm": "dpo",
     "reward": {"epochs": 1, "max_pairs_per_batch": 4, "max_length": 64, "learning_rate": 1e-3},
-    "policy": {"epochs": 1, "batch_size": 4, "max_length": 64, "lr": 1e-4},
+    "policy": {"epochs": 1, "batch_size": 4, "max_length": 64, "learning_rate": 1e-4},
     "gate": {"min_win_rate": 0.0, "max_kl": None, "max_length_ratio": None, "min_length_ratio": None},
 }
 
@@ -105,7 +105,7 @@ def test_a_round_goes_live_without_errors_and_rollback_restores(
     monkeypatch.setenv("PREFLOOP_REFILL_MAX_NEW_TOKENS", "16")
     reset_settings()
     base_policy, _ = init_base_policy(db, base_model=tiny_model_dir, settings=get_settings())
-    seed_marker_preferences(db, n_prompts=12, eval_prompts=3)
+    marker_preferences(World(db), n_prompts=12, eval_prompts=3)
     celery_worker("gpu,default")  # inherits the PREFLOOP_* settings above
     admin = api_headers("admin")
     annotator = api_headers("annotator")

@@ -1,4 +1,4 @@
-"""Atomic, resumable training state and atomic publishing of finished models.
+"""Atomic, resumable training state: save, find and restore a run's checkpoints.
 
 A checkpoint is a folder `step-000123` holding everything a killed run needs to continue as if
 nothing happened: weights (safetensors via `save_pretrained`; only the adapter for a LoRA
@@ -10,88 +10,23 @@ only a `tmp-*` folder that readers ignore and the next save removes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from app.common.files import fsync_dir, fsync_tree
+
 KEEP_LAST = 2  # the newest can be the one a crash interrupted on a flaky disk; keep one more
 _STEP_PREFIX = "step-"
 _TMP_PREFIX = "tmp-"
 _EXTRA = "extra.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# durability helpers
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root (and root itself) to disk."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_folder(path: Path) -> str:
-    """A stable hash of a folder: its files' relative paths, sizes and contents, in sorted order."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        rel = file.relative_to(path).as_posix().encode()
-        digest.update(len(rel).to_bytes(8, "big") + rel)
-        digest.update(file.stat().st_size.to_bytes(8, "big"))
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_publish(src_builder: Callable[[Path], None], dest: Path) -> str:
-    """Build a folder in a temporary sibling, fsync it, hash it, rename it to `dest`; return the hash.
-
-    Readers see either no `dest` or a complete one. Refuses when `dest` already exists, because a
-    published folder is immutable (its hash may be recorded elsewhere).
-    """
-    dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} already exists; published folders are never overwritten")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{_TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        src_builder(tmp)
-        _fsync_tree(tmp)
-        digest = sha256_folder(tmp)
-        if dest.exists():  # someone published while we were building
-            raise FileExistsError(f"{dest} already exists; published folders are never overwritten")
-        os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,14 +91,14 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, ext
         torch.save(tensor_rng, tmp / "rng.pt")
         (tmp / "rng.json").write_text(json.dumps(plain_rng))
         (tmp / _EXTRA).write_text(json.dumps({"step": step, **extra}, indent=1))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = ckpt_root / f"{_STEP_PREFIX}{step:06d}"
         if final.exists():  # the same step saved again (a resumed final step): swap it out
             old = ckpt_root / f"{_TMP_PREFIX}old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

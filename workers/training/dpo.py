@@ -15,14 +15,17 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from app.common.files import atomic_publish
+from app.common.reporting import Reporter, RunCancelled
+from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.training.config import TrainerConfig
 from workers.training.data import Comparison, format_conversation, format_prompt, split_by_prompt
 from workers.training.lora import (
     LoraSettings,
@@ -39,15 +42,14 @@ from workers.training.lora import (
     save_policy_folder,
 )
 from workers.training.ppo_math import masked_sum
-from workers.training.reporting import Reporter, RunCancelled
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainerConfig):
     beta: float = 0.1  # DPO paper / TRL default: how far the policy may move from the reference
     loss_type: str = "sigmoid"  # the original DPO loss
     label_smoothing: float = 0.0  # cDPO eps: assumed share of flipped labels; 0 = plain DPO
-    lr: float = 5e-6  # TRL's 1e-6 is tuned for 7B; a 135M model needs a few times more
+    learning_rate: float = 5e-6  # TRL's 1e-6 is tuned for 7B; a 135M model needs a few times more
     epochs: int = 2  # DPO overfits preferences fast; the paper trains 1-3 epochs
     batch_size: int = 8  # pairs per optimizer step
     max_length: int = 512  # tokens per prompt+response; long prompts keep their end
@@ -62,19 +64,6 @@ class DPOConfig:
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSettings | None = None  # None = full fine-tuning
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DPOConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if isinstance(values.get("lora"), dict):
-            values["lora"] = LoraSettings(**values["lora"])
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(values["adam_betas"])
-        return cls(**values)
 
 
 @dataclass
@@ -187,13 +176,6 @@ def train_dpo(
     """Train the live policy on the comparisons with DPO and publish the new policy folder to `output_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.training.checkpoint import (
-        atomic_publish,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-    )
-
     if not comparisons:
         raise ValueError("DPO needs at least one comparison")
     if config.loss_type != "sigmoid":
@@ -211,7 +193,7 @@ def train_dpo(
     model = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=load_dtype).to(device)
     disable_dropout(model)
     model.eval()  # no dropout anywhere; gradients flow in eval mode all the same
-    lr = config.lr
+    lr = config.learning_rate
     if config.lora is not None:
         model = add_adapter(freeze(model), config.lora, "policy")
         lr *= config.lora.lr_scale

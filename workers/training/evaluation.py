@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from workers.training.generation import BatchedGenerator, SamplingConfig
+from app.inference.generator import BatchedGenerator
+from app.inference.sampling import SamplingConfig
+from workers.training.config import TrainerConfig
 from workers.training.lora import (
     compute_context,
     freeze,
@@ -30,12 +32,23 @@ from workers.training.lora import (
     response_logprobs,
 )
 from workers.training.ppo_math import masked_sum
+from workers.training.reward import score
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
 
+def _gate_sampling() -> SamplingConfig:
+    # The loop's own sampling, so the gate sees answers like those annotators will rank; short
+    # answers keep the gate cheap.
+    return SamplingConfig(max_new_tokens=64)
+
+
 @dataclass
-class GateConfig:
+class GateConfig(TrainerConfig):
+    """How the candidate and the live policy are compared, and what the candidate must reach."""
+
+    prompts: int = 32  # held-out prompts both policies answer: the first of the eval split
+    sampling: SamplingConfig = field(default_factory=_gate_sampling)
     min_win_rate: float = 0.5  # the candidate must at least tie the live policy under the reward model
     min_score_delta: float | None = None  # candidate mean score minus live mean score, off by default
     max_kl: float | None = 25.0  # nats per response to the live policy: one round must not jump too far
@@ -97,8 +110,6 @@ def _scorer(reward: RewardFn | str | Path, device: torch.device, dtype: torch.dt
         ]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from workers.training.reward import score
-
     path = Path(reward)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
@@ -121,7 +132,6 @@ def evaluate_candidate(
     live_path: str | Path,
     reward: RewardFn | str | Path,
     eval_prompts: list[list[dict]],
-    sampling: SamplingConfig,
     gate: GateConfig,
     seed: int = 0,
     batch_size: int = 16,
@@ -129,10 +139,11 @@ def evaluate_candidate(
     device: str = "auto",
     dtype: str = "auto",
 ) -> EvaluationReport:
-    """Sample both policies on `eval_prompts`, score, compare and gate. `reward` is a reward-model
-    folder or `reward_fn(prompt_texts, response_texts, response_ids)` as in PPO."""
+    """Sample both policies on the first `gate.prompts` of `eval_prompts`, score, compare and gate.
+    `reward` is a reward-model folder or `reward_fn(prompt_texts, response_texts, response_ids)` as in PPO."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    eval_prompts = eval_prompts[: gate.prompts]
     if not eval_prompts:
         raise ValueError("evaluation needs at least one prompt")
     dev = resolve_device(device)
@@ -142,7 +153,7 @@ def evaluate_candidate(
         tokenizer.pad_token = tokenizer.eos_token
     candidate = freeze(AutoModelForCausalLM.from_pretrained(str(candidate_path), dtype=dt).to(dev))
     live = freeze(AutoModelForCausalLM.from_pretrained(str(live_path), dtype=dt).to(dev))
-    score = _scorer(reward, dev, dt)
+    score_responses = _scorer(reward, dev, dt)
 
     prompt_ids = [prompt_token_ids(tokenizer, m, max_prompt_tokens) for m in eval_prompts]
     prompt_texts = [tokenizer.decode(p) for p in prompt_ids]
@@ -152,12 +163,12 @@ def evaluate_candidate(
         chunk = slice(start, start + batch_size)
         for name, model in (("candidate", candidate), ("live", live)):
             out = BatchedGenerator(model, tokenizer, dev).generate_ids(
-                prompt_ids[chunk], sampling, seed=seed + start
+                prompt_ids[chunk], gate.sampling, seed=seed + start
             )
             ids, ended, scores = results[name]
             ids += out.response_ids
             ended += out.ended_with_eos
-            scores += score(eval_prompts[chunk], prompt_texts[chunk], out.texts, out.response_ids)
+            scores += score_responses(eval_prompts[chunk], prompt_texts[chunk], out.texts, out.response_ids)
             if name == "candidate":
                 batch = pack(prompt_ids[chunk], out.response_ids, tokenizer.pad_token_id).to(dev)
                 with compute_context(dev, dt):

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from workers.training.config import TrainerConfig
 from workers.training.ppo_math import logprobs_from_logits
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(TrainerConfig):
     """LoRA on every linear layer of the transformer (not the embeddings or the LM head)."""
 
     r: int = 16  # rank 16 is the usual quality/size point for 0.1B-8B models

@@ -34,15 +34,20 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from app.common.files import atomic_publish
+from app.common.reporting import Reporter, RunCancelled
+from app.inference.generator import BatchedGenerator
+from app.inference.sampling import SamplingConfig
 from workers.training import ppo_math as pm
-from workers.training.generation import BatchedGenerator, SamplingConfig
+from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.training.config import TrainerConfig
 from workers.training.lora import (
     LoraSettings,
     TokenBatch,
@@ -62,14 +67,14 @@ from workers.training.lora import (
     return_freed_memory_to_os,
     save_policy_folder,
 )
-from workers.training.reporting import Reporter, RunCancelled
+from workers.training.reward import score
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
 
 @dataclass
-class PPOConfig:
-    """Every PPO-max knob with the MOSS-RLHF default (paper and released code) and why."""
+class PPOConfig(TrainerConfig):
+    """Every PPO-max setting with the MOSS-RLHF default (paper and released code) and why."""
 
     # --- schedule
     steps: int = 200  # rollout+update rounds; MOSS ran 1000 mini-batch updates, a round here does several
@@ -79,8 +84,8 @@ class PPOConfig:
     critic_warmup_steps: int = 0  # steps that train only the critic first (paper §5.4; not in MOSS code)
 
     # --- optimiser (AdamW, MOSS: betas 0.9/0.95, eps 1e-6 policy / 1e-8 critic, no weight decay)
-    policy_lr: float = 1e-5  # MOSS 5e-7 is for 7B; a 135M model needs ~20x more to move in 100s of steps
-    critic_lr: float = 3e-5  # keeps MOSS's 3:1 critic:actor ratio (1.5e-6 : 5e-7)
+    learning_rate: float = 1e-5  # the policy's; MOSS 5e-7 is for 7B, a 135M model needs ~20x more
+    critic_learning_rate: float = 3e-5  # keeps MOSS's 3:1 critic:actor ratio (1.5e-6 : 5e-7)
     adam_betas: tuple[float, float] = (0.9, 0.95)  # MOSS
     policy_adam_eps: float = 1e-6  # MOSS
     critic_adam_eps: float = 1e-8  # MOSS
@@ -126,21 +131,6 @@ class PPOConfig:
     device: str = "auto"  # "auto": CUDA if present, else CPU
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     lora: LoraSettings | None = None  # None = full fine-tuning
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PPOConfig:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if isinstance(values.get("sampling"), dict):
-            values["sampling"] = SamplingConfig(**values["sampling"])
-        if isinstance(values.get("lora"), dict):
-            values["lora"] = LoraSettings(**values["lora"])
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(values["adam_betas"])
-        return cls(**values)
 
 
 @dataclass
@@ -301,8 +291,6 @@ class PPOModels:
         """Raw reward per response (the RM's score or the reward function's value)."""
         if self.reward_fn is not None:
             return torch.tensor([float(x) for x in self.reward_fn(prompt_texts, texts, ids)])
-        from workers.training.reward import score
-
         off = self.reward_model.disable_adapter() if self.lora is not None else nullcontext()
         with off:
             raw = score(self.reward_model, self.reward_tokenizer, messages, texts)
@@ -372,12 +360,12 @@ class PPORun:
             [
                 {
                     "params": list(self.models.policy_params.values()),
-                    "lr": self._lr(config.policy_lr),
+                    "lr": self._lr(config.learning_rate),
                     "eps": config.policy_adam_eps,
                 },
                 {
                     "params": list(self.models.critic_params.values()),
-                    "lr": self._lr(config.critic_lr),
+                    "lr": self._lr(config.critic_learning_rate),
                     "eps": config.critic_adam_eps,
                 },
             ],
@@ -664,8 +652,6 @@ class PPORun:
         return int(extra["step"])
 
     def publish(self, output_dir: Path) -> str:
-        from workers.training.checkpoint import atomic_publish
-
         adapter = PPOModels.POLICY if self.config.lora is not None else None
         self.models.activate_policy()
 
@@ -693,8 +679,6 @@ def train_ppo(
     A rerun with the same `checkpoint_dir` resumes from its latest checkpoint. A tripped collapse guard
     returns a result with `rejected_reason` set and publishes nothing.
     """
-    from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-
     reward = reward_fn_or_model if callable(reward_fn_or_model) else Path(reward_fn_or_model)
     run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_texts)
     checkpoint_dir = Path(checkpoint_dir)

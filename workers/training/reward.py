@@ -14,8 +14,8 @@ On independent pairs (one pair per prompt) only prompt sharing saves work: about
 the tokens at ~120-token sequences, partly paid back by the masked attention kernel.
 
 Which checkpoint is published: the final weights. Held-out accuracy is noisy on a few hundred
-pairs and picking the best of many evaluations overfits the held-out set (DESIGN.md §6:
-"accuracy alone does not pick the checkpoint"); a single epoch with a decaying learning rate
+pairs and picking the best of many evaluations overfits the held-out set (accuracy alone does
+not pick the checkpoint); a single epoch with a decaying learning rate
 ends where it should.
 """
 
@@ -34,7 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.training.checkpoint import atomic_publish, latest_checkpoint, load_checkpoint, save_checkpoint
+from app.common.files import atomic_publish, sha256_folder
+from app.common.reporting import Reporter, RunCancelled
+from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.training.config import TrainerConfig
 from workers.training.data import (
     Comparison,
     PackedBatch,
@@ -45,14 +48,14 @@ from workers.training.data import (
     prompt_key,
     split_by_prompt,
 )
-from workers.training.reporting import Reporter, RunCancelled
+from workers.training.lora import LoraSettings
 
 REWARD_STATS_FILE = "reward_stats.json"
 
 
 @dataclass
-class RewardConfig:
-    """Knobs of one reward-model run. Defaults follow InstructGPT (Ouyang et al. 2022, §C.2) and
+class RewardConfig(TrainerConfig):
+    """Settings of one reward-model run. Defaults follow InstructGPT (Ouyang et al. 2022, §C.2) and
     the reward-model recipe of MOSS-RLHF ("Secrets of RLHF", Part I/II), scaled to small models."""
 
     # 1e-5 suits ~100M-1B backbones fully fine-tuned (InstructGPT used 9e-6 for 6B; MOSS 5e-6 for 7B).
@@ -88,10 +91,9 @@ class RewardConfig:
     share_prompt: bool = True
     # Trade compute for activation memory on long sequences or large models.
     gradient_checkpointing: bool = False
-    # LoRA rank; 0 trains the whole backbone. With LoRA the frozen base is kept in the compute dtype.
-    lora_r: int = 0
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    # None trains the whole backbone. With LoRA the frozen base is kept in the compute dtype and the
+    # adapters and the head learn at learning_rate * lora.lr_scale.
+    lora: LoraSettings | None = None
     # "auto": bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; or "float32"/"bfloat16".
     dtype: str = "auto"
     # "auto": CUDA when available, else CPU; or any torch device string.
@@ -183,7 +185,7 @@ def build_reward_model(base_path: Path, config: RewardConfig):
 
     # Full fine-tuning keeps fp32 master weights (autocast does the bf16 maths); a frozen LoRA
     # base can live in the compute dtype and halve its memory.
-    load_dtype = compute_dtype if config.lora_r > 0 else torch.float32
+    load_dtype = compute_dtype if config.lora is not None else torch.float32
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the new head is reported as "missing"; that is the point
     try:
@@ -204,15 +206,15 @@ def build_reward_model(base_path: Path, config: RewardConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora_r > 0:
+    if config.lora is not None:
         from peft import LoraConfig, TaskType, get_peft_model
 
         lora = LoraConfig(
             task_type=TaskType.SEQ_CLS,  # keeps the score head trainable (modules_to_save)
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules="all-linear",
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
         )
         model = get_peft_model(model, lora)
         for param in model.parameters():
@@ -309,11 +311,12 @@ def _make_optimizer(model, config: RewardConfig, device: torch.device) -> torch.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    lr = config.learning_rate * (config.lora.lr_scale if config.lora is not None else 1.0)
     # Fused AdamW: one kernel over all parameters, fewer temporaries than the foreach path.
     try:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type in ("cpu", "cuda"))
+        return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda"))
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.learning_rate)
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def _linear_warmup_decay(warmup_steps: int, total_steps: int):
@@ -326,7 +329,7 @@ def _linear_warmup_decay(warmup_steps: int, total_steps: int):
 
 
 def _fingerprint(train: list[Comparison], val: list[Comparison], config: RewardConfig) -> str:
-    """What a checkpoint must match to be resumed: the data and every knob that shapes the run."""
+    """What a checkpoint must match to be resumed: the data and every setting that shapes the run."""
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted(c.comparison_id for c in train)).encode())
     digest.update(json.dumps(sorted(c.comparison_id for c in val)).encode())
@@ -496,8 +499,6 @@ def _write_model(folder: Path, model, tokenizer, stats: dict, history: list[dict
 
 
 def _published_result(output_dir: Path) -> RewardResult:
-    from workers.training.checkpoint import sha256_folder
-
     stats_file = output_dir / REWARD_STATS_FILE
     if not stats_file.exists():
         raise FileExistsError(f"{output_dir} exists but is not a published reward model")

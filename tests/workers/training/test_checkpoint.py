@@ -1,20 +1,14 @@
-"""Atomic checkpoints that restore a run exactly, and atomic publishing with a stable hash."""
+"""Atomic checkpoints that restore a run exactly."""
 
 from __future__ import annotations
 
 import random
 
 import numpy as np
-import pytest
 import torch
 
-from workers.training.checkpoint import (
-    atomic_publish,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    sha256_folder,
-)
+from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from workers.training.lora import LoraSettings
 from workers.training.reward import RewardConfig, build_reward_model
 
 
@@ -72,12 +66,12 @@ def test_round_trip_restores_weights_optimizer_scheduler_and_rng(tiny_model_dir,
 
 
 def test_round_trip_with_lora_restores_adapter_and_head(tiny_model_dir, tmp_path):
-    model, optimizer, scheduler = _setup(tiny_model_dir, lora_r=4)
+    model, optimizer, scheduler = _setup(tiny_model_dir, lora=LoraSettings(r=4))
     _train_steps(model, optimizer, scheduler, 2)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trained) and any("score" in n for n in trained)
     path = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
-    fresh, fresh_opt, fresh_sched = _setup(tiny_model_dir, lora_r=4)
+    fresh, fresh_opt, fresh_sched = _setup(tiny_model_dir, lora=LoraSettings(r=4))
     load_checkpoint(path, fresh, fresh_opt, fresh_sched)
     restored = dict(fresh.named_parameters())
     for name, value in trained.items():
@@ -97,45 +91,3 @@ def test_keeps_the_last_two_and_ignores_incomplete_folders(tiny_model_dir, tmp_p
     save_checkpoint(tmp_path, 20, model, optimizer, scheduler, {})
     assert not (tmp_path / "tmp-deadbeef").exists()
     assert latest_checkpoint(tmp_path).name == "step-000020"
-
-
-def test_sha256_folder_depends_on_names_and_contents_not_creation_order(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for folder, order in ((a, ["x.txt", "sub/y.bin"]), (b, ["sub/y.bin", "x.txt"])):
-        for name in order:
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(b"data-" + name.encode())
-    assert sha256_folder(a) == sha256_folder(b)
-    (b / "x.txt").write_bytes(b"changed")
-    assert sha256_folder(a) != sha256_folder(b)
-    (b / "x.txt").write_bytes(b"data-x.txt")
-    (b / "x.txt").rename(b / "z.txt")
-    assert sha256_folder(a) != sha256_folder(b)
-
-
-def test_atomic_publish_builds_hashes_and_refuses_to_overwrite(tmp_path):
-    dest = tmp_path / "models" / "rm-1"
-
-    def build(folder):
-        (folder / "weights.bin").write_bytes(b"\x00\x01" * 100)
-        (folder / "meta.json").write_text("{}")
-
-    digest = atomic_publish(build, dest)
-    assert digest == sha256_folder(dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["meta.json", "weights.bin"]
-    with pytest.raises(FileExistsError):
-        atomic_publish(build, dest)
-    assert sha256_folder(dest) == digest
-
-
-def test_a_failed_build_leaves_nothing_behind(tmp_path):
-    dest = tmp_path / "rm-2"
-
-    def broken(folder):
-        (folder / "half.bin").write_bytes(b"x")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        atomic_publish(broken, dest)
-    assert not dest.exists()
-    assert list(tmp_path.iterdir()) == []

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.common.reporting import MemoryReporter, RunCancelled
 from workers.training.data import Comparison
 from workers.training.dpo import DPOConfig, dpo_loss, train_dpo
 from workers.training.lora import LoraSettings
-from workers.training.reporting import MemoryReporter, RunCancelled
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,7 +74,7 @@ def comparisons(n: int = 24) -> list[Comparison]:
 
 def small_config(**overrides) -> DPOConfig:
     base = dict(
-        lr=2e-3,
+        learning_rate=2e-3,
         epochs=3,
         batch_size=4,
         eval_fraction=0.25,
@@ -112,7 +112,7 @@ def test_dpo_raises_the_held_out_chosen_over_rejected_log_ratio(tiny_model_dir, 
 
 
 def test_dpo_lora_publishes_a_merged_policy(tiny_model_dir, tmp_path):
-    config = small_config(epochs=1, lora=LoraSettings(r=4, alpha=8), lr=2e-3)
+    config = small_config(epochs=1, lora=LoraSettings(r=4, alpha=8), learning_rate=2e-3)
     result = train_dpo(
         tiny_model_dir, comparisons(), tmp_path / "out", tmp_path / "ckpt", config, MemoryReporter()
     )

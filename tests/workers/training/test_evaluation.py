@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.inference.sampling import SamplingConfig
 from workers.training.evaluation import EvaluationReport, GateConfig, apply_gate, evaluate_candidate
-from workers.training.generation import SamplingConfig
 
 PROMPTS = [
     [{"role": "system", "content": "Reply."}, {"role": "user", "content": f"item {i}"}] for i in range(6)
@@ -78,7 +78,7 @@ def test_gate_lists_every_failed_threshold():
 def test_candidate_identical_to_live_ties(tiny_model_dir):
     # Same weights and the same random stream: identical answers, every prompt a tie, zero KL.
     out = evaluate_candidate(
-        tiny_model_dir, tiny_model_dir, token_parity_reward, PROMPTS, SAMPLING, GateConfig()
+        tiny_model_dir, tiny_model_dir, token_parity_reward, PROMPTS, GateConfig(sampling=SAMPLING)
     )
     assert out.win_rate == 0.5
     assert out.kl_to_live == pytest.approx(0.0, abs=1e-5)
@@ -91,14 +91,18 @@ def test_candidate_identical_to_live_ties(tiny_model_dir):
     assert out.samples[0]["live"] == out.samples[0]["candidate"]
 
     strict = evaluate_candidate(
-        tiny_model_dir, tiny_model_dir, token_parity_reward, PROMPTS, SAMPLING, GateConfig(min_win_rate=0.6)
+        tiny_model_dir,
+        tiny_model_dir,
+        token_parity_reward,
+        PROMPTS,
+        GateConfig(sampling=SAMPLING, min_win_rate=0.6),
     )
     assert not strict.passed and strict.reasons == ["win rate 0.500 < 0.6"]
 
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> Path:
-    from app.basemodel import make_tiny_model
+    from app.inference.model_files import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("other-policy"), seed=1)
 
@@ -109,8 +113,7 @@ def test_different_candidate_is_measured_and_gated(tiny_model_dir, other_model_d
         tiny_model_dir,
         length_reward,
         PROMPTS,
-        SAMPLING,
-        GateConfig(min_win_rate=0.0, max_kl=1e-3),
+        GateConfig(sampling=SAMPLING, min_win_rate=0.0, max_kl=1e-3),
     )
     assert out.kl_to_live > 1e-3
     assert out.reasons == [f"KL to live {out.kl_to_live:.2f} nats > 0.001"]
@@ -135,8 +138,7 @@ def test_reward_model_folder_scores_both_sides(tiny_model_dir, other_model_dir, 
         tiny_model_dir,
         tmp_path / "rm",
         PROMPTS,
-        SAMPLING,
-        GateConfig(min_win_rate=0.0, max_kl=None),
+        GateConfig(sampling=SAMPLING, min_win_rate=0.0, max_kl=None),
     )
     assert out.passed
     scores = [s["candidate_score"] for s in out.samples] + [s["live_score"] for s in out.samples]

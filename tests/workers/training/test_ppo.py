@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.training.generation import SamplingConfig
+from app.common.reporting import MemoryReporter, RunCancelled
+from app.inference.sampling import SamplingConfig
 from workers.training.lora import LoraSettings, pack, prompt_token_ids
 from workers.training.ppo import PPOConfig, PPOModels, train_ppo
-from workers.training.reporting import MemoryReporter, RunCancelled
 
 WORDS = [
     "a",
@@ -104,8 +104,8 @@ def small_config(**overrides) -> PPOConfig:
         steps=30,
         rollout_batch_size=8,
         mini_batch_size=8,
-        policy_lr=3e-3,
-        critic_lr=9e-3,
+        learning_rate=3e-3,
+        critic_learning_rate=9e-3,
         lr_warmup_updates=1,
         sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, repetition_penalty=1.0),
         guard_max_repetition=None,  # " the the the" is what this reward asks for
@@ -165,7 +165,7 @@ def test_reward_rises_while_kl_stays_under_the_guard(policy_dir, the_reward, tmp
 def test_minibatches_and_epochs_use_clipping(policy_dir, the_reward, tmp_path):
     # Two mini-batches over two epochs: later updates see a policy that moved, so ratios leave 1.
     reporter = MemoryReporter()
-    config = small_config(steps=3, mini_batch_size=4, ppo_epochs=2, policy_lr=2e-2)
+    config = small_config(steps=3, mini_batch_size=4, ppo_epochs=2, learning_rate=2e-2)
     result = train_ppo(
         policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
     )
@@ -176,7 +176,7 @@ def test_minibatches_and_epochs_use_clipping(policy_dir, the_reward, tmp_path):
 
 def test_huge_learning_rate_trips_a_guard_and_rejects(policy_dir, the_reward, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=20, policy_lr=1.0, critic_lr=1.0)
+    config = small_config(steps=20, learning_rate=1.0, critic_learning_rate=1.0)
     result = train_ppo(
         policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
     )
@@ -272,7 +272,9 @@ def test_ptx_loss_and_no_eos_penalty(policy_dir, the_reward, tmp_path):
 
 def test_lora_mode_shares_one_base_and_publishes_merged_weights(policy_dir, the_reward, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=4, lora=LoraSettings(r=4, alpha=8), policy_lr=1e-3, critic_lr=3e-3)
+    config = small_config(
+        steps=4, lora=LoraSettings(r=4, alpha=8), learning_rate=1e-3, critic_learning_rate=3e-3
+    )
     result = train_ppo(
         policy_dir, None, the_reward, PROMPTS, tmp_path / "out", tmp_path / "ckpt", config, reporter
     )

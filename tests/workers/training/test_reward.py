@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.training.checkpoint import latest_checkpoint, sha256_folder
+from app.common.files import sha256_folder
+from app.common.reporting import MemoryReporter, RunCancelled
+from workers.training.checkpoint import latest_checkpoint
 from workers.training.data import Comparison, TokenCache, format_conversation, pack_sequences
-from workers.training.reporting import MemoryReporter, RunCancelled
+from workers.training.lora import LoraSettings
 from workers.training.reward import (
     REWARD_STATS_FILE,
     RewardConfig,
@@ -335,7 +337,7 @@ def test_a_checkpoint_of_other_data_is_not_resumed(tiny_model_dir, tmp_path):
 
 def test_lora_trains_adapters_and_publishes_a_plain_model(tiny_model_dir, tmp_path):
     comparisons = marker_rankings(16)
-    config = RewardConfig(**{**FAST, "epochs": 1, "lora_r": 4, "lora_alpha": 8})
+    config = RewardConfig(**{**FAST, "epochs": 1, "lora": LoraSettings(r=4, alpha=8)})
     result = train_reward_model(
         tiny_model_dir, comparisons, tmp_path / "rm", tmp_path / "ckpt", config, MemoryReporter()
     )

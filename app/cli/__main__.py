@@ -1,0 +1,5 @@
+"""`python -m app.cli`: the `prefloop` command without its installed script."""
+
+from app.cli import main
+
+main()

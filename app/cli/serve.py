@@ -1,0 +1,164 @@
+"""Running the loop's processes: `prefloop worker`, `beat`, and `serve`, which supervises the web app
+with a worker beside it and stops them all cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import click
+
+from app.cli.display import redact
+from app.config import get_settings
+from app.data.migrate import run_migrations
+from app.services.demo import DEMO_USERS
+
+
+def worker_command(queues: str, concurrency: int, beat: bool, loglevel: str = "INFO") -> list[str]:
+    """The command line of a Celery worker on these queues (with the scheduler inside it if `beat`)."""
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app:celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "--hostname",
+        f"prefloop-{queues.replace(',', '-')}@%h",
+    ]
+    if beat:
+        command.append("--beat")
+    return command
+
+
+@click.command()
+@click.option(
+    "-Q", "--queues", default="gpu,default", show_default=True, help="Comma-separated queues to consume."
+)
+@click.option(
+    "-c", "--concurrency", default=1, show_default=True, help="Tasks at once (1 per GPU for the gpu queue)."
+)
+@click.option("--beat", is_flag=True, help="Also run the periodic scheduler inside this worker.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(queues: str, concurrency: int, beat: bool, loglevel: str) -> None:
+    """Run a Celery worker (generation and training on `gpu`, exports and statistics on `default`)."""
+    os.execv(sys.executable, worker_command(queues, concurrency, beat, loglevel))
+
+
+@click.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run the periodic scheduler: maintenance, and rounds when enough new comparisons arrived."""
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app:celery_app",
+            "beat",
+            "--loglevel",
+            loglevel,
+        ],
+    )
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--no-worker", is_flag=True, help="Serve the web app only (workers run elsewhere).")
+@click.option(
+    "--workers", "web_workers", default=1, show_default=True, help="uvicorn worker processes for the web app."
+)
+def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
+    """Run the whole loop on this machine: the web app, a Celery worker and beat.
+
+    With no settings, the database and the broker are SQLite files under ./var, so nothing else
+    needs to be installed. Ctrl-C stops every process cleanly.
+    """
+    import uvicorn
+
+    settings = get_settings()
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    run_migrations(settings.sqlalchemy_url)
+    children: list[subprocess.Popen] = []
+    if not no_worker:
+        # One worker for both queues with the scheduler inside it: the embedded way to run the loop.
+        command = worker_command("gpu,default", 1, beat=True, loglevel="WARNING")
+        children.append(subprocess.Popen(command, start_new_session=True))
+    url = f"http://{host}:{port}"
+    click.echo(f"prefloop is starting at {url}")
+    click.echo(f"  database: {redact(settings.sqlalchemy_url)}")
+    click.echo(f"  broker:   {redact(settings.celery_broker_url)}")
+    if settings.environment == "development":
+        logins = ", ".join(f"{u} / {p}" for u, _role, p in DEMO_USERS)
+        click.echo(f"  demo logins (after `prefloop init --demo`): {logins}")
+    try:
+        if web_workers > 1:
+            uvicorn.run(
+                "app.web.main:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=web_workers,
+                log_level="warning",
+            )
+        else:
+            config = uvicorn.Config(
+                "app.web.main:create_app", factory=True, host=host, port=port, log_level="warning"
+            )
+            _QuietServer(config).run()
+    finally:
+        stop_children(children)
+        click.echo("prefloop stopped")
+
+
+class _QuietServer:
+    """uvicorn's server, stopped by SIGINT/SIGTERM without re-raising the signal afterwards,
+    so Ctrl-C ends with a clean shutdown of the app and then of the worker, not a traceback."""
+
+    def __init__(self, config) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextmanager
+            def capture_signals(self):
+                def stop(_signum, _frame):
+                    self.should_exit = True
+
+                previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+
+        self._server = Server(config)
+
+    def run(self) -> None:
+        self._server.run()
+
+
+def stop_children(children: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """Stop child processes: a warm shutdown first, then SIGKILL to their process group after `timeout`."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()  # Celery's warm shutdown: the current task finishes or is redelivered
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()

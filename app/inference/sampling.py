@@ -1,0 +1,109 @@
+"""Next-token sampling: the settings, then repetition penalty, temperature, top-p and a draw, in Hugging Face's order.
+
+`sample_next_tokens` follows the Hugging Face order and definitions: repetition penalty on every token
+already in the row (prompt and response), then temperature, then top-p (nucleus), then a draw. It looks
+only at the top of the distribution, widening where a row needs it, instead of sorting the vocabulary,
+but the kept set is exactly the nucleus, so the distribution is the one specified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled. Defaults are the PPO-max sampling settings of MOSS-RLHF."""
+
+    max_new_tokens: int = 128  # long enough for a chat answer of a small model, short enough for CPU rollouts
+    temperature: float = 0.8  # MOSS-RLHF PPO-max: slightly sharper than the raw policy
+    top_p: float = 0.9  # MOSS-RLHF PPO-max: drop the 10% tail mass where degenerate tokens live
+    repetition_penalty: float = 1.1  # MOSS-RLHF PPO-max: mild CTRL-style penalty against loops
+    do_sample: bool = True  # False = greedy (argmax after the repetition penalty), for evaluation
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: Tensor, previous_tokens: Tensor, penalty: float) -> Tensor:
+    """CTRL / Hugging Face repetition penalty, returned as a new tensor.
+
+    Every token id present in a row of `previous_tokens` (B, T) gets its logit divided by `penalty` if
+    positive and multiplied by it if negative, once, however often it occurred. Every entry of
+    `previous_tokens` must be a real token of that row: pad a short row by repeating one of its tokens.
+    """
+    if penalty == 1.0 or previous_tokens.shape[-1] == 0:
+        return logits.clone()
+    seen = torch.gather(logits, 1, previous_tokens)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, previous_tokens, seen)
+
+
+def top_p_candidates(probs: Tensor, top_p: float, first_k: int = 64) -> tuple[Tensor, Tensor]:
+    """The nucleus of each row of `probs` (B, V): the smallest set of most likely tokens whose mass reaches `top_p`.
+
+    Returns (weights, token_ids), both (B, k) with k >= the largest nucleus: the probabilities of the kept
+    tokens, zero for the others (not renormalised; a draw normalises). Instead of sorting the whole
+    vocabulary (what `generate` does, and most of its sampling time), it looks at the top `first_k`
+    tokens and widens only while some row's nucleus is not inside them, so the kept set is exact.
+    """
+    vocab = probs.shape[-1]
+    k = min(vocab, first_k)
+    top, ids = probs.topk(k, dim=-1)  # sorted, largest first
+    short = top.cumsum(-1)[:, -1] < top_p  # rows whose nucleus reaches past the first look
+    if bool(short.any()) and k < vocab:
+        rows = short.nonzero().squeeze(1)
+        wide, wide_ids = _widen(probs[rows], top_p, k)
+        # Covered rows keep their k entries and get zero-weight padding, which is never drawn.
+        top = torch.cat([top, top.new_zeros(top.shape[0], wide.shape[1] - k)], dim=1)
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], wide.shape[1] - k)], dim=1)
+        top[rows], ids[rows] = wide, wide_ids
+    # A token is in the nucleus when the mass of the tokens ranked above it is still short of top_p;
+    # the most likely token always is (its preceding mass is 0).
+    keep = (top.cumsum(-1) - top) < top_p
+    return top.masked_fill(~keep, 0.0), ids
+
+
+def _widen(probs: Tensor, top_p: float, k: int) -> tuple[Tensor, Tensor]:
+    """Top tokens of the few rows whose nucleus is wider than k, looking 8x wider until every row is covered."""
+    vocab = probs.shape[-1]
+    while True:
+        k = min(vocab, k * 8)
+        top, ids = probs.topk(k, dim=-1)
+        if k == vocab or bool((top.cumsum(-1)[:, -1] >= top_p).all()):
+            return top, ids
+
+
+def sample_next_tokens(
+    logits: Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    previous_tokens: Tensor | None = None,
+) -> Tensor:
+    """Pick the next token of each row from next-token `logits` (B, V); returns (B,) token ids.
+
+    Order as in Hugging Face `generate`: repetition penalty over `previous_tokens` (B, T), then greedy
+    argmax, or temperature, top-p and a draw from the renormalised kept probabilities using `generator`
+    (the global RNG when None). `logits` is not modified.
+    """
+    scores = logits.float()
+    if previous_tokens is not None and sampling.repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, previous_tokens, sampling.repetition_penalty)
+    if not sampling.do_sample:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    weights, ids = top_p_candidates(probs, sampling.top_p)
+    choice = torch.multinomial(weights, 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)

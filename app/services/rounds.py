@@ -1,0 +1,123 @@
+"""Rounds: start one (at most one at a time) from a RoundSpec, cancel it, finish it.
+
+A round chains runs — reward model → policy (PPO-max or DPO) → evaluation → register → promote
+(automatic when the gate passes, else an admin decides, see app.services.promotion) → refill the
+task pool with the new policy. The chain itself executes in a worker (workers/runs/rounds.py); this
+module is what the web side, the CLI and beat call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.data.models import Comparison, Round, Run, utcnow
+from app.services import dispatch
+from app.services.registry import live_policy
+from app.services.round_spec import RoundSpec
+from app.services.runs import request_cancel
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATUSES = ("queued", "running")
+
+
+class RoundConflict(Exception):
+    def __init__(self, round_id: int):
+        super().__init__(f"round {round_id} is still running; wait for it or cancel it first")
+        self.round_id = round_id
+
+
+class RoundError(ValueError):
+    """A round cannot start as asked; the message says what to change."""
+
+
+def active_round(db: Session) -> Round | None:
+    return db.scalar(select(Round).where(Round.active.is_(True)))
+
+
+def start_round(
+    db: Session,
+    spec: RoundSpec,
+    *,
+    started_by: int | None = None,
+    trigger: str = "manual",
+    enqueue: bool = True,
+) -> Round:
+    """Create the round row with its spec (the unique `active` flag refuses a second round) and
+    enqueue its chain."""
+    existing = active_round(db)
+    if existing is not None:
+        raise RoundConflict(existing.id)
+    live = live_policy(db)
+    if live is None:
+        raise RoundError("no live policy: run `prefloop init` first")
+    snapshot = db.scalar(select(func.max(Comparison.id))) or 0
+    if snapshot == 0:
+        raise RoundError("no comparisons yet: annotators must rank some tasks before a round can train")
+    round_ = Round(
+        algorithm=spec.algorithm,
+        config=spec.to_json(),
+        active=True,
+        status="queued",
+        stage="queued",
+        started_by=started_by,
+        trigger=trigger,
+        base_policy_id=live.id,
+        comparison_snapshot=snapshot,
+    )
+    db.add(round_)
+    try:
+        db.commit()
+    except IntegrityError:  # another request won the race for the one active slot
+        db.rollback()
+        winner = active_round(db)
+        raise RoundConflict(winner.id if winner else -1) from None
+    if enqueue:
+        dispatch.enqueue(dispatch.RUN_ROUND, round_.id)
+    return round_
+
+
+def cancel_round(db: Session, round_id: int) -> bool:
+    """Cancel a queued or running round and ask its running run to stop."""
+    round_ = db.get(Round, round_id)
+    if round_ is None or round_.status not in (*ACTIVE_STATUSES, "awaiting_approval"):
+        return False
+    for run_id in db.scalars(
+        select(Run.id).where(Run.round_id == round_id, Run.status.in_(("queued", "running")))
+    ):
+        request_cancel(db, run_id)
+    finish_round(db, round_, "cancelled", error="cancelled by an admin")
+    return True
+
+
+def finish_round(db: Session, round_: Round, status: str, error: str = "") -> None:
+    round_.status = status
+    round_.stage = status
+    round_.active = None  # frees the one-active-round slot
+    round_.error = error
+    round_.finished_at = utcnow()
+    db.commit()
+
+
+def comparisons_since_last_round(db: Session) -> int:
+    last_snapshot = (
+        db.scalar(select(func.max(Round.comparison_snapshot)).where(Round.status != "cancelled")) or 0
+    )
+    return db.scalar(select(func.count(Comparison.id)).where(Comparison.id > last_snapshot)) or 0
+
+
+def maybe_start_auto_round(db: Session, min_comparisons: int) -> Round | None:
+    """Beat: start a round when enough new comparisons arrived since the last one (0 = off)."""
+    if min_comparisons <= 0 or active_round(db) is not None:
+        return None
+    if comparisons_since_last_round(db) < min_comparisons:
+        return None
+    try:
+        return start_round(db, RoundSpec.model_validate({}), trigger="auto")
+    except (RoundConflict, RoundError) as exc:
+        log.info("auto round not started: %s", exc)
+        return None

@@ -1,0 +1,259 @@
+"""The run lifecycle: create and enqueue run rows, claim, throttled progress and metrics, cancel, finish.
+
+Every run body (workers/runs/) goes through `execute`: claim the row (a redelivered message or a
+second worker does nothing), report progress and metrics through DbReporter, stop on cancel, record
+the result or the full error on the row. Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
+a run whose worker died resumes where it stopped when the message is delivered again; the checkpoints
+are deleted once the run has succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.common.reporting import RunCancelled
+from app.config import Settings, get_settings
+from app.data.db import session_factory
+from app.data.models import Run, RunMetric, utcnow
+from app.services import dispatch
+
+log = logging.getLogger(__name__)
+
+
+def stale_after() -> timedelta:
+    """A running row whose heartbeat is older than this belongs to a dead worker and may be taken over."""
+    return timedelta(seconds=get_settings().run_stale_seconds)
+
+
+def claim_run(db: Session, run_id: int) -> bool:
+    """Atomically move a run to 'running'. False when another delivery already owns it (or it ended).
+
+    A 'running' row with a stale heartbeat is taken over: its worker died and the broker redelivered.
+    """
+    now = utcnow()
+    result = db.execute(
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.cancel_requested.is_(False),
+            or_(Run.status == "queued", (Run.status == "running") & (Run.heartbeat_at < now - stale_after())),
+        )
+        .values(status="running", started_at=now, heartbeat_at=now, attempts=Run.attempts + 1, error="")
+    )
+    db.commit()
+    return result.rowcount == 1
+
+
+def finish_run(
+    db: Session, run_id: int, status: str, result: dict[str, Any] | None = None, error: str = ""
+) -> None:
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
+    if result is not None:
+        values["result"] = result
+    if status == "succeeded":
+        values["progress"] = 1.0
+    db.execute(update(Run).where(Run.id == run_id).values(**values))
+    db.commit()
+
+
+def fail_run(db: Session, run_id: int, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    finish_run(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{text}")
+
+
+def request_cancel(db: Session, run_id: int) -> bool:
+    """Ask a run to stop; a queued run is cancelled at once, a running one at its next check."""
+    run = db.get(Run, run_id)
+    if run is None or run.status in ("succeeded", "failed", "cancelled"):
+        return False
+    run.cancel_requested = True
+    if run.status == "queued":
+        run.status = "cancelled"
+        run.finished_at = utcnow()
+    db.commit()
+    return True
+
+
+def upsert_metrics(db: Session, run_id: int, rows: dict[tuple[int, str], float]) -> None:
+    """Write (step, name) → value; a step repeated after a resume overwrites instead of duplicating."""
+    if not rows:
+        return
+    values = [{"run_id": run_id, "step": s, "name": n, "value": float(v)} for (s, n), v in rows.items()]
+    insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(RunMetric).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "step", "name"], set_={"value": stmt.excluded.value}
+    )
+    db.execute(stmt)
+    db.commit()
+
+
+class DbReporter:
+    """The trainers' Reporter over the runs and run_metrics tables, throttled to a write every few seconds."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, every_seconds: float = 2.0):
+        self._sessions = sessions
+        self.run_id = run_id
+        self._every = every_seconds
+        self._pending: dict[tuple[int, str], float] = {}
+        self._progress: tuple[int, int, str] | None = None
+        self._last_flush = 0.0
+        self._cancelled = False
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        self._progress = (done, total, message)
+        self._maybe_flush()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self._pending[(step, name)] = float(value)
+        self._maybe_flush()
+
+    def should_stop(self) -> bool:
+        self._maybe_flush()
+        return self._cancelled
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= self._every:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        with self._sessions() as db:
+            upsert_metrics(db, self.run_id, self._pending)
+            self._pending = {}
+            values: dict[str, Any] = {"heartbeat_at": utcnow()}
+            if self._progress is not None:
+                done, total, message = self._progress
+                values["progress"] = min(1.0, done / total) if total else 0.0
+                values["progress_message"] = message or f"{done}/{total}"
+            db.execute(update(Run).where(Run.id == self.run_id).values(**values))
+            db.commit()
+            self._cancelled = bool(db.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))
+
+
+class Heartbeat:
+    """Touches the run row every few seconds from a background thread while a body works, so a long
+    step (a model load, a slow rollout) never looks like a dead worker."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, every_seconds: float | None = None):
+        import threading
+
+        self._sessions = sessions
+        self._run_id = run_id
+        self._every = every_seconds or get_settings().run_heartbeat_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                with self._sessions() as db:
+                    db.execute(
+                        update(Run)
+                        .where(Run.id == self._run_id, Run.status == "running")
+                        .values(heartbeat_at=utcnow())
+                    )
+                    db.commit()
+            except Exception as exc:  # a missed beat is harmless; the next one retries
+                log.debug("heartbeat for run %s failed: %s", self._run_id, exc)
+
+
+def requeue_stale_runs(db: Session) -> list[int]:
+    """Runs whose worker died (stale heartbeat): queue them again, or fail them after too many attempts."""
+    settings = get_settings()
+    stale = db.scalars(
+        select(Run).where(Run.status == "running", Run.heartbeat_at < utcnow() - stale_after())
+    ).all()
+    requeued = []
+    for run in stale:
+        if run.attempts >= settings.run_max_attempts:
+            run.status, run.finished_at = "failed", utcnow()
+            run.error = f"the worker running this run was lost {run.attempts} times; giving up"
+            db.commit()
+            continue
+        run.status = "queued"
+        db.commit()
+        enqueue_run(run)
+        requeued.append(run.id)
+    return requeued
+
+
+Body = Callable[[int, dict[str, Any], DbReporter], dict[str, Any]]
+
+
+def run_dir(run_id: int, settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).runs_dir / str(run_id)
+
+
+# ---------------------------------------------------------------- creating and enqueueing
+
+
+def create_run(
+    db: Session, kind: str, config: dict[str, Any], round_id: int | None = None, created_by: int | None = None
+) -> Run:
+    run = Run(kind=kind, config=config, round_id=round_id, created_by=created_by, status="queued")
+    db.add(run)
+    db.flush()
+    return run
+
+
+def enqueue_run(run: Run) -> None:
+    """Send the task that executes a run (its round's task when it belongs to one).
+    Call after the transaction that created or re-queued the row has committed."""
+    dispatch.enqueue_run(run.kind, run.id, run.round_id)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = None) -> str | None:
+    """Claim, run the body, finish. Returns the final status, or None when the run was not ours."""
+    sessions = sessions or session_factory()
+    with sessions() as db:
+        if not claim_run(db, run_id):
+            log.info("run %s is owned by another delivery or already finished; nothing to do", run_id)
+            return None
+        config = dict(db.get(Run, run_id).config)
+    reporter = DbReporter(sessions, run_id)
+    try:
+        with Heartbeat(sessions, run_id):
+            result = body(run_id, config, reporter)
+    except RunCancelled:
+        reporter.flush()
+        with sessions() as db:
+            finish_run(db, run_id, "cancelled", error="cancelled on request")
+        return "cancelled"
+    except Exception as exc:
+        log.exception("run %s failed", run_id)
+        reporter.flush()
+        with sessions() as db:
+            fail_run(db, run_id, exc)
+        return "failed"
+    reporter.flush()
+    with sessions() as db:
+        finish_run(db, run_id, "succeeded", result=result)
+    # Checkpoints exist to resume a run after a crash; a finished run's output is in the registry, and
+    # each checkpoint holds a full model with its optimiser state, so they go now.
+    shutil.rmtree(run_dir(run_id) / "checkpoints", ignore_errors=True)
+    return "succeeded"

@@ -1,0 +1,31 @@
+"""The database session each request gets, as a typed dependency (`DbSession`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """One session per request, bound to the engine the app was created with.
+
+    Opening a session does no I/O, and neither does closing one whose work was committed or rolled
+    back, so both stay on the event loop; only a session still holding a connection (a handler that
+    read without committing) is closed in a worker thread, since handing the connection back to the
+    pool rolls it back over the network.
+    """
+    session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
+
+
+DbSession = Annotated[Session, Depends(get_db)]

@@ -1,0 +1,303 @@
+"""Rounds and runs in the admin console: start a round, follow rounds and runs live, chart a run's
+metrics, cancel, and promote or roll back a policy version (which starts the task refill).
+
+Pages that show something in progress serve a fragment of the same template to htmx polling
+(`render(..., block=...)`, with `Vary: HX-Request`) and answer 286 once the run or round has ended,
+which tells htmx to stop polling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.data.models import RUN_KINDS, RUN_STATUSES, Policy, Round, Run, RunMetric, User
+from app.services.cancellation import CancelRefused, cancel_round_on_request, cancel_run_on_request
+from app.services.promotion import promote, rollback
+from app.services.registry import RegistryError, live_policy, policy_by_version
+from app.services.round_spec import (
+    ALGORITHMS,
+    SECTIONS,
+    describe_problems,
+    setting_fields,
+    spec_from_settings,
+)
+from app.services.rounds import RoundConflict, RoundError, start_round
+from app.services.run_metrics import metric_series
+from app.web.admin_pages import (
+    STOP_POLLING,
+    evaluation_run,
+    policies_context,
+    policy_versions,
+    pretty_json,
+    recent_rounds,
+    round_ended,
+    run_ended,
+    runs_of,
+    samples_of,
+)
+from app.web.deps import DbSession
+from app.web.security import Admin
+from app.web.templating import is_htmx, render
+
+router = APIRouter(tags=["admin console"], include_in_schema=False)
+
+
+# ---------------------------------------------------------------- the round form
+
+
+def setting_inputs(algorithm: str) -> dict[str, list]:
+    """The form's inputs: every setting of the round spec for this algorithm, by section."""
+    by_section: dict[str, list] = {section: [] for section in SECTIONS}
+    for field in setting_fields(algorithm if algorithm in ALGORITHMS else "ppo"):
+        by_section[field.name.partition(".")[0]].append(field)
+    return by_section
+
+
+def _entered(form: Any) -> dict[str, Any]:
+    """What the admin typed: the algorithm, the checkbox, and every setting not left blank."""
+    entered: dict[str, Any] = {name: value.strip() for name, value in form.items() if isinstance(value, str)}
+    settings = {k: v for k, v in entered.items() if k.partition(".")[0] in SECTIONS and "." in k and v}
+    return {
+        "algorithm": entered.get("algorithm", "ppo"),
+        "auto_promote": entered.get("auto_promote") in ("on", "true", "1"),
+        "settings": settings,
+    }
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def _rounds_page_context(db: Session, limit: int = 50) -> dict[str, Any]:
+    rounds = recent_rounds(db, limit)
+    return {"rounds": rounds, "round_runs": runs_of(db, [r.id for r in rounds])}
+
+
+@router.get("/admin/rounds")
+def rounds_page(request: Request, principal: Admin, db: DbSession):
+    context = {**_rounds_page_context(db), "form": None, "setting_inputs": setting_inputs("ppo")}
+    return render(request, "admin/rounds.html", context)
+
+
+@router.get("/admin/rounds/settings")
+def round_settings_fragment(request: Request, principal: Admin):
+    """The settings inputs for the algorithm just chosen in the form (htmx), keeping what was typed."""
+    entered = _entered(request.query_params)
+    context = {"form": entered, "setting_inputs": setting_inputs(entered["algorithm"])}
+    return render(request, "admin/round_settings.html", context)
+
+
+@router.post("/admin/rounds")
+async def start_round_form(request: Request, principal: Admin, db: DbSession):
+    entered = _entered(await request.form())
+    context: dict[str, Any] = {
+        **_rounds_page_context(db),
+        "form": entered,
+        "setting_inputs": setting_inputs(entered["algorithm"]),
+    }
+    try:
+        spec = spec_from_settings(entered["algorithm"], entered["settings"], entered["auto_promote"])
+    except ValidationError as exc:
+        context["form_error"] = f"Check the form: {describe_problems(exc)}."
+        return render(request, "admin/rounds.html", context, status_code=422)
+    except ValueError as exc:
+        context["form_error"] = str(exc)
+        return render(request, "admin/rounds.html", context, status_code=422)
+    try:
+        round_ = start_round(db, spec, started_by=principal.id)
+    except RoundConflict as exc:
+        context["conflict_round_id"] = exc.round_id
+        return render(request, "admin/rounds.html", context, status_code=status.HTTP_409_CONFLICT)
+    except RoundError as exc:
+        context["form_error"] = str(exc)
+        return render(request, "admin/rounds.html", context, status_code=422)
+    return RedirectResponse(f"/admin/rounds/{round_.id}", status_code=303)
+
+
+@router.get("/admin/rounds/{round_id}")
+def round_page(round_id: int, request: Request, principal: Admin, db: DbSession):
+    round_ = db.get(Round, round_id)
+    if round_ is None:
+        raise HTTPException(404, f"There is no round {round_id}.")
+    runs = list(db.scalars(select(Run).where(Run.round_id == round_id).order_by(Run.id)))
+    ended = round_ended(round_)
+    context: dict[str, Any] = {"round": round_, "runs": runs}
+    if is_htmx(request):
+        return render(
+            request, "admin/round.html", context, block="progress", status_code=STOP_POLLING if ended else 200
+        )
+    live = live_policy(db)
+    candidates = list(db.scalars(select(Policy).where(Policy.round_id == round_id).order_by(Policy.version)))
+    evaluation = evaluation_run(db, round_id=round_id)
+    versions = policy_versions(db)
+    context |= {
+        "candidates": candidates,
+        "live_policy_id": live.id if live else None,
+        "base_version": versions.get(round_.base_policy_id) if round_.base_policy_id else None,
+        "samples": samples_of(evaluation),
+        "evaluation": evaluation,
+        "config_json": pretty_json(round_.config),
+        "started_by": db.get(User, round_.started_by) if round_.started_by else None,
+    }
+    return render(request, "admin/round.html", context, block="progress")
+
+
+@router.post("/admin/rounds/{round_id}/cancel")
+def cancel_round_form(round_id: int, principal: Admin, db: DbSession):
+    try:
+        cancel_round_on_request(db, round_id)
+    except CancelRefused as exc:
+        raise HTTPException(404 if exc.missing else 409, str(exc)) from None
+    return RedirectResponse(f"/admin/rounds/{round_id}", status_code=303)
+
+
+# ---------------------------------------------------------------- runs
+
+
+@router.get("/admin/runs")
+def runs_page(
+    request: Request,
+    principal: Admin,
+    db: DbSession,
+    kind: str | None = None,
+    run_status: Annotated[str | None, Query(alias="status")] = None,
+):
+    query = select(Run).order_by(Run.id.desc()).limit(100)
+    # Unknown filter values are ignored rather than answered with an empty list.
+    kind = kind if kind in RUN_KINDS else None
+    run_status = run_status if run_status in RUN_STATUSES else None
+    if kind:
+        query = query.where(Run.kind == kind)
+    if run_status:
+        query = query.where(Run.status == run_status)
+    context = {
+        "runs": list(db.scalars(query)),
+        "kind": kind or "",
+        "status": run_status or "",
+        "kinds": RUN_KINDS,
+        "statuses": RUN_STATUSES,
+    }
+    return render(request, "admin/runs.html", context)
+
+
+@router.get("/admin/runs/{run_id}")
+def run_page(run_id: int, request: Request, principal: Admin, db: DbSession):
+    run = db.get(Run, run_id)
+    if run is None:
+        raise HTTPException(404, f"There is no run {run_id}.")
+    context: dict[str, Any] = {"run": run}
+    if is_htmx(request):
+        return render(
+            request,
+            "admin/run.html",
+            context,
+            block="progress",
+            status_code=STOP_POLLING if run_ended(run) else 200,
+        )
+    result = {k: v for k, v in (run.result or {}).items() if k != "samples"}
+    context |= {
+        "config_json": pretty_json(run.config),
+        "result_json": pretty_json(result),
+        "samples": samples_of(run),
+        "metric_count": db.scalar(select(func.count(RunMetric.id)).where(RunMetric.run_id == run_id)) or 0,
+        "round": db.get(Round, run.round_id) if run.round_id else None,
+    }
+    return render(request, "admin/run.html", context, block="progress")
+
+
+@router.post("/admin/runs/{run_id}/cancel")
+def cancel_run_form(run_id: int, principal: Admin, db: DbSession):
+    try:
+        cancel_run_on_request(db, run_id)
+    except CancelRefused as exc:
+        raise HTTPException(404 if exc.missing else 409, str(exc)) from None
+    return RedirectResponse(f"/admin/runs/{run_id}", status_code=303)
+
+
+# ---------------------------------------------------------------- metric charts
+
+# Charts: names that share a word share a chart (e.g. reward_raw and reward_normalised); others get their own.
+CHART_GROUPS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("Losses", lambda w: w == "loss" or w.endswith("loss")),
+    ("Accuracy", lambda w: w.startswith("acc")),
+    ("KL", lambda w: w == "kl" or w.startswith("kl")),
+    ("Length", lambda w: w in ("length", "len", "tokens")),
+    ("Reward", lambda w: w.startswith("reward") or w in ("score", "scores")),
+)
+
+
+# Shown in this order (the loop's headline figures first); matching above runs losses first so that
+# e.g. "reward_loss" lands with the losses.
+CHART_ORDER = ("Reward", "KL", "Length", "Accuracy", "Losses")
+
+
+def chart_group(name: str) -> str:
+    """The chart a metric belongs on: a known group by the words of its name, else its own name."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    for title, matches in CHART_GROUPS:
+        if any(matches(w) for w in words):
+            return title
+    return name
+
+
+@router.get("/admin/runs/{run_id}/metrics.json")
+def run_metrics_json(run_id: int, principal: Admin, db: DbSession) -> JSONResponse:
+    run = db.get(Run, run_id)
+    if run is None:
+        raise HTTPException(404, f"There is no run {run_id}.")
+    series = metric_series(db, run_id)
+    groups: dict[str, list[str]] = {}
+    for name in series:
+        groups.setdefault(chart_group(name), []).append(name)
+    order = list(CHART_ORDER)
+    charts = sorted(
+        groups.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])
+    )
+    body = {
+        "run_id": run.id,
+        "status": run.status,
+        "finished": run_ended(run),
+        "series": series,
+        "charts": [{"title": title, "names": names} for title, names in charts],
+    }
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+# ---------------------------------------------------------------- promote and roll back
+
+
+@router.post("/admin/policies/{version}/promote")
+def promote_form(version: int, request: Request, principal: Admin, db: DbSession):
+    try:
+        policy = promote(db, version, request.app.state.settings).policy
+    except RegistryError as exc:
+        context = {**policies_context(request, db), "error": str(exc)}
+        code = 404 if policy_by_version(db, version) is None else status.HTTP_409_CONFLICT
+        return render(request, "admin/policies.html", context, status_code=code)
+    _wake_holder(request)
+    return RedirectResponse(f"/admin/policies?notice=promoted-{policy.version}", status_code=303)
+
+
+@router.post("/admin/policies/rollback")
+def rollback_form(request: Request, principal: Admin, db: DbSession):
+    try:
+        policy = rollback(db, request.app.state.settings).policy
+    except RegistryError as exc:
+        context = {**policies_context(request, db), "error": str(exc)}
+        return render(request, "admin/policies.html", context, status_code=status.HTTP_409_CONFLICT)
+    _wake_holder(request)
+    return RedirectResponse(f"/admin/policies?notice=rolled-back-{policy.version}", status_code=303)
+
+
+def _wake_holder(request: Request) -> None:
+    # This process's holder need not wait for its next poll; other processes get the pub/sub wake-up.
+    holder = request.app.state.policy_holder
+    if holder is not None:
+        holder.wake()

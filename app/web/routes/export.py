@@ -1,0 +1,316 @@
+"""Researcher exports: the /research page (form + export runs with live progress) and the JSON API.
+
+- `GET  /api/exports/formats`           formats and their fields
+- `GET  /api/exports/stream`            a small export streamed synchronously as JSONL (row limit)
+- `POST /api/exports`                   queue an export run (default queue); 202 with its URLs
+- `GET  /api/exports`                   export runs, newest first
+- `GET  /api/exports/{id}`              one run's status, progress and result
+- `GET  /api/exports/{id}/download`     the finished zip (Hugging Face layout + README.md card)
+- `POST /api/exports/{id}/cancel`       stop a queued or running export
+
+Researchers and admins only (bearer token or browser session); annotators get 403.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.data.models import Policy, PromptSet, Run, utcnow
+from app.services.exports import FORMATS, ExportSpec, iter_rows
+from app.services.exports.exporter import begin_snapshot
+from app.services.exports.jobs import create_export_run, enqueue_export
+from app.services.exports.writers import json_line
+from app.services.runs import request_cancel
+from app.web.deps import DbSession
+from app.web.security import Researcher
+from app.web.templating import is_htmx, render
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["exports"])
+
+MAX_STREAM_ROWS = 50_000
+ACTIVE = ("queued", "running")
+
+
+# ---------------------------------------------------------------- API models
+
+
+class StreamQuery(ExportSpec):
+    limit: int = Field(10_000, ge=1, le=MAX_STREAM_ROWS, description="Stop after this many rows.")
+
+
+class ExportFieldOut(BaseModel):
+    name: str
+    type: str
+    description: str
+
+
+class ExportFormatOut(BaseModel):
+    name: str
+    title: str
+    description: str
+    fields: list[ExportFieldOut]
+
+
+class ExportRunOut(BaseModel):
+    id: int
+    status: str
+    progress: float
+    progress_message: str
+    error: str
+    spec: dict[str, Any]
+    result: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    status_url: str
+    download_url: str | None = Field(None, description="Set once the run succeeded.")
+
+
+def run_out(run: Run) -> ExportRunOut:
+    done = run.status == "succeeded"
+    return ExportRunOut(
+        id=run.id,
+        status=run.status,
+        progress=run.progress,
+        progress_message=run.progress_message,
+        error=run.error,
+        spec=run.config,
+        result=run.result if done else {},
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        status_url=f"/api/exports/{run.id}",
+        download_url=f"/api/exports/{run.id}/download" if done else None,
+    )
+
+
+def _export_run(db: Session, run_id: int) -> Run:
+    run = db.get(Run, run_id)
+    if run is None or run.kind != "export":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"there is no export run {run_id}")
+    return run
+
+
+def _finished_file(run: Run) -> Path:
+    if run.status != "succeeded":
+        raise HTTPException(status.HTTP_409_CONFLICT, f"export run {run.id} is {run.status}, not finished")
+    path = Path(run.result.get("path") or "")
+    if not path.is_file():
+        raise HTTPException(status.HTTP_410_GONE, f"the file of export run {run.id} is no longer on disk")
+    return path
+
+
+def _queue(db: Session, spec: ExportSpec, user_id: int) -> Run:
+    """Insert the run, commit, then enqueue; a broker that cannot be reached fails the run, loudly."""
+    run = create_export_run(db, spec, user_id)
+    try:
+        enqueue_export(run.id)
+    except Exception as exc:
+        log.exception("could not queue export run %s", run.id)
+        run.status, run.finished_at = "failed", utcnow()
+        run.error = f"could not reach the task queue: {type(exc).__name__}: {exc}"
+        db.commit()
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"export run {run.id} could not be queued: the broker is unreachable",
+        ) from exc
+    return run
+
+
+# ---------------------------------------------------------------- JSON API
+
+
+@router.get("/api/exports/formats", summary="Export formats and their fields")
+def export_formats(principal: Researcher) -> list[ExportFormatOut]:
+    return [
+        ExportFormatOut(
+            name=f.name,
+            title=f.title,
+            description=f.description,
+            fields=[ExportFieldOut(name=n, type=str(t), description=d) for n, t, d in f.fields],
+        )
+        for f in FORMATS.values()
+    ]
+
+
+@router.get(
+    "/api/exports/stream",
+    summary="Stream a small export as JSONL",
+    description="Rows of the chosen format as JSON lines, each with its `split`, up to `limit` rows. "
+    "For large exports, Parquet and the dataset card, queue a run with POST /api/exports.",
+    response_class=StreamingResponse,
+)
+def stream_export(request: Request, principal: Researcher, query: Annotated[StreamQuery, Query()]):
+    spec = ExportSpec.model_validate(query.model_dump(exclude={"limit"}))
+    sessions = request.app.state.sessionmaker
+    secret = request.app.state.settings.secret_key
+    lines = _stream_lines(sessions, spec, query.limit, secret)
+    try:
+        first = next(
+            lines
+        )  # surfaces spec problems (e.g. a missing chat template) as a 422, not a cut stream
+    except StopIteration:
+        first = ""
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    def body() -> Iterator[str]:
+        if first:
+            yield first
+        yield from lines
+
+    filename = f"prefloop-{spec.format}.jsonl"
+    return StreamingResponse(
+        body(),
+        media_type="application/x-ndjson",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Row-Limit": str(query.limit),
+        },
+    )
+
+
+def _stream_lines(sessions, spec: ExportSpec, limit: int, secret: str) -> Iterator[str]:
+    with sessions() as db:
+        begin_snapshot(db)
+        for count, (split, row, _meta) in enumerate(iter_rows(db, spec, secret_key=secret)):
+            if count >= limit:
+                return
+            yield json_line(row | {"split": split})
+
+
+@router.post(
+    "/api/exports",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Queue an export run",
+    description="Writes a zip with the Hugging Face layout (data/<split>-*.parquet|jsonl) and a README.md "
+    "dataset card. Poll status_url; download from download_url once it succeeded.",
+)
+def create_export(spec: ExportSpec, principal: Researcher, db: DbSession) -> ExportRunOut:
+    return run_out(_queue(db, spec, principal.id))
+
+
+@router.get("/api/exports", summary="Export runs, newest first")
+def list_exports(
+    principal: Researcher, db: DbSession, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> list[ExportRunOut]:
+    runs = db.scalars(select(Run).where(Run.kind == "export").order_by(Run.id.desc()).limit(limit))
+    return [run_out(run) for run in runs]
+
+
+@router.get("/api/exports/{run_id:int}", summary="One export run")
+def get_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
+    return run_out(_export_run(db, run_id))
+
+
+@router.get("/api/exports/{run_id:int}/download", summary="Download a finished export (zip)")
+def download_export(run_id: int, principal: Researcher, db: DbSession):
+    path = _finished_file(_export_run(db, run_id))
+    return FileResponse(path, media_type="application/zip", filename=path.name)
+
+
+@router.post("/api/exports/{run_id:int}/cancel", summary="Cancel a queued or running export")
+def cancel_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
+    run = _export_run(db, run_id)
+    if not request_cancel(db, run_id):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"export run {run_id} already ended ({run.status})")
+    db.refresh(run)
+    return run_out(run)
+
+
+# ---------------------------------------------------------------- research page
+
+
+def _page_context(db: Session, **extra: Any) -> dict[str, Any]:
+    runs = list(db.scalars(select(Run).where(Run.kind == "export").order_by(Run.id.desc()).limit(30)))
+    return {
+        "formats": list(FORMATS.values()),
+        "prompt_sets": db.execute(select(PromptSet.id, PromptSet.name).order_by(PromptSet.name)).all(),
+        "policy_versions": list(db.scalars(select(Policy.version).order_by(Policy.version))),
+        "runs": runs,
+        "polling": any(run.status in ACTIVE for run in runs),
+        "defaults": ExportSpec(),
+        "message": None,
+        "error": None,
+        **extra,
+    }
+
+
+@router.get("/research", summary="Researcher exports page", include_in_schema=False)
+def research_page(request: Request, principal: Researcher, db: DbSession):
+    return render(request, "research/index.html", _page_context(db))
+
+
+@router.get("/research/exports", summary="Export runs (htmx fragment)", include_in_schema=False)
+def research_runs(request: Request, principal: Researcher, db: DbSession):
+    return render(request, "research/index.html", _page_context(db), block="runs")
+
+
+FORM_LISTS = ("prompt_set_ids", "policy_versions")
+FORM_FLAGS = ("exclude_flagged", "exclude_skipped")
+
+
+def spec_from_form(form) -> ExportSpec:
+    """The research form as an ExportSpec: empty fields take the defaults, unticked boxes are false."""
+    data: dict[str, Any] = {}
+    for key in ExportSpec.model_fields:
+        if key in FORM_LISTS:
+            data[key] = [v for v in form.getlist(key) if v != ""]
+        elif key in FORM_FLAGS:
+            data[key] = form.get(key) in ("on", "true", "1")
+        elif (value := form.get(key)) not in (None, ""):
+            data[key] = value
+    return ExportSpec.model_validate(data)
+
+
+@router.post("/research/exports", summary="Queue an export from the form", include_in_schema=False)
+async def research_create(request: Request, principal: Researcher, db: DbSession):
+    form = await request.form()
+    try:
+        spec = spec_from_form(form)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'form'}: {e['msg']}" for e in exc.errors()
+        )
+        context = _page_context(db, error=f"Not queued. {problems}")
+        return render(
+            request,
+            "research/index.html",
+            context,
+            block="runs",
+            status_code=200 if is_htmx(request) else 422,
+        )
+    try:
+        run = _queue(db, spec, principal.id)
+    except HTTPException as exc:
+        context = _page_context(db, error=str(exc.detail))
+        return render(
+            request,
+            "research/index.html",
+            context,
+            block="runs",
+            status_code=200 if is_htmx(request) else 503,
+        )
+    if not is_htmx(request):
+        return RedirectResponse("/research", status_code=303)
+    context = _page_context(db, message=f"Export #{run.id} queued.")
+    return render(request, "research/index.html", context, block="runs")
+
+
+@router.get("/api/exports/{run_id:int}/card", summary="The dataset card (README.md) of a finished export")
+def export_card(run_id: int, principal: Researcher, db: DbSession) -> PlainTextResponse:
+    with zipfile.ZipFile(_finished_file(_export_run(db, run_id))) as archive:
+        card = archive.read("README.md").decode("utf-8")
+    return PlainTextResponse(card, media_type="text/markdown; charset=utf-8")

@@ -1,0 +1,198 @@
+"""Submission: validation, derived comparisons, idempotency, skip / all-bad, expired assignments."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+
+from app.data.models import Annotation, Assignment, Comparison, Task, utcnow
+from app.services.annotation import AnnotationError, derive_comparisons, payload_hash
+from app.services.assignment import expire_stale_assignments
+from app.services.schemas import AnnotationIn
+from tests.annotating import next_task_id, shown_response_ids, submit_annotation
+from tests.world import World
+
+TTL = 600
+
+
+def seed(db, n=1, required=1, k=4, name="s"):
+    items = [(f"{name} prompt {i}", [f"{name} answer {i}.{j}" for j in range(k)]) for i in range(n)]
+    return World(db).tasks_from_texts(items, required=required, prompt_set=name)
+
+
+def assigned_task(db, make_user, **seed_kw):
+    (task_id,) = seed(db, **seed_kw)
+    user, _ = make_user()
+    assert next_task_id(db, user.id, TTL) == task_id
+    return task_id, user, shown_response_ids(db, task_id)
+
+
+# ---------------------------------------------------------------- comparisons (pure)
+
+
+def test_pairs_from_tie_groups_with_margin_as_group_distance():
+    pairs = {(p.chosen, p.rejected, p.margin) for p in derive_comparisons([[1], [2, 3], [4]])}
+    assert pairs == {(1, 2, 1.0), (1, 3, 1.0), (1, 4, 2.0), (2, 4, 1.0), (3, 4, 1.0)}
+    assert len(derive_comparisons([[10], [20], [30], [40]])) == 6  # a strict order of 4: all 4·3/2 pairs
+    assert derive_comparisons([[1, 2, 3]]) == []  # one tie group: nothing is preferred
+    assert derive_comparisons([[1], [2]], all_bad=True) == []
+
+
+def test_payload_hash_ignores_time_and_order_inside_tie_groups():
+    a = AnnotationIn(ranking=[[1], [3, 2]], time_spent_ms=100)
+    b = AnnotationIn(ranking=[[1], [2, 3]], time_spent_ms=999)
+    c = AnnotationIn(ranking=[[1], [2], [3]])
+    assert payload_hash(a) == payload_hash(b) != payload_hash(c)
+
+
+def test_payload_rules_are_checked_before_the_database():
+    with pytest.raises(ValidationError, match="skip_reason"):
+        AnnotationIn(skip=True)
+    with pytest.raises(ValidationError, match="leave it empty"):
+        AnnotationIn(skip=True, skip_reason="unclear", ranking=[[1]])
+    with pytest.raises(ValidationError, match="rank every response"):
+        AnnotationIn()
+    with pytest.raises(ValidationError, match="tie group is empty"):
+        AnnotationIn(ranking=[[1], []])
+    with pytest.raises(ValidationError):
+        AnnotationIn(ranking=[[1]], flags={1: ["spam"]})
+    with pytest.raises(ValidationError):
+        AnnotationIn(ranking=[[1]], surprise=True)
+
+
+# ---------------------------------------------------------------- storing
+
+
+def test_submission_stores_the_ranking_and_its_comparisons(db, make_user):
+    task_id, user, ids = assigned_task(db, make_user)
+    a, b, c, d = ids
+    payload = AnnotationIn(
+        ranking=[[c], [a, d], [b]],
+        flags={b: ["nonsense", "harmful", "nonsense"]},
+        flag_note="",
+        rationale=" c answers the question ",
+        time_spent_ms=4200,
+    )
+    result, created = submit_annotation(db, task_id, user.id, payload)
+    assert created and result.status == "submitted" and result.comparisons == 5
+    assert result.shown_order_unchanged is False
+    row = db.get(Annotation, result.annotation_id)
+    assert row.ranking == [[c], sorted([a, d]), [b]]
+    assert row.flags == {"responses": {str(b): ["harmful", "nonsense"]}}
+    assert row.rationale == "c answers the question" and row.time_spent_ms == 4200
+    pairs = db.execute(
+        select(Comparison.chosen_response_id, Comparison.rejected_response_id, Comparison.margin)
+    ).all()
+    assert set(pairs) == {(c, a, 1.0), (c, d, 1.0), (c, b, 2.0), (a, b, 1.0), (d, b, 1.0)}
+    task = db.get(Task, task_id)
+    assert (task.status, task.annotation_count, task.claimed_count) == ("done", 1, 1)
+    assert db.scalar(select(Assignment.status).where(Assignment.user_id == user.id)) == "submitted"
+
+
+def test_same_payload_again_is_a_replay_and_a_different_one_is_409(db, make_user):
+    task_id, user, ids = assigned_task(db, make_user)
+    payload = AnnotationIn(ranking=[[ids[1], ids[0]], [ids[2]], [ids[3]]], time_spent_ms=10)
+    first, created = submit_annotation(db, task_id, user.id, payload)
+    again, created_again = submit_annotation(
+        db, task_id, user.id, AnnotationIn(ranking=[[ids[0], ids[1]], [ids[2]], [ids[3]]], time_spent_ms=99)
+    )
+    assert created and not created_again and again == first
+    with pytest.raises(AnnotationError) as err:
+        submit_annotation(db, task_id, user.id, AnnotationIn(ranking=[[i] for i in ids]))
+    assert err.value.status == 409 and "different judgement" in err.value.message
+    assert db.scalar(select(func.count(Annotation.id))) == 1
+    assert db.scalar(select(func.count(Comparison.id))) == first.comparisons == 5
+
+
+def test_unknown_foreign_missing_and_repeated_ids_are_named(db, make_user):
+    task_id, user, ids = assigned_task(db, make_user, name="mine")
+    (other_task,) = seed(db, name="theirs")
+    foreign = shown_response_ids(db, other_task)[0]
+    cases = [
+        ([[ids[0]], [ids[1]], [ids[2]], [ids[3]], [999999]], "unknown response ids [999999]"),
+        (
+            [[ids[0]], [ids[1]], [ids[2]], [ids[3], foreign]],
+            f"response ids [{foreign}] belong to another task",
+        ),
+        ([[ids[0]], [ids[1]]], f"missing response ids {sorted(ids[2:])}"),
+        (
+            [[ids[0]], [ids[0]], [ids[1]], [ids[2]], [ids[3]]],
+            f"response ids [{ids[0]}] appear more than once",
+        ),
+    ]
+    for ranking, message in cases:
+        with pytest.raises(AnnotationError) as err:
+            submit_annotation(db, task_id, user.id, AnnotationIn(ranking=ranking))
+        assert err.value.status == 422 and message in err.value.message
+    with pytest.raises(AnnotationError, match="belong to another task"):
+        submit_annotation(db, task_id, user.id, AnnotationIn(all_bad=True, flags={foreign: ["harmful"]}))
+    assert db.scalar(select(func.count(Annotation.id))) == 0
+    assert db.get(Task, task_id).annotation_count == 0
+
+
+def test_all_bad_is_kept_without_comparisons(db, make_user):
+    task_id, user, ids = assigned_task(db, make_user)
+    result, _ = submit_annotation(db, task_id, user.id, AnnotationIn(all_bad=True, rationale="all wrong"))
+    assert result.comparisons == 0 and result.status == "submitted"
+    assert db.get(Annotation, result.annotation_id).all_bad is True
+    assert db.scalar(select(func.count(Comparison.id))) == 0
+    assert db.get(Task, task_id).status == "done"
+
+
+def test_skip_keeps_the_reason_and_frees_the_slot(db, make_user):
+    task_id, user, _ = assigned_task(db, make_user, required=2)
+    payload = AnnotationIn(skip=True, skip_reason="Not my language")
+    result, _ = submit_annotation(db, task_id, user.id, payload)
+    assert result.status == "skipped" and result.comparisons == 0
+    assert submit_annotation(db, task_id, user.id, payload) == (result, False)
+    row = db.get(Annotation, result.annotation_id)
+    assert row.skipped and row.skip_reason == "Not my language"
+    task = db.get(Task, task_id)
+    assert (task.status, task.annotation_count, task.claimed_count) == ("open", 0, 0)
+
+
+def test_the_shown_order_submitted_unchanged_is_recorded(db, make_user):
+    task_id, user, ids = assigned_task(db, make_user)
+    result, _ = submit_annotation(db, task_id, user.id, AnnotationIn(ranking=[[i] for i in ids]))
+    assert result.shown_order_unchanged is True
+    assert db.get(Annotation, result.annotation_id).shown_order_unchanged is True
+
+
+def test_submitting_an_unassigned_or_missing_task_is_refused(db, make_user):
+    (task_id,) = seed(db)
+    ids = shown_response_ids(db, task_id)
+    user, _ = make_user()
+    with pytest.raises(AnnotationError) as err:
+        submit_annotation(db, task_id, user.id, AnnotationIn(ranking=[[i] for i in ids]))
+    assert err.value.status == 409 and "not assigned to you" in err.value.message
+    with pytest.raises(AnnotationError) as err:
+        submit_annotation(db, 424242, user.id, AnnotationIn(ranking=[[1]]))
+    assert err.value.status == 404
+
+
+def test_a_late_submission_counts_while_a_slot_is_free(db, make_user):
+    task_id, slow, ids = assigned_task(db, make_user)
+    db.execute(update(Assignment).values(expires_at=utcnow() - timedelta(seconds=1)))
+    db.commit()
+    expire_stale_assignments(db)
+    result, created = submit_annotation(db, task_id, slow.id, AnnotationIn(ranking=[[i] for i in ids]))
+    assert created
+    task = db.get(Task, task_id)
+    assert (task.status, task.annotation_count, task.claimed_count) == ("done", 1, 1)
+
+
+def test_a_late_submission_is_refused_when_others_filled_the_task(db, make_user):
+    task_id, slow, ids = assigned_task(db, make_user)
+    db.execute(update(Assignment).values(expires_at=utcnow() - timedelta(seconds=1)))
+    db.commit()
+    expire_stale_assignments(db)
+    quick, _ = make_user()
+    assert next_task_id(db, quick.id, TTL) == task_id
+    submit_annotation(db, task_id, quick.id, AnnotationIn(ranking=[[i] for i in ids]))
+    with pytest.raises(AnnotationError) as err:
+        submit_annotation(db, task_id, slow.id, AnnotationIn(ranking=[[i] for i in reversed(ids)]))
+    assert err.value.status == 409 and "no longer takes judgements" in err.value.message
+    assert db.scalar(select(func.count(Annotation.id))) == 1

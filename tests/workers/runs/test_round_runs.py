@@ -1,0 +1,76 @@
+"""A round executed inline: each stage gets its section of the stored spec; a bad stored spec fails at once."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from app.data.models import Policy, Round, Run
+from app.services.registry import init_base_policy, live_policy
+from app.services.round_spec import RoundSpec
+from app.services.rounds import start_round
+from tests.world import World, marker_preferences
+from workers.runs.rounds import execute_round
+
+# Seconds on a CPU; the gate is opened wide so a tiny random model can pass it.
+QUICK_DPO_ROUND = {
+    "algorithm": "dpo",
+    "reward": {"epochs": 1, "max_pairs_per_batch": 4, "max_length": 64, "learning_rate": 1e-3},
+    "policy": {"epochs": 1, "batch_size": 4, "max_length": 64, "learning_rate": 1e-4},
+    "gate": {
+        "prompts": 2,
+        "sampling": {"max_new_tokens": 8},
+        "min_win_rate": 0.0,
+        "max_kl": None,
+        "max_length_ratio": None,
+        "min_length_ratio": None,
+    },
+}
+
+
+def test_a_round_hands_each_stage_its_section_and_goes_live(
+    settings, engine, db, tiny_model_dir, monkeypatch
+):
+    from app.data.db import session_factory
+
+    sent = []
+    monkeypatch.setattr("app.services.dispatch._sender", lambda name, args: sent.append((name, args)))
+    init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=8, eval_prompts=3)
+    spec = RoundSpec.model_validate(QUICK_DPO_ROUND)
+    round_id = start_round(db, spec).id
+
+    assert execute_round(round_id, session_factory(engine)) == "succeeded"
+    db.expire_all()
+    runs = {run.kind: run for run in db.scalars(select(Run).where(Run.round_id == round_id))}
+    assert set(runs) == {"reward", "dpo", "evaluate"}
+    assert runs["reward"].config["reward"] == spec.root.reward.model_dump(mode="json")
+    assert runs["dpo"].config["policy"] == spec.root.policy.model_dump(mode="json")
+    assert runs["evaluate"].config["gate"] == spec.root.gate.model_dump(mode="json")
+    assert runs["evaluate"].result["prompts"] == 2  # the gate's own prompt count, out of three held out
+    assert live_policy(db).round_id == round_id and db.get(Round, round_id).status == "succeeded"
+    refill = db.scalar(select(Run).where(Run.kind == "generate"))
+    assert ("workers.tasks.generate_responses", [refill.id]) in sent
+
+
+def test_a_round_whose_stored_settings_are_not_a_spec_fails_naming_them(settings, engine, db, tiny_model_dir):
+    from app.data.db import session_factory
+
+    init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    base = db.scalar(select(Policy))
+    round_ = Round(
+        algorithm="ppo",
+        status="queued",
+        stage="queued",
+        active=True,
+        base_policy_id=base.id,
+        config={"algorithm": "ppo", "policy": {"policy_lr": 1e-5}},  # a spelling from before round specs
+    )
+    db.add(round_)
+    db.commit()
+    assert execute_round(round_.id, session_factory(engine)) == "failed"
+    db.expire_all()
+    failed = db.get(Round, round_.id)
+    assert failed.error == (
+        "the round's stored settings are not a valid round spec: policy.policy_lr: Extra inputs are not permitted"
+    )
+    assert failed.active is None and db.scalar(select(Run).where(Run.round_id == round_.id)) is None

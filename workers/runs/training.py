@@ -1,0 +1,270 @@
+"""Training run bodies: what a worker does for a run row of kind reward, ppo/dpo or evaluate.
+
+Each runs under the lifecycle of app.services.runs.execute (claim, heartbeat, progress, cancel,
+finish) and checkpoints under run_dir(run_id), so a retried run resumes. A run row carries its
+trainer's settings as the matching section of a round spec (`reward`, `policy` or `gate`), checked
+by that section's model before the trainer's dataclass is built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.common.files import sha256_folder
+from app.config import Settings, get_settings
+from app.data.db import session_factory
+from app.data.models import Policy, RewardModel
+from app.services.quality.gold import record_round_annotations
+from app.services.registry import (
+    live_policy,
+    policy_by_version,
+    register_policy_folder,
+    register_reward_model,
+    reward_models_dir,
+)
+from app.services.round_spec import (
+    DPOSection,
+    GateSection,
+    PPOSection,
+    RewardSection,
+    Section,
+    describe_problems,
+)
+from app.services.runs import Body, DbReporter, execute, run_dir
+from workers.training.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+def trainer_config(
+    config: dict[str, Any], key: str, section: type[Section], config_type: type[TrainerConfig]
+) -> Any:
+    """The trainer's settings dataclass from the run row's `key` section of a round spec, checked by
+    the section's model first, so a misspelt or mistyped setting fails the run at once, by name."""
+    try:
+        checked = section.model_validate(config.get(key) or {})
+    except ValidationError as exc:
+        raise ValueError(describe_problems(exc, prefix=key)) from None
+    return config_type.from_dict(checked.model_dump())
+
+
+def _policy_for(db: Session, version: int | None) -> Policy:
+    policy = policy_by_version(db, version) if version is not None else live_policy(db)
+    if policy is None:
+        raise ValueError("no policy to start from: run `prefloop init` to register the base policy")
+    return policy
+
+
+# ---------------------------------------------------------------- reward model
+
+
+def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
+    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
+        # Imported when a stage runs, like every trainer below: the trainers and the comparisons loader
+        # load torch (and CUDA), and importing this module (the round driver does) must not.
+        from workers.runs.comparisons import load_comparisons
+        from workers.training.reward import RewardConfig, train_reward_model
+
+        reward_config = trainer_config(config, "reward", RewardSection, RewardConfig)
+        with sessions() as db:
+            existing = db.scalar(select(RewardModel).where(RewardModel.run_id == run_id))
+            if existing is not None:  # registered by an earlier delivery that died before finishing
+                return {"reward_model_id": existing.id, **existing.metrics}
+            policy = _policy_for(db, config.get("policy_version"))
+            snapshot = int(config["comparison_snapshot"])
+            comparisons = load_comparisons(db, snapshot)
+        if not comparisons:
+            raise ValueError(
+                "there are no comparisons to train on yet: annotators must rank some tasks first"
+            )
+        output = reward_models_dir(settings) / f"run-{run_id}"
+        # Returns the published result without training again when an earlier delivery published it.
+        result = train_reward_model(
+            Path(policy.path),
+            comparisons,
+            output,
+            run_dir(run_id, settings) / "checkpoints",
+            reward_config,
+            reporter,
+        )
+        metrics = dict(result.metrics)
+        with sessions() as db:
+            if config.get("round_id"):  # the round records exactly the annotations it trained on
+                record_round_annotations(db, config["round_id"], {c.group_id for c in comparisons})
+            row = register_reward_model(
+                db,
+                output,
+                sha256_folder(output),
+                metrics=metrics,
+                comparison_snapshot=snapshot,
+                base_policy_id=policy.id,
+                round_id=config.get("round_id"),
+                run_id=run_id,
+            )
+            db.commit()
+            return {
+                "reward_model_id": row.id,
+                "comparisons": len(comparisons),
+                "steps": result.steps,
+                **metrics,
+            }
+
+    return body
+
+
+def execute_reward_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
+    sessions = sessions or session_factory()
+    return execute(run_id, reward_body(sessions, get_settings()), sessions)
+
+
+# ---------------------------------------------------------------- policy (PPO-max or DPO)
+
+
+def _base_policy(db: Session) -> Policy:
+    base = db.scalar(select(Policy).where(Policy.kind == "base").order_by(Policy.version))
+    if base is None:
+        raise ValueError("no base policy registered: run `prefloop init`")
+    return base
+
+
+def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
+    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
+        # The comparisons loader and the trainers load torch: imported here, as in reward_body.
+        from workers.runs.comparisons import load_comparisons, load_prompts
+
+        algorithm = config.get("algorithm", "ppo")
+        source = f"run:{run_id}"
+        with sessions() as db:
+            existing = db.scalar(select(Policy).where(Policy.source == source))
+            if existing is not None:  # registered by an earlier delivery that died before finishing
+                return {"policy_version": existing.version, **existing.metrics}
+            start = _policy_for(db, config.get("policy_version"))
+            start_path, start_id = Path(start.path), start.id
+            reference_path = Path(_base_policy(db).path)
+            reward_model = (
+                db.get(RewardModel, config["reward_model_id"]) if config.get("reward_model_id") else None
+            )
+            prompts = load_prompts(db, "train")
+            comparisons = (
+                load_comparisons(db, int(config["comparison_snapshot"])) if algorithm == "dpo" else []
+            )
+        workdir = run_dir(run_id, settings)
+        output = workdir / "policy"
+        metrics: dict[str, Any]
+        if (output / "config.json").exists():
+            metrics = json.loads((workdir / "policy-metrics.json").read_text())
+        elif algorithm == "ppo":
+            from workers.training.ppo import PPOConfig, train_ppo
+
+            if reward_model is None:
+                raise ValueError("PPO needs a reward model: the round's reward stage did not produce one")
+            if not prompts:
+                raise ValueError("PPO needs train-split prompts: upload a prompt set first")
+            result = train_ppo(
+                start_path,
+                reference_path,
+                Path(reward_model.path),
+                prompts,
+                output,
+                workdir / "checkpoints",
+                trainer_config(config, "policy", PPOSection, PPOConfig),
+                reporter,
+            )
+            if result.rejected_reason:
+                return {"rejected_reason": result.rejected_reason, **result.final_metrics}
+            metrics = dict(result.final_metrics)
+        else:
+            from workers.training.dpo import DPOConfig, train_dpo
+
+            result = train_dpo(
+                start_path,
+                comparisons,
+                output,
+                workdir / "checkpoints",
+                trainer_config(config, "policy", DPOSection, DPOConfig),
+                reporter,
+            )
+            metrics = dict(getattr(result, "final_metrics", None) or getattr(result, "metrics", {}) or {})
+        (workdir / "policy-metrics.json").write_text(json.dumps(metrics))
+        with sessions() as db:
+            parent = db.get(Policy, start_id)
+            policy = register_policy_folder(
+                db,
+                output,
+                sha256_folder(output),
+                kind=algorithm,
+                parent=parent,
+                round_id=config.get("round_id"),
+                reward_model_id=config.get("reward_model_id"),
+                comparison_snapshot=config.get("comparison_snapshot"),
+                metrics=metrics,
+                status="candidate",
+                source=source,
+                settings=settings,
+            )
+            return {"policy_version": policy.version, **metrics}
+
+    return body
+
+
+def execute_policy_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
+    sessions = sessions or session_factory()
+    return execute(run_id, policy_body(sessions, get_settings()), sessions)
+
+
+# ---------------------------------------------------------------- evaluation gate
+
+
+def evaluation_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
+    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
+        # The comparisons loader and the evaluation gate load torch: imported here, as in reward_body.
+        from workers.runs.comparisons import load_prompts
+        from workers.training.evaluation import GateConfig, evaluate_candidate
+
+        gate = trainer_config(config, "gate", GateSection, GateConfig)
+        with sessions() as db:
+            candidate = policy_by_version(db, int(config["candidate_version"]))
+            baseline = policy_by_version(db, int(config["baseline_version"]))
+            reward_model = (
+                db.get(RewardModel, config["reward_model_id"]) if config.get("reward_model_id") else None
+            )
+            eval_prompts = load_prompts(db, "eval", limit=gate.prompts)
+            if candidate is None or baseline is None:
+                raise ValueError("candidate or baseline policy is missing from the registry")
+            candidate_id, candidate_path, baseline_path = candidate.id, candidate.path, baseline.path
+        if reward_model is None:
+            raise ValueError("evaluation needs the round's reward model")
+        if not eval_prompts:
+            raise ValueError(
+                "no eval-split prompts: upload a prompt set (a share of it is held out for evaluation)"
+            )
+        reporter.progress(0, 1, "sampling both policies on held-out prompts")
+        report = evaluate_candidate(
+            Path(candidate_path), Path(baseline_path), Path(reward_model.path), eval_prompts, gate
+        )
+        result = asdict(report) if is_dataclass(report) else dict(report)
+        with sessions() as db:
+            policy = db.get(Policy, candidate_id)
+            policy.metrics = {
+                **policy.metrics,
+                "evaluation": {k: v for k, v in result.items() if k != "samples"},
+            }
+            policy.status = "approved" if report.passed else "rejected"
+            db.commit()
+        reporter.progress(1, 1, "passed" if report.passed else "; ".join(report.reasons))
+        return result
+
+    return body
+
+
+def execute_evaluation_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
+    sessions = sessions or session_factory()
+    return execute(run_id, evaluation_body(sessions, get_settings()), sessions)
