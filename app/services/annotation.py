@@ -3,8 +3,9 @@
 Rules:
 - one annotation per (task, annotator); the same payload again returns the same result, a different
   one is refused with 409 (the payload hash decides; time spent is measurement, not judgement);
-- a ranking names every response of the task exactly once; unknown, foreign and missing ids are
-  refused with 422 and named;
+- a ranking names every response of the task exactly once; repeated ids and more ids than any task
+  shows are refused with 422 before anything else (pairs grow with the square of the ids), unknown,
+  foreign and missing ids are refused with 422 and named;
 - comparisons: every response in a better tie group beats every response in a worse one, with
   margin = the distance between the groups (adjacent groups 1, one group between them 2, …);
   responses in the same group (ties) give none; an all-bad judgement is kept and gives none;
@@ -24,7 +25,7 @@ from typing import Any
 
 from app.data.models import utcnow
 from app.data.statements import IntegrityConflict, Statement, StatementRunner
-from app.services.schemas import AnnotationIn, AnnotationResult
+from app.services.schemas import AnnotationIn, AnnotationResult, ranking_problem
 
 
 class AnnotationError(Exception):
@@ -89,11 +90,10 @@ def derive_comparisons(ranking: list[list[int]], all_bad: bool = False) -> list[
 
 
 async def _check_ranking(statements: StatementRunner, payload: AnnotationIn, shown: list[int]) -> None:
-    """422 naming every unknown, foreign, repeated or missing response id."""
+    """422 naming every unknown, foreign or missing response id (repeats were refused before)."""
     task_ids = set(shown)
     problems = []
     named = [rid for group in payload.ranking for rid in group]
-    repeated = sorted({rid for rid in named if named.count(rid) > 1})
     outside = sorted(set(named) - task_ids)
     flagged_outside = sorted(set(payload.flags) - task_ids - set(outside))
     outside_all = sorted(set(outside) | set(flagged_outside))
@@ -106,8 +106,6 @@ async def _check_ranking(statements: StatementRunner, payload: AnnotationIn, sho
             problems.append(f"unknown response ids {unknown}")
         if foreign:
             problems.append(f"response ids {foreign} belong to another task")
-    if repeated:
-        problems.append(f"response ids {repeated} appear more than once")
     if payload.ranking:
         missing = sorted(task_ids - set(named))
         if missing:
@@ -155,6 +153,10 @@ async def submit_annotation(
 
     Raises AnnotationError (404, 409, 422) with a message that says what to fix.
     """
+    # The schema refuses these too; a payload built without validation must not reach the pairs.
+    problem = ranking_problem(payload.ranking)
+    if problem:
+        raise AnnotationError(422, problem)
     judgement = _Judgement.of(task_id, user_id, payload)
     try:
         rows = await statements.rows(Statement.STORE_JUDGEMENT, judgement.params())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 from typing import Literal
 
@@ -18,6 +19,10 @@ FLAG_LABELS = {
     "other": "Other",
 }
 MAX_RATIONALE_CHARS = 5000
+# A task shows responses_per_task responses (4 by default) or, in the arena, 2. Every pair of a
+# ranking becomes a row, so the ids a ranking may name are capped well above what tasks show but low
+# enough that a hostile body cannot ask for a quadratic number of pairs (16 ids: at most 120).
+MAX_RANKED_RESPONSES = 16
 MAX_REASON_CHARS = 500
 
 
@@ -54,7 +59,7 @@ class AnnotationIn(BaseModel):
         default_factory=list,
         description="Tie groups of response ids, best first. Every response of the task exactly once "
         "(may be empty only when skipping or when all_bad is set).",
-        max_length=64,
+        max_length=MAX_RANKED_RESPONSES,
     )
     all_bad: bool = Field(False, description="Every response is unacceptable; kept, but gives no pairs.")
     skip: bool = Field(False, description="Do not judge this task; the slot goes to someone else.")
@@ -77,7 +82,21 @@ class AnnotationIn(BaseModel):
             raise ValueError("ranking: rank every response (tie groups best first), or set all_bad or skip")
         if any(not group for group in self.ranking):
             raise ValueError("ranking: a tie group is empty")
+        problem = ranking_problem(self.ranking)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def ranking_problem(ranking: list[list[int]]) -> str | None:
+    """What makes a ranking unacceptable whatever its task (too many or repeated ids), or None."""
+    named = [rid for group in ranking for rid in group]
+    if len(named) > MAX_RANKED_RESPONSES:
+        return f"ranking: name at most {MAX_RANKED_RESPONSES} response ids, the task's responses"
+    repeated = sorted(rid for rid, times in Counter(named).items() if times > 1)
+    if repeated:
+        return f"ranking: response ids {repeated} appear more than once"
+    return None
 
 
 class AnnotationResult(BaseModel):

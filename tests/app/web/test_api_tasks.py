@@ -103,6 +103,33 @@ def test_bad_payloads_get_422_with_what_to_fix(client, db, api_headers):
     assert nowhere.status_code == 404
 
 
+def test_repeated_ids_are_refused_by_name_and_nothing_is_stored(client, db, api_headers):
+    (task_id,) = seed(db, n=1)
+    headers = api_headers("annotator")
+    ids = [r["id"] for r in client.get("/api/tasks/next", headers=headers).json()["responses"]]
+    body = {"ranking": [[ids[0]], [ids[1], ids[0]], [ids[2]]]}
+    refused = client.post(f"/api/tasks/{task_id}/annotation", json=body, headers=headers)
+    assert refused.status_code == 422
+    assert f"response ids [{ids[0]}] appear more than once" in refused.json()["detail"]
+    assert refused.json()["errors"]  # refused by the payload's validation, before the database
+    assert db.scalar(select(func.count(Annotation.id))) == 0
+
+
+def test_a_huge_ranking_is_refused_before_any_pair_is_built(client, db, api_headers):
+    (task_id,) = seed(db, n=1)
+    headers = api_headers("annotator")
+    client.get("/api/tasks/next", headers=headers)
+    repeats = {"ranking": [[1] * 1000, [1] * 1000]}  # 10^6 pairs if derived
+    distinct = {"ranking": [list(range(1, 1001)), list(range(1001, 2001))]}
+    for body in (repeats, distinct):
+        refused = client.post(f"/api/tasks/{task_id}/annotation", json=body, headers=headers)
+        assert refused.status_code == 422 and "ranking" in refused.json()["detail"]
+        assert refused.json()["errors"]
+    assert db.scalar(select(func.count(Annotation.id))) == 0
+    db.expire_all()
+    assert db.get(Task, task_id).annotation_count == 0
+
+
 def test_skip_and_all_bad_through_the_api(client, db, api_headers):
     t1, t2 = seed(db)
     headers = api_headers("annotator")
@@ -221,6 +248,13 @@ def test_submitting_in_the_ui_swaps_in_the_next_task(client, db, login):
     refused = client.post(f"/annotate/tasks/{second}", data={"payload": '{"ranking": [[1]]}'}, headers=hx)
     assert refused.headers["HX-Retarget"] == "#submit-error"
     assert "unknown response ids" in refused.text or "missing response ids" in refused.text
+    repeated = json.dumps({"ranking": [[ids[0]], [ids[0]]]})
+    refused = client.post(f"/annotate/tasks/{second}", data={"payload": repeated}, headers=hx)
+    assert refused.headers["HX-Retarget"] == "#submit-error"
+    assert f"response ids [{ids[0]}] appear more than once" in refused.text
+    huge = json.dumps({"ranking": [list(range(1, 1001)), list(range(1001, 2001))]})
+    refused = client.post(f"/annotate/tasks/{second}", data={"payload": huge}, headers=hx)
+    assert refused.headers["HX-Retarget"] == "#submit-error" and "at most" in refused.text
     invalid = client.post(f"/annotate/tasks/{second}", data={"payload": '{"skip": true}'}, headers=hx)
     assert invalid.headers["HX-Retarget"] == "#submit-error" and "skip_reason" in invalid.text
     last = client.post(
