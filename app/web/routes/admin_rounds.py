@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -97,6 +98,11 @@ def round_settings_fragment(request: Request, principal: Admin):
 @router.post("/admin/rounds")
 async def start_round_form(request: Request, principal: Admin, db: DbSession):
     entered = _entered(await request.form())
+    # Starting a round commits and sends to the broker: a worker thread, not the event loop.
+    return await run_in_threadpool(_start_round_from_form, request, entered, principal.id, db)
+
+
+def _start_round_from_form(request: Request, entered: dict[str, Any], user_id: int, db: Session):
     context: dict[str, Any] = {
         **_rounds_page_context(db),
         "form": entered,
@@ -111,7 +117,7 @@ async def start_round_form(request: Request, principal: Admin, db: DbSession):
         context["form_error"] = str(exc)
         return render(request, "admin/rounds.html", context, status_code=422)
     try:
-        round_ = start_round(db, spec, started_by=principal.id)
+        round_ = start_round(db, spec, started_by=user_id)
     except RoundConflict as exc:
         context["conflict_round_id"] = exc.round_id
         return render(request, "admin/rounds.html", context, status_code=status.HTTP_409_CONFLICT)

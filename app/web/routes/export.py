@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
@@ -278,6 +279,11 @@ def spec_from_form(form) -> ExportSpec:
 @router.post("/research/exports", summary="Queue an export from the form", include_in_schema=False)
 async def research_create(request: Request, principal: Researcher, db: DbSession):
     form = await request.form()
+    # Queueing commits and sends to the broker: a worker thread, not the event loop.
+    return await run_in_threadpool(_create_from_form, request, form, principal.id, db)
+
+
+def _create_from_form(request: Request, form: Any, user_id: int, db: Session):
     try:
         spec = spec_from_form(form)
     except ValidationError as exc:
@@ -293,7 +299,7 @@ async def research_create(request: Request, principal: Researcher, db: DbSession
             status_code=200 if is_htmx(request) else 422,
         )
     try:
-        run = _queue(db, spec, principal.id)
+        run = _queue(db, spec, user_id)
     except HTTPException as exc:
         context = _page_context(db, error=str(exc.detail))
         return render(
