@@ -1,7 +1,9 @@
 # One image for web, workers, beat and the migrate step. GPU hosts get PyPI's CUDA build of torch.
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PREFLOOP_DATA_DIR=/data
+# Production: the development secret and demo accounts are refused (set PREFLOOP_SECRET_KEY).
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PREFLOOP_DATA_DIR=/data \
+    PREFLOOP_ENVIRONMENT=production
 RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client && rm -rf /var/lib/apt/lists/*
 # The source is only built from: the image runs the installed wheel, as any deployment would, and
 # removing the source afterwards proves the wheel carries templates, static files and migrations.

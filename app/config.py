@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.paths import STATIC_DIR, TEMPLATES_DIR
 
 DEFAULT_SECRET = "change-me-development-only"
+# The default secret is in the source, so anyone who can reach the app could sign an admin's session.
+SECRET_KEY_ADVICE = (
+    "set PREFLOOP_SECRET_KEY to a long random value "
+    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+)
 
 
 class Settings(BaseSettings):
@@ -78,6 +84,17 @@ class Settings(BaseSettings):
     run_heartbeat_seconds: float = 10.0
     run_stale_seconds: float = 60.0
     run_max_attempts: int = 3
+    # A run or round still queued this long after its task was sent is sent again by maintenance: a
+    # send that failed after the row committed would otherwise leave it queued for ever. A duplicate
+    # does nothing (the run claims its row), so the only cost of work waiting behind a long GPU job
+    # is one spare message per period.
+    queued_resend_seconds: float = 600.0
+    # Celery soft time limits per task kind; the soft limit fails the run with the reason recorded,
+    # and the hard limit (5 % later, at least 30 s) kills a child that did not heed it. Long work is
+    # training, evaluation, generation and rounds; the broker's visibility timeout stays above them.
+    long_task_time_limit_seconds: int = 36 * 3600
+    export_task_time_limit_seconds: int = 2 * 3600
+    maintenance_task_time_limit_seconds: int = 120
     # Quality control (app/quality).
     # One assignment in twenty is a gold task: enough to measure each annotator within a few dozen
     # tasks while costing little of their time.
@@ -104,12 +121,16 @@ class Settings(BaseSettings):
     def _refuse_default_secret(self) -> Settings:
         if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
             raise ValueError(
-                "PREFLOOP_SECRET_KEY is still the development default; set a long random value "
-                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`) before running in production."
+                f"PREFLOOP_SECRET_KEY is still the development default; {SECRET_KEY_ADVICE} "
+                "before running in production."
             )
         if self.environment == "production" and len(self.secret_key) < 32:
             raise ValueError("PREFLOOP_SECRET_KEY must be at least 32 characters in production.")
         return self
+
+    @property
+    def uses_default_secret(self) -> bool:
+        return self.secret_key == DEFAULT_SECRET
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -152,6 +173,25 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
+
+
+def default_secret_refusal(host: str) -> str:
+    """Why the app will not serve on `host` with the development secret, and what to do instead."""
+    return (
+        f"refusing to serve on {host}: PREFLOOP_SECRET_KEY is the development default, which is "
+        f"public, so anyone who can reach this address could forge an admin's session; {SECRET_KEY_ADVICE}, "
+        "or bind to 127.0.0.1."
+    )
 
 
 @lru_cache

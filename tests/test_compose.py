@@ -68,3 +68,28 @@ def test_every_prefloop_command_exists_in_the_cli(service):
 def test_an_unknown_command_would_be_caught():
     with pytest.raises((click.UsageError, AssertionError)):
         _parse_with_cli(["no-such-command"])
+
+
+PREFLOOP_SERVICES = sorted(
+    name for name, spec in COMPOSE["services"].items() if spec.get("image") == "prefloop:latest"
+)
+
+
+def test_the_prefloop_services_are_web_workers_beat_and_migrate():
+    assert PREFLOOP_SERVICES == ["beat", "migrate", "web", "worker-default", "worker-gpu"]
+
+
+@pytest.mark.parametrize("service", PREFLOOP_SERVICES)
+def test_every_prefloop_service_runs_in_production_with_a_required_secret(service):
+    environment = COMPOSE["services"][service]["environment"]
+    assert environment["PREFLOOP_ENVIRONMENT"] == "production"
+    # `${VAR:?message}`: compose stops with the message instead of starting with an empty value.
+    assert environment["PREFLOOP_SECRET_KEY"].startswith("${PREFLOOP_SECRET_KEY:?set PREFLOOP_SECRET_KEY")
+
+
+def test_the_image_runs_in_production():
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    env_lines = " ".join(
+        line for line in dockerfile.replace("\\\n", " ").splitlines() if line.startswith("ENV ")
+    )
+    assert "PREFLOOP_ENVIRONMENT=production" in env_lines.split()

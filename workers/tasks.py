@@ -7,13 +7,14 @@ prefork parent (it imports this module) must never load, since CUDA does not sur
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from app.config import get_settings
 from app.data.db import session_scope
 from app.services import dispatch
 from app.services.assignment import expire_stale_assignments
-from app.services.rounds import maybe_start_auto_round
-from app.services.runs import requeue_stale_runs
+from app.services.rounds import maybe_start_auto_round, resend_queued_rounds
+from app.services.runs import requeue_stale_runs, resend_queued_runs
 from app.services.tasks_pool import refill_if_low
 from workers.celery_app import celery_app
 
@@ -22,15 +23,24 @@ log = logging.getLogger(__name__)
 
 @celery_app.task(name=dispatch.PERIODIC_MAINTENANCE)
 def periodic_maintenance() -> dict[str, int]:
-    """Beat: return expired assignments to the pool; re-queue runs whose worker died; refill the pool;
-    start a round when enough new comparisons arrived (PREFLOOP_AUTO_ROUND_MIN_COMPARISONS, 0 = off)."""
+    """Beat: return expired assignments to the pool; re-queue runs whose worker died; send again runs
+    and rounds queued long ago whose task never started (PREFLOOP_QUEUED_RESEND_SECONDS); refill the
+    pool; start a round when enough new comparisons arrived (PREFLOOP_AUTO_ROUND_MIN_COMPARISONS,
+    0 = off)."""
+    unsent_after = timedelta(seconds=get_settings().queued_resend_seconds)
     with session_scope() as db:
         expired = expire_stale_assignments(db)
         requeued = requeue_stale_runs(db)
+        resent_runs = resend_queued_runs(db, unsent_after)
+        resent_rounds = resend_queued_rounds(db, unsent_after)
     if expired:
         log.info("expired %d stale assignments", expired)
     if requeued:
         log.warning("re-queued runs whose worker was lost: %s", requeued)
+    if resent_runs or resent_rounds:
+        log.warning(
+            "sent again runs %s and rounds %s, queued with no task started", resent_runs, resent_rounds
+        )
     with session_scope() as db:
         refill_run = refill_if_low(db)  # commits the run row, then enqueues the generation task
     if refill_run is not None:
@@ -43,6 +53,8 @@ def periodic_maintenance() -> dict[str, int]:
     return {
         "expired_assignments": expired,
         "requeued_runs": len(requeued),
+        "resent_runs": len(resent_runs),
+        "resent_rounds": len(resent_rounds),
         "refill_run": refill_run or 0,
         "auto_round": auto_round_id,
     }

@@ -43,6 +43,10 @@ def init(demo: bool, base_model: Path | None) -> None:
     init again changes nothing.
     """
     settings = get_settings()
+    if demo and settings.environment == "production":
+        raise click.ClickException(
+            "--demo creates accounts with public passwords; it is refused when PREFLOOP_ENVIRONMENT=production"
+        )
     base_model = base_model or settings.base_model
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

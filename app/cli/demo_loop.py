@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from app.config import Settings, get_settings
 from app.data.db import session_scope
 from app.data.migrate import run_migrations
 from app.services.accounts import create_api_token, create_user, user_named
-from app.services.demo import install_demo
+from app.services.demo import DEMO_BOT_USERS, install_demo
 from app.services.registry import init_base_policy, live_policy
 from app.services.tasks_pool import claimable_task_count, request_refill
 from app.web.server_thread import WebServerThread
@@ -115,9 +116,9 @@ def run_demo_loop(tasks: int, algorithm: str, base_model, timeout: float) -> Non
         )
         install_demo(db, settings)
         tokens = {}
-        for username, role in (("demo-bot", "annotator"), ("demo-admin-bot", "admin")):
-            # The bots call the API with tokens; their password is never used.
-            user = user_named(db, username) or create_user(db, username, role, username + "-unused-password")
+        for username, role in DEMO_BOT_USERS:
+            # The bots call the API with tokens; their password is never used, so nobody may know it.
+            user = user_named(db, username) or create_user(db, username, role, secrets.token_urlsafe(32))
             tokens[role] = create_api_token(db, user, "demo-loop")
         start_version = live_policy(db).version
 

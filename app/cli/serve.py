@@ -13,9 +13,10 @@ from contextlib import contextmanager
 import click
 
 from app.cli.display import redact
-from app.config import get_settings
+from app.config import default_secret_refusal, get_settings, is_loopback
+from app.data.db import session_scope
 from app.data.migrate import run_migrations
-from app.services.demo import DEMO_USERS
+from app.services.demo import DEMO_USERS, active_demo_accounts, demo_accounts_refusal
 
 
 def worker_command(queues: str, concurrency: int, beat: bool, loglevel: str = "INFO") -> list[str]:
@@ -90,8 +91,15 @@ def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
     import uvicorn
 
     settings = get_settings()
+    if settings.uses_default_secret and not is_loopback(host):
+        raise click.ClickException(default_secret_refusal(host))
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     run_migrations(settings.sqlalchemy_url)
+    if settings.environment == "production":
+        with session_scope() as db:
+            demo_accounts = active_demo_accounts(db)
+        if demo_accounts:
+            raise click.ClickException(demo_accounts_refusal(demo_accounts))
     children: list[subprocess.Popen] = []
     if not no_worker:
         # One worker for both queues with the scheduler inside it: the embedded way to run the loop.

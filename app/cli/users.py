@@ -1,4 +1,4 @@
-"""`prefloop users`: create users, issue API tokens, list who can log in."""
+"""`prefloop users`: create and deactivate users, issue API tokens, list who can log in."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from app.services.accounts import (
     AccountError,
     create_api_token,
     create_user,
+    deactivate_user,
     user_named,
     users_with_token_counts,
 )
@@ -37,6 +38,21 @@ def users_create(username: str, role: str, password: str, email: str | None) -> 
         except AccountError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"created {role} {username}")
+
+
+@users.command("deactivate")
+@click.argument("username")
+def users_deactivate(username: str) -> None:
+    """Stop a user from logging in or using API tokens; their judgements stay in the database.
+
+    Web processes notice within PREFLOOP_AUTH_CACHE_SECONDS.
+    """
+    with session_scope() as db:
+        try:
+            deactivate_user(db, username)
+        except AccountError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"deactivated {username}")
 
 
 @users.command("token")

@@ -352,6 +352,8 @@ class Round(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = Timestamp()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When maintenance last sent its task again; NULL: sent once, when the row was created.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Run(Base):
@@ -380,6 +382,8 @@ class Run(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its task was last sent again (maintenance, a stale run re-queued); NULL: at creation.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RunMetric(Base):

@@ -23,7 +23,7 @@ _DUMMY_HASH = _hasher.hash("not-a-real-password")
 
 
 class AccountError(ValueError):
-    """A user cannot be created as asked (the name is taken)."""
+    """A user cannot be created or changed as asked (the name is taken, or there is no such user)."""
 
 
 # ---------------------------------------------------------------- passwords and users
@@ -57,6 +57,16 @@ def create_user(db: Session, username: str, role: str, password: str, email: str
         raise AccountError(f"user {username!r} exists already")
     user = User(username=username, role=role, email=email, password_hash=hash_password(password))
     db.add(user)
+    db.flush()
+    return user
+
+
+def deactivate_user(db: Session, username: str) -> User:
+    """Stop a user from logging in or using their tokens (the caller commits); raises if there is none."""
+    user = user_named(db, username)
+    if user is None:
+        raise AccountError(f"no user {username!r}")
+    user.is_active = False
     db.flush()
     return user
 

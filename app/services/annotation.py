@@ -5,7 +5,8 @@ Rules:
   one is refused with 409 (the payload hash decides; time spent is measurement, not judgement);
 - a ranking names every response of the task exactly once; repeated ids and more ids than any task
   shows are refused with 422 before anything else (pairs grow with the square of the ids), unknown,
-  foreign and missing ids are refused with 422 and named;
+  foreign and missing ids are refused with 422 and named, to the task's annotators only: a task the
+  caller holds no assignment for is refused with the same 409 whatever the ranking, naming no ids;
 - comparisons: every response in a better tie group beats every response in a worse one, with
   margin = the distance between the groups (adjacent groups 1, one group between them 2, …);
   responses in the same group (ties) give none; an all-bad judgement is kept and gives none;
@@ -191,13 +192,13 @@ async def _replay_or_refuse(
         return replay, False
     if outcome.status == "no_task":
         raise AnnotationError(404, f"there is no task {task_id}")
-    if outcome.status == "invalid":
-        await _check_ranking(statements, judgement.payload, outcome.shown)
-        raise AnnotationError(422, f"rank every response of the task once: {sorted(outcome.shown)}")
-    if outcome.status == "not_assigned":
+    if outcome.status == "not_assigned":  # said before the ranking is looked at: names no response ids
         raise AnnotationError(
             409, f"task {task_id} is not assigned to you; fetch one with GET /api/tasks/next"
         )
+    if outcome.status == "invalid":
+        await _check_ranking(statements, judgement.payload, outcome.shown)
+        raise AnnotationError(422, f"rank every response of the task once: {sorted(outcome.shown)}")
     raise AnnotationError(
         409,
         f"task {task_id} no longer takes judgements (your assignment expired and the task was "

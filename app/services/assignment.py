@@ -45,14 +45,14 @@ class TaskResponseView:
 
 @dataclass(frozen=True)
 class TaskView:
-    """What an annotator sees: no policy versions (arena tasks are blind)."""
+    """What an annotator sees: no policy versions (arena tasks are blind) and nothing that tells a gold
+    task from another (its overlap, for one, is the gold cap)."""
 
     id: int
     kind: str
     prompt_id: int
     messages: list[dict[str, str]]
     responses: list[TaskResponseView]
-    required_annotations: int
     expires_at: datetime
 
     @property
@@ -118,7 +118,6 @@ def _view_of(rows: Sequence[Any], expires_at: datetime) -> TaskView:
         prompt_id=first.prompt_id,
         messages=list(first.messages),
         responses=[TaskResponseView(id=r.response_id, position=r.position, text=r.text) for r in rows],
-        required_annotations=first.required_annotations,
         expires_at=expires_at,
     )
 

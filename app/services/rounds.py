@@ -9,6 +9,7 @@ module is what the web side, the CLI and beat call.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -101,6 +102,25 @@ def finish_round(db: Session, round_: Round, status: str, error: str = "") -> No
     round_.error = error
     round_.finished_at = utcnow()
     db.commit()
+
+
+def resend_queued_rounds(db: Session, older_than: timedelta) -> list[int]:
+    """Send again the task of each round still queued `older_than` after it was last sent (a send
+    that failed after the row committed). The round's task moves it to running and its runs claim
+    their rows, so a duplicate message does nothing twice."""
+    cutoff = utcnow() - older_than
+    due = db.scalars(
+        select(Round)
+        .where(Round.status == "queued", func.coalesce(Round.sent_at, Round.created_at) < cutoff)
+        .order_by(Round.id)
+    ).all()
+    resent = []
+    for round_ in due:
+        round_.sent_at = utcnow()
+        db.commit()
+        dispatch.enqueue(dispatch.RUN_ROUND, round_.id)
+        resent.append(round_.id)
+    return resent
 
 
 def comparisons_since_last_round(db: Session) -> int:

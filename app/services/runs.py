@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.db import session_factory
-from app.data.models import Run, RunMetric, utcnow
+from app.data.models import Round, Run, RunMetric, utcnow
 from app.services import dispatch
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,39 @@ def requeue_stale_runs(db: Session) -> list[int]:
             run.error = f"the worker running this run was lost {run.attempts} times; giving up"
             db.commit()
             continue
-        run.status = "queued"
+        run.status, run.sent_at = "queued", utcnow()
         db.commit()
         enqueue_run(run)
         requeued.append(run.id)
     return requeued
+
+
+def resend_queued_runs(db: Session, older_than: timedelta) -> list[int]:
+    """Send again the task of each run still queued `older_than` after its task was last sent.
+
+    A send that failed after the row committed leaves it queued with no message anywhere. A
+    duplicate message is harmless: the first delivery claims the row, the others find it taken. A
+    round's run is sent as its round's task, and only while that round runs: a round ended has no
+    use for it, and a queued round is re-sent by itself.
+    """
+    cutoff = utcnow() - older_than
+    running_rounds = select(Round.id).where(Round.status == "running")
+    due = db.scalars(
+        select(Run)
+        .where(
+            Run.status == "queued",
+            or_(Run.round_id.is_(None), Run.round_id.in_(running_rounds)),
+            func.coalesce(Run.sent_at, Run.created_at) < cutoff,
+        )
+        .order_by(Run.id)
+    ).all()
+    resent = []
+    for run in due:
+        run.sent_at = utcnow()
+        db.commit()
+        enqueue_run(run)
+        resent.append(run.id)
+    return resent
 
 
 Body = Callable[[int, dict[str, Any], DbReporter], dict[str, Any]]

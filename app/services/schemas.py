@@ -38,6 +38,8 @@ class TaskResponseOut(BaseModel):
 
 
 class TaskOut(BaseModel):
+    """A task as the annotator sees it: the same fields, alike, for a gold task and any other."""
+
     id: int
     kind: Literal["rank", "arena"] = Field(
         description="rank: order K responses of the live policy; arena: two policy versions, blind."
@@ -45,7 +47,6 @@ class TaskOut(BaseModel):
     messages: list[MessageOut] = Field(description="The conversation the responses answer.")
     prompt: str = Field(description="The last user turn.")
     responses: list[TaskResponseOut]
-    required_annotations: int
     expires_at: datetime | None = Field(description="Submit before this or the slot returns to the pool.")
 
 

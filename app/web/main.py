@@ -21,6 +21,7 @@ from app.config import Settings, get_settings
 from app.data.db import make_engine, session_factory
 from app.data.statements import open_statements
 from app.services.serving import PolicyHolder
+from app.web.exposure import LoopbackOnlyWithDefaultSecret, refuse_demo_accounts_in_production
 from app.web.routes import ROUTERS
 from app.web.security import CSRF_COOKIE, PrincipalCache
 from app.web.templating import render
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await anyio.to_thread.run_sync(refuse_demo_accounts_in_production, settings, app.state.sessionmaker)
         if engine.dialect.name != "sqlite":
             # Handlers run in worker threads and nearly all of them use a pooled connection: with more
             # threads than pooled connections the extra threads queue on the pool instead, or open
@@ -88,6 +90,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.include_router(router)
 
     app.add_middleware(CsrfCookieMiddleware)
+    if settings.uses_default_secret:
+        app.add_middleware(LoopbackOnlyWithDefaultSecret)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

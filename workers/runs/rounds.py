@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class StageFailed(RuntimeError):
     pass
+
+
+class OwnedElsewhere(RuntimeError):
+    """Another delivery of this round's task is executing the stage; this one has nothing to do."""
 
 
 def _stage(sessions: sessionmaker[Session], round_id: int, kind: str, config: dict[str, Any], body) -> dict:
@@ -48,6 +52,10 @@ def _stage(sessions: sessionmaker[Session], round_id: int, kind: str, config: di
     status = execute(run_id, body, sessions)
     with sessions() as db:
         run = db.get(Run, run_id)
+        if status is None and run.status == "running":
+            # A duplicate message (a re-send, a redelivery after a lost worker) while a live worker
+            # holds the stage: leave the round to it rather than fail it.
+            raise OwnedElsewhere(f"{kind} run {run_id} is running in another delivery")
         if run.status != "succeeded":
             detail = run.error.splitlines()[0] if run.error else run.status
             raise StageFailed(f"{kind} run {run_id} {status or run.status}: {detail}")
@@ -68,8 +76,15 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
             error = f"the round's stored settings are not a valid round spec: {describe_problems(exc)}"
             finish_round(db, round_, "failed", error=error)
             return "failed"
-        round_.status = "running"
+        # Only a queued round becomes running, so one cancelled meanwhile stays cancelled. A round
+        # already running is a redelivery after a lost worker (or a duplicate send) and resumes:
+        # its runs' claims keep a stage a live worker holds with that worker.
+        db.execute(
+            update(Round).where(Round.id == round_id, Round.status == "queued").values(status="running")
+        )
         db.commit()
+        if round_.status != "running":
+            return round_.status
         algorithm, snapshot = spec.algorithm, round_.comparison_snapshot
         start = db.get(Policy, round_.base_policy_id)
         start_version = start.version
@@ -113,6 +128,9 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
             },
             evaluation_body(sessions, settings),
         )
+    except OwnedElsewhere as exc:
+        log.info("round %s: %s; this delivery stops", round_id, exc)
+        return "running"
     except StageFailed as exc:
         with sessions() as db:
             current = db.get(Round, round_id)
@@ -135,7 +153,15 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
             return "awaiting_approval"
         round_.stage = "promote"
         db.commit()
-        promote(db, candidate_version, settings)  # refills the task pool with the new version too
+        try:
+            promote(db, candidate_version, settings)  # refills the task pool with the new version too
+        except Exception as exc:
+            # Left active, the round would refuse every later one; it ends, naming the failure.
+            log.exception("round %s: promoting v%s failed", round_id, candidate_version)
+            db.rollback()
+            error = f"promoting v{candidate_version} failed: {type(exc).__name__}: {exc}"
+            finish_round(db, db.get(Round, round_id), "failed", error=error)
+            return "failed"
         finish_round(db, round_, "succeeded")
     log.info("round %s succeeded: v%s is live", round_id, candidate_version)
     return "succeeded"

@@ -5,7 +5,7 @@ takes a few here: a statement that writes starts with BEGIN IMMEDIATE, which tak
 that SQLite grants one connection at a time, runs its steps and commits. Holding the lock from the
 first step, every read sees what the writes after it will change; no row locks are needed. The
 steps mirror the Postgres statements (postgres/*.sql and prefloop_submit_annotation in
-migrations/sql/submit_annotation_v1.sql) and return rows of the same columns. They run in a worker
+migrations/sql/submit_annotation_v2.sql) and return rows of the same columns. They run in a worker
 thread on a connection of the engine's pool.
 """
 
@@ -117,20 +117,21 @@ _Outcome = namedtuple(
 
 
 def store_judgement(steps: _Steps, p: Mapping[str, Any]) -> list[Any]:
-    """prefloop_submit_annotation (migrations/sql/submit_annotation_v1.sql), step by step."""
+    """prefloop_submit_annotation (migrations/sql/submit_annotation_v2.sql), step by step."""
     state = steps.first("judgement_state", p)
     if state is None:
         return [_Outcome("no_task", [], None, None)]
     shown = json.loads(state.shown)
     if state.assignment_status in ("submitted", "skipped"):
         return [_Outcome("judged", shown, None, None)]  # a replay or a changed judgement
+    # Before the ranking: its refusal names the task's responses, which only its annotators may see.
+    if state.assignment_id is None:
+        return [_Outcome("not_assigned", [], None, None)]
     # Every response exactly once (shown ids are distinct), flags only on shown responses.
     named, task = set(p["named"]), set(shown)
     every_one_once = not p["named"] or (len(p["named"]) == len(shown) and named == task)
     if not (named <= task and set(p["flagged"]) <= task and every_one_once):
         return [_Outcome("invalid", shown, None, None)]
-    if state.assignment_id is None:
-        return [_Outcome("not_assigned", shown, None, None)]
     # A skip gives a held slot back; a judgement on an expired assignment needs a free slot again.
     holds_slot = state.assignment_status == "active"
     if p["skip"]:

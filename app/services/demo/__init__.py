@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.data.models import PromptSet
+from app.data.models import PromptSet, User
 from app.services.accounts import create_user, user_named
 from app.services.prompt_sets import create_prompt_set
 
@@ -18,6 +18,8 @@ DEMO_USERS = [
     ("annotator", "annotator", "annotator-demo"),
     ("researcher", "researcher", "researcher-demo"),
 ]
+# The API clients of `prefloop demo-loop` (annotator, admin); their names are public too.
+DEMO_BOT_USERS = [("demo-bot", "annotator"), ("demo-admin-bot", "admin")]
 DEMO_SET_NAME = "demo"
 DEMO_FILE = Path(__file__).parent / "prompts.jsonl"
 
@@ -34,6 +36,27 @@ def install_demo(db: Session, settings: Settings) -> str:
     lines = [f"demo users: {', '.join(created) if created else 'already present'}"]
     lines.append(install_demo_prompt_set(db))
     return "\n".join(lines)
+
+
+def active_demo_accounts(db: Session) -> list[str]:
+    """Names of the demo and demo-loop accounts that can still log in or use a token."""
+    names = [username for username, _role, _password in DEMO_USERS] + [name for name, _role in DEMO_BOT_USERS]
+    return list(
+        db.scalars(
+            select(User.username)
+            .where(User.username.in_(names), User.is_active.is_(True))
+            .order_by(User.username)
+        )
+    )
+
+
+def demo_accounts_refusal(names: list[str]) -> str:
+    """Why production will not start while these demo accounts are active, and how to end them."""
+    commands = "; ".join(f"prefloop users deactivate {name}" for name in names)
+    return (
+        f"refusing to start in production: demo accounts with public names and guessable passwords "
+        f"are active: {', '.join(names)}. Deactivate them first: {commands}"
+    )
 
 
 def install_demo_prompt_set(db: Session) -> str:

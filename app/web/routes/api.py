@@ -41,7 +41,6 @@ def task_json(view: TaskView) -> dict:
         "messages": [{"role": m["role"], "content": m["content"]} for m in view.messages],
         "prompt": view.prompt_text,
         "responses": [{"id": r.id, "label": i, "text": r.text} for i, r in enumerate(view.responses, 1)],
-        "required_annotations": view.required_annotations,
         "expires_at": view.expires_at.isoformat() if view.expires_at else None,
     }
 

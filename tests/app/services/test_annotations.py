@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -198,6 +199,21 @@ def test_submitting_an_unassigned_or_missing_task_is_refused(db, make_user):
     with pytest.raises(AnnotationError) as err:
         submit_annotation(db, 424242, user.id, AnnotationIn(ranking=[[1]]))
     assert err.value.status == 404
+
+
+def test_a_submission_to_someone_elses_task_names_none_of_its_responses(db, make_user):
+    task_id, _, ids = assigned_task(db, make_user)
+    outsider, _ = make_user()
+    messages = set()
+    for ranking in ([[999_991], [999_992]], [[ids[0]]], [[i] for i in ids], []):
+        payload = AnnotationIn(ranking=ranking, all_bad=not ranking, flags={999_993: ["harmful"]})
+        with pytest.raises(AnnotationError) as err:
+            submit_annotation(db, task_id, outsider.id, payload)
+        assert err.value.status == 409 and "not assigned to you" in err.value.message
+        assert {int(n) for n in re.findall(r"\d+", err.value.message)} <= {task_id}, err.value.message
+        messages.add(err.value.message)
+    assert len(messages) == 1  # the same answer whatever the ranking
+    assert db.scalar(select(func.count(Annotation.id))) == 0
 
 
 def test_a_late_submission_counts_while_a_slot_is_free(db, make_user):

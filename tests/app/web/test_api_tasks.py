@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 from sqlalchemy import func, select
 
 from app.data.models import Annotation, AppSetting, Policy, PolicyAlias, Task
+from app.services.quality.gold import mark_gold
 from tests.world import World
 
 XSS = '<script>window.__pwned = 1</script> and <img src=x onerror="window.__pwned = 2">'
@@ -143,6 +145,57 @@ def test_skip_and_all_bad_through_the_api(client, db, api_headers):
     assert bad.status_code == 201 and bad.json()["comparisons"] == 0
     db.expire_all()  # the seeded rows may still sit in this session's identity map
     assert db.get(Task, t1).status == "open" and db.get(Task, t2).status == "done"
+
+
+def _what_tells_tasks_apart(task: dict) -> dict:
+    """The next-task JSON less what differs between any two tasks (ids, texts, the deadline's instant)."""
+    content = {"id", "messages", "prompt", "responses", "expires_at"}
+    return {
+        **{key: value for key, value in task.items() if key not in content},
+        "keys": sorted(task),
+        "message_keys": [sorted(m) for m in task["messages"]],
+        "responses": [(sorted(r), r["label"]) for r in task["responses"]],
+    }
+
+
+def test_gold_and_normal_tasks_look_the_same_to_an_annotator(app, client, db, api_headers, settings):
+    world = World(db)
+    normal, gold = world.task(3), world.task(3)
+    normal_id, gold_id = normal.id, gold.id
+    mark_gold(db, gold_id, world.shown(gold)[0], settings)
+    db.commit()
+    # Every new assignment a gold draw: the gold task first, then (none left) the normal one.
+    app.state.settings = settings.model_copy(update={"gold_share": 1.0})
+    headers = api_headers("annotator")
+    seen, results = [], []
+    for expected in (gold_id, normal_id):
+        task = client.get("/api/tasks/next", headers=headers).json()
+        assert task["id"] == expected
+        done = client.post(
+            f"/api/tasks/{expected}/annotation", json={"ranking": ranking_of(task)}, headers=headers
+        )
+        assert done.status_code == 201, done.text
+        seen.append(_what_tells_tasks_apart(task))
+        results.append({k: v for k, v in done.json().items() if k not in ("annotation_id", "task_id")})
+    assert seen[0] == seen[1]
+    assert results[0] == results[1]
+
+
+def test_a_submission_to_someone_elses_task_names_none_of_its_responses(client, db, api_headers):
+    (task_id,) = seed(db, n=1)
+    ids = [
+        r["id"] for r in client.get("/api/tasks/next", headers=api_headers("annotator")).json()["responses"]
+    ]
+    outsider = api_headers("annotator")
+    answers = [
+        client.post(f"/api/tasks/{task_id}/annotation", json={"ranking": ranking}, headers=outsider)
+        for ranking in ([[999_991], [999_992]], [[ids[0]]], [[i] for i in ids])
+    ]
+    details = {a.json()["detail"] for a in answers}
+    assert {a.status_code for a in answers} == {409} and len(details) == 1  # whatever the ranking
+    (detail,) = details
+    assert "not assigned to you" in detail
+    assert {int(n) for n in re.findall(r"\d+", detail)} <= {task_id}  # names no response id
 
 
 def test_the_api_is_in_openapi(client, api_headers):

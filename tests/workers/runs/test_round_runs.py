@@ -7,7 +7,8 @@ from sqlalchemy import select
 from app.data.models import Policy, Round, Run
 from app.services.registry import init_base_policy, live_policy
 from app.services.round_spec import RoundSpec
-from app.services.rounds import start_round
+from app.services.rounds import active_round, start_round
+from app.services.runs import claim_run, create_run
 from tests.world import World, marker_preferences
 from workers.runs.rounds import execute_round
 
@@ -74,3 +75,44 @@ def test_a_round_whose_stored_settings_are_not_a_spec_fails_naming_them(settings
         "the round's stored settings are not a valid round spec: policy.policy_lr: Extra inputs are not permitted"
     )
     assert failed.active is None and db.scalar(select(Run).where(Run.round_id == round_.id)) is None
+
+
+def test_a_round_whose_promotion_raises_ends_failed_and_frees_the_slot(
+    settings, engine, db, tiny_model_dir, monkeypatch
+):
+    from app.data.db import session_factory
+
+    monkeypatch.setattr("app.services.dispatch._sender", lambda name, args: None)
+    base, _ = init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=8, eval_prompts=3)
+    spec = RoundSpec.model_validate(QUICK_DPO_ROUND)
+    round_id = start_round(db, spec).id
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("app.services.promotion.set_live", disk_full)
+    assert execute_round(round_id, session_factory(engine)) == "failed"
+    db.expire_all()
+    failed = db.get(Round, round_id)
+    assert failed.status == "failed" and failed.active is None
+    assert failed.error.startswith("promoting v") and "No space left on device" in failed.error
+    assert live_policy(db).id == base.id
+    assert start_round(db, spec).id != round_id  # the next round is not refused
+
+
+def test_a_second_delivery_leaves_a_stage_held_by_a_live_worker_alone(settings, engine, db, tiny_model_dir):
+    from app.data.db import session_factory
+
+    init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=3, eval_prompts=0)
+    round_ = start_round(db, RoundSpec.model_validate(QUICK_DPO_ROUND), enqueue=False)
+    round_.status = "running"
+    run = create_run(db, "reward", {}, round_id=round_.id)
+    db.commit()
+    assert claim_run(db, run.id)  # a live worker is training the reward model
+
+    assert execute_round(round_.id, session_factory(engine)) == "running"
+    db.expire_all()
+    assert active_round(db).id == round_.id and db.get(Round, round_.id).error == ""
+    assert db.get(Run, run.id).status == "running"

@@ -19,7 +19,7 @@ claimed AS (
     FROM assigned WHERE tasks.id = assigned.task_id
     RETURNING tasks.id AS task_id
 )
-SELECT c.task_id, t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position,
+SELECT c.task_id, t.kind, t.prompt_id, p.messages, tr.position,
        r.id AS response_id, r.text
 FROM claimed c
 JOIN tasks t ON t.id = c.task_id

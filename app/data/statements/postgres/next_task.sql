@@ -53,7 +53,7 @@ chosen AS (
     UNION ALL
     SELECT task_id FROM claimed
 )
-SELECT c.task_id, t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position,
+SELECT c.task_id, t.kind, t.prompt_id, p.messages, tr.position,
        r.id AS response_id, r.text
 FROM chosen c
 JOIN tasks t ON t.id = c.task_id

@@ -10,7 +10,7 @@ WITH resumed AS (
     )
     RETURNING task_id
 )
-SELECT c.task_id, t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position,
+SELECT c.task_id, t.kind, t.prompt_id, p.messages, tr.position,
        r.id AS response_id, r.text
 FROM resumed c
 JOIN tasks t ON t.id = c.task_id

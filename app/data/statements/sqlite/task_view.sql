@@ -1,5 +1,5 @@
 -- The task with its prompt and responses in shown order (the columns of postgres/next_task.sql).
-SELECT t.id AS task_id, t.kind, t.prompt_id, t.required_annotations, p.messages, tr.position,
+SELECT t.id AS task_id, t.kind, t.prompt_id, p.messages, tr.position,
        r.id AS response_id, r.text
 FROM tasks t
 JOIN prompts p ON p.id = t.prompt_id
