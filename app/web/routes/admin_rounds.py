@@ -45,6 +45,7 @@ from app.web.admin_pages import (
     samples_of,
 )
 from app.web.deps import DbSession
+from app.web.policy_holder import wake_local_policy_holder
 from app.web.security import Admin
 from app.web.templating import is_htmx, render
 
@@ -287,7 +288,7 @@ def promote_form(version: int, request: Request, principal: Admin, db: DbSession
         context = {**policies_context(request, db), "error": str(exc)}
         code = 404 if policy_by_version(db, version) is None else status.HTTP_409_CONFLICT
         return render(request, "admin/policies.html", context, status_code=code)
-    _wake_holder(request)
+    wake_local_policy_holder(request)
     return RedirectResponse(f"/admin/policies?notice=promoted-{policy.version}", status_code=303)
 
 
@@ -298,12 +299,5 @@ def rollback_form(request: Request, principal: Admin, db: DbSession):
     except RegistryError as exc:
         context = {**policies_context(request, db), "error": str(exc)}
         return render(request, "admin/policies.html", context, status_code=status.HTTP_409_CONFLICT)
-    _wake_holder(request)
+    wake_local_policy_holder(request)
     return RedirectResponse(f"/admin/policies?notice=rolled-back-{policy.version}", status_code=303)
-
-
-def _wake_holder(request: Request) -> None:
-    # This process's holder need not wait for its next poll; other processes get the pub/sub wake-up.
-    holder = request.app.state.policy_holder
-    if holder is not None:
-        holder.wake()

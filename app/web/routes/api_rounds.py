@@ -18,6 +18,7 @@ from app.services.round_spec import RoundSpec
 from app.services.rounds import RoundConflict, RoundError, start_round
 from app.services.run_metrics import Series, metric_series
 from app.web.deps import DbSession
+from app.web.policy_holder import wake_local_policy_holder
 from app.web.security import EXPORT_ROLES, Admin, require_role
 
 router = APIRouter(tags=["rounds and policies"])
@@ -150,20 +151,13 @@ def list_policies(db: DbSession):
     return [_policy_out(p, live.id if live else None) for p in policies]
 
 
-def _wake_local_holder(request: Request) -> None:
-    """Other processes learn of the move from Redis or by polling; this one can swap right away."""
-    holder = getattr(request.app.state, "policy_holder", None)
-    if holder is not None:
-        holder.wake()
-
-
 @router.post("/api/policies/{version}/promote", response_model=PolicyOut, summary="Make a version live")
 def promote_version(version: int, request: Request, principal: Admin, db: DbSession):
     try:
         policy = promote(db, version).policy
     except RegistryError as exc:
         raise HTTPException(409 if "rejected" in str(exc) else 404, str(exc)) from None
-    _wake_local_holder(request)
+    wake_local_policy_holder(request)
     return _policy_out(policy, policy.id)
 
 
@@ -173,5 +167,5 @@ def rollback_version(request: Request, principal: Admin, db: DbSession):
         policy = rollback(db).policy
     except RegistryError as exc:
         raise HTTPException(409, str(exc)) from None
-    _wake_local_holder(request)
+    wake_local_policy_holder(request)
     return _policy_out(policy, policy.id)
