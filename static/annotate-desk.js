@@ -234,16 +234,21 @@
     var a = api();
     inFlight = a ? a.taskKey() : null;
   });
+  /* Taken: a judgement (or a give-back) whose answer swaps in the next task; a refusal is retargeted
+   * to the error area instead. Seen before the swap, while the form is still in the page. */
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var d = event.detail;
+    if (!d.target || d.target.id !== "task-area" || !d.shouldSwap) return;
+    var elt = d.requestConfig && d.requestConfig.elt;
+    if (!d.isError && elt && (elt.id === "rank-form" || (elt.classList && elt.classList.contains("release")))) {
+      dropDraft(inFlight);
+    }
+    readyKey = null;
+  });
+  /* A saved revision answers with HX-Redirect (no swap). */
   document.addEventListener("htmx:afterRequest", function (event) {
     var xhr = event.detail.xhr;
-    /* Taken: a 2xx that swaps the task area (a refusal is retargeted to the error area instead). */
-    if (event.detail.successful && xhr && !xhr.getResponseHeader("HX-Retarget")) {
-      var elt = event.detail.elt;
-      if (elt && (elt.id === "rank-form" || elt.classList.contains("release"))) dropDraft(inFlight);
-    }
-  });
-  document.addEventListener("htmx:beforeSwap", function (event) {
-    if (event.detail.target && event.detail.target.id === "task-area" && event.detail.shouldSwap) readyKey = null;
+    if (event.detail.successful && xhr && xhr.getResponseHeader("HX-Redirect")) dropDraft(inFlight);
   });
   document.addEventListener("htmx:responseError", onResponseError);
   document.addEventListener("htmx:sendError", onSendError);

@@ -73,7 +73,14 @@ def shown_order(db: Session, task_id: int) -> list[int]:
 
 
 def order_text(ranking: list[list[int]], labels: dict[int, int]) -> str:
-    return " > ".join(" = ".join(str(labels.get(rid, "?")) for rid in group) for group in ranking)
+    """A ranking in the numbers its responses had on screen, e.g. "3 = 4 > 1 > 2"."""
+    missing = len(labels) + 1
+    return " > ".join(
+        " = ".join(str(label) for label in sorted(labels.get(rid, missing) for rid in group)).replace(
+            str(missing), "?"
+        )
+        for group in ranking
+    )
 
 
 def _frozen_snapshot(db: Session) -> int:
