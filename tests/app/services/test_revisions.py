@@ -13,7 +13,7 @@ from app.services.assignment import release_task
 from app.services.exports import ExportSpec, iter_rows
 from app.services.revisions import judged_task_view, recent_judgements, revise_annotation
 from app.services.schemas import AnnotationIn
-from tests.annotating import next_task_id
+from tests.annotating import next_task_id, submit_annotation
 from tests.world import World
 
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
@@ -161,4 +161,12 @@ def test_a_released_task_goes_to_someone_else(db):
     )
     assert status == "released"
     assert next_task_id(db, user.id, 600) == second.id  # never the task they gave back
-    assert next_task_id(db, other.id, 600) == first.id
+
+    # A judgement from a tab still showing it is taken like one on an expired assignment: while the
+    # task has a free slot (the same on Postgres's function and SQLite's steps).
+    shown = World(db).shown(first)
+    result, created = submit_annotation(db, first.id, user.id, AnnotationIn(ranking=[[i] for i in shown]))
+    assert created and result.status == "submitted"
+    db.expire_all()
+    assert db.get(Task, first.id).status == "done" and db.get(Task, first.id).claimed_count == 1
+    assert next_task_id(db, other.id, 600) is None
