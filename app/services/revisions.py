@@ -104,6 +104,13 @@ def why_not_revisable(db: Session, annotation: Annotation, task_status: str) -> 
     return None
 
 
+def revision_blocker(db: Session, annotation: Annotation) -> str | None:
+    """why_not_revisable, looking up the task's status."""
+    return why_not_revisable(
+        db, annotation, db.scalar(select(Task.status).where(Task.id == annotation.task_id))
+    )
+
+
 def recent_judgements(db: Session, user_id: int, limit: int = RECENT_LIMIT) -> list[JudgementSummary]:
     """The annotator's latest judgements (skips included), newest first."""
     rows = db.execute(

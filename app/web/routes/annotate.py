@@ -26,7 +26,13 @@ from app.services.assignment import TaskView, release_task
 from app.services.guidelines import load_guidelines
 from app.services.pool_outlook import pool_outlook
 from app.services.registry import live_policy
-from app.services.revisions import judged_task_view, own_annotation, recent_judgements, revise_annotation
+from app.services.revisions import (
+    judged_task_view,
+    own_annotation,
+    recent_judgements,
+    revise_annotation,
+    revision_blocker,
+)
 from app.services.schemas import FLAG_LABELS, MAX_RATIONALE_CHARS, AnnotationIn
 from app.web.deps import DbSession
 from app.web.next_task import next_view
@@ -206,6 +212,10 @@ def _revise_page(request: Request, db: Session, user_id: int, annotation_id: int
         return render(
             request, "error.html", {"status": exc.status, "detail": exc.message}, status_code=exc.status
         )
+    blocker = revision_blocker(db, annotation)
+    if blocker:
+        detail = f"Judgement #{annotation_id} cannot be revised: {blocker}."
+        return render(request, "error.html", {"status": 409, "detail": detail}, status_code=409)
     judged = judged_task_view(db, annotation)
     context = _task_context(request, db, user_id, judged.view)
     context["revise"] = {

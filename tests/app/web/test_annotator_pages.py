@@ -9,7 +9,7 @@ import re
 
 from sqlalchemy import select
 
-from app.data.models import Annotation, AnnotationRevision, Assignment, Run
+from app.data.models import Annotation, AnnotationRevision, Assignment, Round, Run
 from app.services.schemas import MAX_RATIONALE_CHARS
 from tests.world import World
 
@@ -111,6 +111,12 @@ def test_history_lists_and_revises_own_judgements_only(client, db, login):
     incomplete = json.dumps({"ranking": [[ids[0]]]})
     refused = client.post(f"/annotate/history/{annotation.id}", data={"payload": incomplete}, headers=HX)
     assert refused.headers["HX-Retarget"] == "#submit-error" and "every response" in refused.text
+
+    db.add(Round(status="succeeded", active=None, comparison_snapshot=10**9))  # a round trained on it
+    db.commit()
+    frozen = client.get(f"/annotate/history/{annotation.id}")
+    assert frozen.status_code == 409 and "a training round has already used it" in frozen.text
+    assert f'href="/annotate/history/{annotation.id}"' not in client.get("/annotate/history").text
 
     client.headers.pop("X-CSRF-Token")  # the next login mints its own
     login("annotator")  # someone else
