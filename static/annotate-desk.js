@@ -41,6 +41,25 @@
     if (s && key) { try { s.removeItem(key); } catch (e) { /* nothing to drop */ } }
   }
 
+  /* Drafts of tasks never sent (an assignment that expired, a task given back in another browser)
+   * would pile up: a week after their last change they go. */
+  var DRAFT_PREFIX = "prefloop.draft.";
+  var DRAFT_DAYS = 7;
+
+  function pruneDrafts() {
+    var s = store();
+    if (!s) return;
+    var cutoff = Date.now() - DRAFT_DAYS * 86400000;
+    try {
+      Object.keys(s).forEach(function (key) {
+        if (key.indexOf(DRAFT_PREFIX) !== 0) return;
+        var savedAt = 0;
+        try { savedAt = JSON.parse(s.getItem(key)).savedAt || 0; } catch (e) { savedAt = 0; }
+        if (savedAt < cutoff) s.removeItem(key);
+      });
+    } catch (e) { /* storage unavailable: nothing to prune */ }
+  }
+
   function restoreDraft() {
     var a = api(), s = store();
     readyKey = a ? a.taskKey() : null;
@@ -212,6 +231,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    pruneDrafts();
     var signIn = $("#login-dialog-form");
     if (signIn) signIn.addEventListener("submit", onSignIn);
     var cancel = $("[data-login=cancel]");

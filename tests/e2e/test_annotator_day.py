@@ -72,10 +72,13 @@ def test_a_lost_session_keeps_the_judgement_and_sends_it_after_signing_in_again(
     page.fill("textarea[name=rationale]", "2 explains the moon; 1 forgets it")
     assert '"rationale":"2 explains the moon; 1 forgets it"' in draft_of(page)
 
-    # A reload brings the same task back with the work restored from local storage.
+    # A reload brings the same task back with the work restored from local storage (and drops
+    # drafts untouched for a week).
+    page.evaluate("localStorage.setItem('prefloop.draft.0.task.0', JSON.stringify({savedAt: 1}))")
     page.reload()
     page.wait_for_selector(f"#task[data-task-id='{first}']")
     page.wait_for_selector("#draft-note:not([hidden])")
+    assert page.evaluate("localStorage.getItem('prefloop.draft.0.task.0')") is None
     assert "3 > 4" in page.inner_text("#kbd-status") and "2 > 1" in page.inner_text("#kbd-status")
     assert page.input_value("textarea[name=rationale]") == "2 explains the moon; 1 forgets it"
     assert page.locator("li.response[data-label='2'] input[value=nonsense]").is_checked()

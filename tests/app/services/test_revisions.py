@@ -146,6 +146,19 @@ def test_the_revise_view_shows_the_ranking_as_judged(db):
     assert sorted(r.position for r in laid_out.view.responses) == [0, 1, 2]
 
 
+def test_an_arena_judgement_keeps_its_sides_and_says_its_verdict(db):
+    world = World(db)
+    task = world.task(["left", "right"], kind="arena")
+    user = world.user()
+    left, right = world.shown(task)
+    annotation = world.judge(task, user, [[1], [0]])
+    laid_out = judged_task_view(db, annotation)
+    assert [r.id for r in laid_out.view.responses] == [left, right] and laid_out.verdict == "2"
+    revise_annotation(db, annotation.id, user.id, AnnotationIn(ranking=[[left, right]]))
+    db.expire_all()
+    assert judged_task_view(db, db.get(Annotation, annotation.id)).verdict == "tie"
+
+
 def test_a_released_task_goes_to_someone_else(db):
     world = World(db)
     first = world.task(["one", "two"])
