@@ -269,7 +269,7 @@ def test_compare_layout_side_by_side_on_wide_screens_and_stacked_on_phones(
             f"Rank {i}" for i in (1, 2, 3, 4)
         ]
         assert page.locator("#ranking .label").count() == 0
-        assert [cards.nth(i).locator("kbd.key").inner_text() for i in range(4)] == ["1", "2", "3", "4"]
+        assert [cards.nth(i).locator(".key").inner_text() for i in range(4)] == ["1", "2", "3", "4"]
         if width >= 900:
             assert (
                 abs(boxes[0]["y"] - boxes[1]["y"]) < 2
