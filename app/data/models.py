@@ -41,7 +41,9 @@ POLICY_KINDS = ("base", "ppo", "dpo")
 POLICY_STATUSES = ("candidate", "approved", "rejected", "retired")
 TASK_KINDS = ("rank", "arena")
 TASK_STATUSES = ("open", "done", "closed")
-ASSIGNMENT_STATUSES = ("active", "submitted", "skipped", "expired")
+# released: the annotator gave the task back unjudged; like skipped it counts as seen, so the task
+# goes to someone else, but no annotation is stored.
+ASSIGNMENT_STATUSES = ("active", "submitted", "skipped", "expired", "released")
 RUN_KINDS = ("reward", "ppo", "dpo", "evaluate", "generate", "export")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ROUND_STATUSES = ("queued", "running", "awaiting_approval", "succeeded", "failed", "cancelled")
@@ -311,6 +313,31 @@ class Annotation(Base):
     shown_order_unchanged: Mapped[bool] = mapped_column(Boolean, default=False)
     payload_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = Timestamp(index=True)
+    # How often the annotator revised it (0: as first submitted); earlier versions are in
+    # annotation_revisions, the row itself always holds the latest.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    revised_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AnnotationRevision(Base):
+    """A version of a judgement its annotator replaced: what the annotation said before revision
+    `revision + 1`. The annotation row and its comparisons hold the latest version."""
+
+    __tablename__ = "annotation_revisions"
+    __table_args__ = (UniqueConstraint("annotation_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(Integer)
+    ranking: Mapped[list[list[int]]] = mapped_column(JSONType, default=list)
+    all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    flags: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    time_spent_ms: Mapped[int] = mapped_column(Integer, default=0)
+    shown_order_unchanged: Mapped[bool] = mapped_column(Boolean, default=False)
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    made_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when this version was submitted
+    replaced_at: Mapped[datetime] = Timestamp()
 
 
 class Comparison(Base):

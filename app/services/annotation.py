@@ -248,7 +248,7 @@ class _Judgement:
             "all_bad": p.all_bad,
             "ranking": json.dumps(p.ranking),
             "skip_reason": p.skip_reason,
-            "flags": json.dumps(_flags_json(p)),
+            "flags": json.dumps(flags_json(p)),
             "rationale": p.rationale,
             "time_spent_ms": p.time_spent_ms,
             "payload_hash": self.digest,
@@ -272,7 +272,8 @@ class _Outcome:
         return cls(row.outcome, list(row.shown or []), row.new_annotation_id, bool(row.shown_order_unchanged))
 
 
-def _flags_json(payload: AnnotationIn) -> dict:
+def flags_json(payload: AnnotationIn) -> dict:
+    """The flags column of a normalised judgement."""
     flags: dict = {"responses": {str(rid): names for rid, names in payload.flags.items()}}
     if payload.flag_note:
         flags["note"] = payload.flag_note

@@ -74,4 +74,8 @@ def render(
     else:
         response = templates().TemplateResponse(request, name, ctx, status_code=status_code)
     response.headers["Vary"] = "HX-Request"
+    if ctx["principal"] is not None:
+        # A signed-in page names its user and shows their work: never kept by the browser, so Back
+        # after logging out asks the server again (and meets the login form).
+        response.headers["Cache-Control"] = "no-store"
     return response
