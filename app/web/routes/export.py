@@ -31,6 +31,7 @@ from app.data.models import Policy, PromptSet, Run, utcnow
 from app.services.exports import FORMATS, ExportSpec, iter_rows
 from app.services.exports.exporter import begin_snapshot
 from app.services.exports.jobs import create_export_run, enqueue_export
+from app.services.exports.pseudonym import pseudonym_key
 from app.services.exports.writers import json_line
 from app.services.runs import request_cancel
 from app.web.deps import DbSession
@@ -156,8 +157,8 @@ def export_formats(principal: Researcher) -> list[ExportFormatOut]:
 def stream_export(request: Request, principal: Researcher, query: Annotated[StreamQuery, Query()]):
     spec = ExportSpec.model_validate(query.model_dump(exclude={"limit"}))
     sessions = request.app.state.sessionmaker
-    secret = request.app.state.settings.secret_key
-    lines = _stream_lines(sessions, spec, query.limit, secret)
+    key = pseudonym_key(request.app.state.settings)
+    lines = _stream_lines(sessions, spec, query.limit, key)
     try:
         first = next(
             lines
@@ -183,10 +184,10 @@ def stream_export(request: Request, principal: Researcher, query: Annotated[Stre
     )
 
 
-def _stream_lines(sessions, spec: ExportSpec, limit: int, secret: str) -> Iterator[str]:
+def _stream_lines(sessions, spec: ExportSpec, limit: int, key: str) -> Iterator[str]:
     with sessions() as db:
         begin_snapshot(db)
-        for count, (split, row, _meta) in enumerate(iter_rows(db, spec, secret_key=secret)):
+        for count, (split, row, _meta) in enumerate(iter_rows(db, spec, pseudonym_key=key)):
             if count >= limit:
                 return
             yield json_line(row | {"split": split})
