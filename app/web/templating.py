@@ -11,6 +11,7 @@ from jinja2 import pass_context
 from jinja2.runtime import Context
 from markupsafe import Markup
 
+from app.common.errors import public_error
 from app.config import get_settings
 from app.web.markdown import render_markdown
 from app.web.security import CSRF_FIELD, CSRF_HEADER, csrf_token_for
@@ -48,6 +49,8 @@ def templates() -> Jinja2Templates:
         # templates/admin/_nav.html calls this, so any admin page can include the navigation.
         env.globals["admin_nav_links"] = admin_nav_links
         env.filters["markdown"] = lambda text: Markup(render_markdown(text or ""))
+        # Run, round and export errors: the first line (message and error id), never a traceback.
+        env.filters["public_error"] = public_error
     return _templates
 
 
