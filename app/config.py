@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         description="How long a web process trusts a verified login or token before reading the user "
         "again; logout elsewhere, role changes and deactivation take effect within this. 0: every request.",
     )
+    api_token_days: int = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        description="Days an API token lives unless issued with another lifetime; then it is refused (401).",
+    )
     gc_freeze: bool = Field(
         default=True,
         description="Web processes move what they loaded at start-up out of the garbage collector's "

@@ -27,6 +27,8 @@ ADMIN_NAV = (
     ("/admin/playground", "Playground"),
     ("/admin/prompts", "Prompts"),
     ("/admin/quality", "Quality"),
+    ("/admin/users", "Users"),
+    ("/admin/audit", "Audit log"),
 )
 
 
@@ -34,8 +36,21 @@ ADMIN_NAV = (
 def admin_nav_links(context: Context) -> list[tuple[str, str]]:
     """The admin sub-navigation links whose pages the app serving this request has installed."""
     request: Request = context["request"]
-    paths = {getattr(route, "path", None) for route in request.app.routes}
+    paths = _route_paths(request.app.routes)
     return [(href, label) for href, label in ADMIN_NAV if href in paths]
+
+
+def _route_paths(routes: list[Any]) -> set[str]:
+    """Paths of these routes and of the routers included among them (FastAPI keeps an included
+    router as one entry holding the original; create_app includes them without a prefix)."""
+    paths: set[str] = set()
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            paths |= _route_paths(included.routes)
+        elif (path := getattr(route, "path", None)) is not None:
+            paths.add(path)
+    return paths
 
 
 def templates() -> Jinja2Templates:
