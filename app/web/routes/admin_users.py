@@ -163,8 +163,14 @@ def _entries(db: Session, limit: int, username: str | None, before_id: int | Non
 
 
 AuditLimit = Annotated[int, Query(ge=1, le=1000, description="At most this many entries.")]
-AuditUser = Annotated[str | None, Query(max_length=64, description="Only entries about this username.")]
-AuditBefore = Annotated[int | None, Query(ge=1, description="Entries older than this id (paging).")]
+# Bounded like the columns they are compared with, so odd input is a 422 and never a database error.
+AuditUser = Annotated[
+    str | None,
+    Query(max_length=64, pattern=r"^[^\x00-\x1f]*$", description="Only entries about this username."),
+]
+AuditBefore = Annotated[
+    int | None, Query(ge=1, le=2**31 - 1, description="Entries older than this id (paging).")
+]
 
 
 @router.get(
