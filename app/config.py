@@ -19,6 +19,11 @@ SECRET_KEY_ADVICE = (
     "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
 )
 
+PSEUDONYM_KEY_ADVICE = (
+    "set PREFLOOP_PSEUDONYM_KEY to a long random value of its own "
+    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -52,6 +57,12 @@ class Settings(BaseSettings):
         description="How long a web process trusts a verified login or token before reading the user "
         "again; logout elsewhere, role changes and deactivation take effect within this. 0: every request.",
     )
+    api_token_days: int = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        description="Days an API token lives unless issued with another lifetime; then it is refused (401).",
+    )
     gc_freeze: bool = Field(
         default=True,
         description="Web processes move what they loaded at start-up out of the garbage collector's "
@@ -61,6 +72,14 @@ class Settings(BaseSettings):
         default="", description="Redis for policy wake-up messages; empty disables pub/sub (polling only)."
     )
     secret_key: str = DEFAULT_SECRET
+    # Separate from the secret key on purpose: the secret is rotated after a leak, and pseudonyms in
+    # published datasets must survive that. Unset outside production, a key is generated once and
+    # kept in DATA_DIR/pseudonym.key.
+    pseudonym_key: str = Field(
+        default="",
+        description="Keys the annotator pseudonyms in exports; stable for the deployment's lifetime. "
+        "Required in production; otherwise generated once into DATA_DIR/pseudonym.key.",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N for training and generation.")
     base_model: Path | None = Field(
         default=None, description="Local HF folder used instead of SmolLM2 by `prefloop init`."
@@ -126,7 +145,23 @@ class Settings(BaseSettings):
             )
         if self.environment == "production" and len(self.secret_key) < 32:
             raise ValueError("PREFLOOP_SECRET_KEY must be at least 32 characters in production.")
+        if self.environment == "production":
+            self._check_pseudonym_key()
         return self
+
+    def _check_pseudonym_key(self) -> None:
+        if not self.pseudonym_key:
+            raise ValueError(
+                f"PREFLOOP_PSEUDONYM_KEY is unset; {PSEUDONYM_KEY_ADVICE} before running in production. "
+                "Keep it for the deployment's lifetime: a new key changes every annotator pseudonym."
+            )
+        if len(self.pseudonym_key) < 32:
+            raise ValueError("PREFLOOP_PSEUDONYM_KEY must be at least 32 characters in production.")
+        if self.pseudonym_key == self.secret_key:
+            raise ValueError(
+                "PREFLOOP_PSEUDONYM_KEY must differ from PREFLOOP_SECRET_KEY: the secret is rotated after "
+                f"a leak, the pseudonym key must not be; {PSEUDONYM_KEY_ADVICE}."
+            )
 
     @property
     def uses_default_secret(self) -> bool:

@@ -88,8 +88,31 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = Timestamp()
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # After this moment the token is refused (401 naming the date). NULL: issued before tokens
+    # expired; such tokens live until revoked, and the token list shows them as "never".
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship()
+
+
+class AuditEntry(Base):
+    """Who did what to which account, and when: account management leaves a row here, never edited.
+
+    The actor and target names are copied in, so the record still reads after an account is renamed
+    or deleted; the CLI acts as `cli:<os user>` with no actor id.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_target_user_id_id", "target_user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = Timestamp()
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(32))
+    target_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    target: Mapped[str] = mapped_column(String(100), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
 
 class AppSetting(Base):

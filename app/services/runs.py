@@ -2,7 +2,7 @@
 
 Every run body (workers/runs/) goes through `execute`: claim the row (a redelivered message or a
 second worker does nothing), report progress and metrics through DbReporter, stop on cancel, record
-the result or the full error on the row. Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
+the result, or a short error with an error id on the row (the traceback goes to the log). Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
 a run whose worker died resumes where it stopped when the message is delivered again; the checkpoints
 are deleted once the run has succeeded.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.common.errors import record_failure
 from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.db import session_factory
@@ -68,9 +68,12 @@ def finish_run(
     db.commit()
 
 
-def fail_run(db: Session, run_id: int, exc: BaseException) -> None:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    finish_run(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{text}")
+def fail_run(db: Session, run_id: int, exc: BaseException) -> str:
+    """Fail a run: the traceback goes to the log under an error id, the row keeps a short message
+    with that id (it reaches the API and the pages). Returns the stored message."""
+    error = record_failure(log, exc, f"run {run_id} failed")
+    finish_run(db, run_id, "failed", error=error)
+    return error
 
 
 def request_cancel(db: Session, run_id: int) -> bool:
@@ -273,7 +276,6 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
             finish_run(db, run_id, "cancelled", error="cancelled on request")
         return "cancelled"
     except Exception as exc:
-        log.exception("run %s failed", run_id)
         reporter.flush()
         with sessions() as db:
             fail_run(db, run_id, exc)

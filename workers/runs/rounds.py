@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.common.errors import record_failure
 from app.config import get_settings
 from app.data.db import session_factory
 from app.data.models import Policy, Round, Run
@@ -157,9 +158,9 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
             promote(db, candidate_version, settings)  # refills the task pool with the new version too
         except Exception as exc:
             # Left active, the round would refuse every later one; it ends, naming the failure.
-            log.exception("round %s: promoting v%s failed", round_id, candidate_version)
             db.rollback()
-            error = f"promoting v{candidate_version} failed: {type(exc).__name__}: {exc}"
+            failure = record_failure(log, exc, f"round {round_id}: promoting v{candidate_version} failed")
+            error = f"promoting v{candidate_version} failed: {failure}"
             finish_round(db, db.get(Round, round_id), "failed", error=error)
             return "failed"
         finish_round(db, round_, "succeeded")
