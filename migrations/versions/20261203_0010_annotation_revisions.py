@@ -1,7 +1,7 @@
 """annotators revise their judgements (earlier versions kept) and give claimed tasks back
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-03 12:00:00.000000
 
 An annotation row holds the latest version of a judgement; `revision` counts the revisions and
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = '0010'
-down_revision: str | None = '0008'
+down_revision: str | None = '0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
