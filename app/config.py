@@ -114,6 +114,35 @@ class Settings(BaseSettings):
     )
     # Gold tasks are shown to every annotator once, so their annotation cap is set this high.
     gold_max_annotations: int = Field(default=100_000, ge=1, description="Annotation cap of a gold task.")
+    # Workers and the embedded supervisor.
+    worker_heartbeat_seconds: float = Field(
+        default=10.0, gt=0, description="How often each Celery worker records that it is alive."
+    )
+    worker_stale_seconds: float = Field(
+        default=45.0,
+        gt=0,
+        description="A worker silent this long counts as dead in /healthz and the console.",
+    )
+    worker_status_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a web process reuses its reading of worker liveness and queues.",
+    )
+    # `prefloop serve` restarts a worker that died, waiting 1, 2, 4 … seconds (up to the maximum);
+    # after several deaths in a row each soon after its start, it stops everything and exits non-zero,
+    # so a process manager (systemd, Docker) restarts the whole stack or a person looks.
+    worker_restart_backoff_seconds: float = Field(
+        default=1.0, gt=0, description="First wait before restarting a dead worker; doubles each time."
+    )
+    worker_restart_backoff_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait before restarting a dead worker."
+    )
+    worker_fast_failure_seconds: float = Field(
+        default=60.0, ge=0, description="A worker that dies sooner than this after its start failed fast."
+    )
+    worker_max_fast_failures: int = Field(
+        default=5, ge=1, description="Fast failures in a row after which `prefloop serve` gives up (exit 1)."
+    )
     templates_dir: Path = TEMPLATES_DIR
     static_dir: Path = STATIC_DIR
 

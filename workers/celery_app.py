@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from celery.signals import worker_ready, worker_shutdown
+
 from app.broker import install_sender, make_celery
 from app.config import get_settings
 from app.services import dispatch
+from app.services.worker_status import HeartbeatWriter
 
 MAINTENANCE_EVERY = timedelta(seconds=30)
 
@@ -21,3 +24,26 @@ celery_app.conf.update(
 )
 # Run bodies enqueue follow-up work (a refill after a promotion, a re-queued run).
 install_sender()
+
+
+# ---------------------------------------------------------------- liveness
+
+_heartbeat: HeartbeatWriter | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender=None, **_kwargs) -> None:
+    """The worker's main process records its heartbeat (hostname and queues) while it runs."""
+    global _heartbeat
+    settings = get_settings()
+    consumer = sender
+    queues = sorted(q.name for q in consumer.task_consumer.queues) if consumer.task_consumer else []
+    _heartbeat = HeartbeatWriter(
+        settings.sqlalchemy_url, consumer.hostname, queues, settings.worker_heartbeat_seconds
+    ).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
