@@ -31,6 +31,7 @@ from app.data.models import Policy, PromptSet, Run, utcnow
 from app.services.exports import FORMATS, ExportSpec, iter_rows
 from app.services.exports.exporter import begin_snapshot
 from app.services.exports.jobs import create_export_run, enqueue_export
+from app.services.exports.waiting import ExportWait, describe_wait, export_waits
 from app.services.exports.writers import json_line
 from app.services.runs import request_cancel
 from app.web.deps import DbSession
@@ -77,10 +78,22 @@ class ExportRunOut(BaseModel):
     finished_at: datetime | None
     status_url: str
     download_url: str | None = Field(None, description="Set once the run succeeded.")
+    queue_position: int | None = Field(
+        None, description="While queued: 1 when this export starts next, 2 when one other waits before it, …"
+    )
+    exports_ahead: int | None = Field(
+        None, description="While queued: exports running or queued before this one."
+    )
+    estimated_seconds_left: float | None = Field(
+        None,
+        description="While queued or running: a rough estimate of the seconds until it is done, from the "
+        "durations of recent exports; null when no export has finished yet.",
+    )
 
 
-def run_out(run: Run) -> ExportRunOut:
+def run_out(run: Run, wait: ExportWait | None = None) -> ExportRunOut:
     done = run.status == "succeeded"
+    waiting = wait is not None and run.status in ACTIVE
     return ExportRunOut(
         id=run.id,
         status=run.status,
@@ -94,6 +107,9 @@ def run_out(run: Run) -> ExportRunOut:
         finished_at=run.finished_at,
         status_url=f"/api/exports/{run.id}",
         download_url=f"/api/exports/{run.id}/download" if done else None,
+        queue_position=wait.position if waiting else None,
+        exports_ahead=wait.ahead if waiting and wait.position is not None else None,
+        estimated_seconds_left=wait.seconds_left if waiting else None,
     )
 
 
@@ -200,7 +216,8 @@ def _stream_lines(sessions, spec: ExportSpec, limit: int, secret: str) -> Iterat
     "dataset card. Poll status_url; download from download_url once it succeeded.",
 )
 def create_export(spec: ExportSpec, principal: Researcher, db: DbSession) -> ExportRunOut:
-    return run_out(_queue(db, spec, principal.id))
+    run = _queue(db, spec, principal.id)
+    return run_out(run, export_waits(db).get(run.id))
 
 
 @router.get("/api/exports", summary="Export runs, newest first")
@@ -208,12 +225,14 @@ def list_exports(
     principal: Researcher, db: DbSession, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> list[ExportRunOut]:
     runs = db.scalars(select(Run).where(Run.kind == "export").order_by(Run.id.desc()).limit(limit))
-    return [run_out(run) for run in runs]
+    waits = export_waits(db)
+    return [run_out(run, waits.get(run.id)) for run in runs]
 
 
 @router.get("/api/exports/{run_id:int}", summary="One export run")
 def get_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
-    return run_out(_export_run(db, run_id))
+    run = _export_run(db, run_id)
+    return run_out(run, export_waits(db).get(run.id) if run.status in ACTIVE else None)
 
 
 @router.get("/api/exports/{run_id:int}/download", summary="Download a finished export (zip)")
@@ -242,6 +261,7 @@ def _page_context(db: Session, **extra: Any) -> dict[str, Any]:
         "policy_versions": list(db.scalars(select(Policy.version).order_by(Policy.version))),
         "runs": runs,
         "polling": any(run.status in ACTIVE for run in runs),
+        "waits": {run_id: describe_wait(wait) for run_id, wait in export_waits(db).items()},
         "defaults": ExportSpec(),
         "message": None,
         "error": None,
