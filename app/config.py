@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     )
     # Polling the one-row alias is cheap; it bounds the swap delay when no Redis wake-up arrives.
     policy_poll_seconds: float = 2.0
+    # A version that failed to load is tried again after 2, 4, 8 … polls, up to this.
+    policy_load_backoff_max_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest wait before a web process tries again to load a policy that failed.",
+    )
     session_max_age_seconds: int = 14 * 24 * 3600
     assignment_ttl_seconds: int = 30 * 60
     task_overlap: int = 1
