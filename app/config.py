@@ -120,6 +120,31 @@ class Settings(BaseSettings):
     )
     # Gold tasks are shown to every annotator once, so their annotation cap is set this high.
     gold_max_annotations: int = Field(default=100_000, ge=1, description="Annotation cap of a gold task.")
+    # Disk: what maintenance deletes (`prefloop cleanup` shows it first with --dry-run), and the free
+    # space below which no run starts.
+    export_retention_days: float = Field(
+        default=30.0, ge=0, description="Export archives older than this are deleted; 0 keeps them for ever."
+    )
+    failed_checkpoint_retention_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="Checkpoints of failed or cancelled runs are deleted this long after the run ended.",
+    )
+    partial_file_retention_hours: float = Field(
+        default=6.0,
+        ge=0,
+        description="Half-written export archives (.zip-partial) older than this are deleted.",
+    )
+    keep_rejected_candidates: int = Field(
+        default=5,
+        ge=0,
+        description="Folders of the newest N rejected candidate policies are kept, older ones deleted.",
+    )
+    min_free_disk_gb: float = Field(
+        default=2.0,
+        ge=0,
+        description="No run starts while the data dir's disk has less free space; 0: no check.",
+    )
     # Workers and the embedded supervisor.
     worker_heartbeat_seconds: float = Field(
         default=10.0, gt=0, description="How often each Celery worker records that it is alive."

@@ -16,10 +16,14 @@ from app.services import dispatch
 from app.services.worker_status import HeartbeatWriter
 
 MAINTENANCE_EVERY = timedelta(seconds=30)
+CLEANUP_EVERY = timedelta(hours=1)
 
 celery_app = make_celery(include=["workers.tasks"])
 celery_app.conf.update(
-    beat_schedule={"maintenance": {"task": dispatch.PERIODIC_MAINTENANCE, "schedule": MAINTENANCE_EVERY}},
+    beat_schedule={
+        "maintenance": {"task": dispatch.PERIODIC_MAINTENANCE, "schedule": MAINTENANCE_EVERY},
+        "cleanup": {"task": dispatch.CLEANUP_DISK, "schedule": CLEANUP_EVERY},
+    },
     beat_schedule_filename=str(get_settings().resolved_data_dir / "celerybeat-schedule"),
 )
 # Run bodies enqueue follow-up work (a refill after a promotion, a re-queued run).

@@ -27,12 +27,14 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.data.models import Policy, PromptSet, Run, utcnow
 from app.services.exports import FORMATS, ExportSpec, iter_rows
 from app.services.exports.exporter import begin_snapshot
 from app.services.exports.jobs import create_export_run, enqueue_export
 from app.services.exports.waiting import ExportWait, describe_wait, export_waits
 from app.services.exports.writers import json_line
+from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.runs import request_cancel
 from app.web.deps import DbSession
 from app.web.security import Researcher
@@ -131,6 +133,10 @@ def _finished_file(run: Run) -> Path:
 
 def _queue(db: Session, spec: ExportSpec, user_id: int) -> Run:
     """Insert the run, commit, then enqueue; a broker that cannot be reached fails the run, loudly."""
+    try:
+        ensure_free_disk(get_settings())
+    except LowDiskSpace as exc:
+        raise HTTPException(status.HTTP_507_INSUFFICIENT_STORAGE, f"export not queued: {exc}") from None
     run = create_export_run(db, spec, user_id)
     try:
         enqueue_export(run.id)
