@@ -20,9 +20,19 @@ CLEANUP_EVERY = timedelta(hours=1)
 
 celery_app = make_celery(include=["workers.tasks"])
 celery_app.conf.update(
+    # A periodic message not taken before the next one is sent is dropped when a worker gets to it:
+    # while no default worker runs, beat's messages would otherwise pile up, and all run at once later.
     beat_schedule={
-        "maintenance": {"task": dispatch.PERIODIC_MAINTENANCE, "schedule": MAINTENANCE_EVERY},
-        "cleanup": {"task": dispatch.CLEANUP_DISK, "schedule": CLEANUP_EVERY},
+        "maintenance": {
+            "task": dispatch.PERIODIC_MAINTENANCE,
+            "schedule": MAINTENANCE_EVERY,
+            "options": {"expires": MAINTENANCE_EVERY.total_seconds()},
+        },
+        "cleanup": {
+            "task": dispatch.CLEANUP_DISK,
+            "schedule": CLEANUP_EVERY,
+            "options": {"expires": CLEANUP_EVERY.total_seconds()},
+        },
     },
     beat_schedule_filename=str(get_settings().resolved_data_dir / "celerybeat-schedule"),
 )

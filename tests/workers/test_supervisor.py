@@ -150,3 +150,10 @@ def test_healthz_and_dashboard_say_when_no_worker_is_alive(quick_beats, engine, 
     assert 'id="no-worker-alive"' in page
     assert 'id="queue-gpu-workers">· 0 workers alive' in page
     assert "silent" in page and "prefloop-gpu-default@" in page
+
+
+def test_beats_messages_expire_before_the_next_one_so_no_backlog_builds():
+    from workers.celery_app import celery_app
+
+    for entry in celery_app.conf.beat_schedule.values():
+        assert entry["options"]["expires"] == entry["schedule"].total_seconds()
