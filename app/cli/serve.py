@@ -4,7 +4,6 @@ Ctrl-C."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -111,7 +110,6 @@ def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
             demo_accounts = active_demo_accounts(db)
         if demo_accounts:
             raise click.ClickException(demo_accounts_refusal(demo_accounts))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # A supervisor that gives up stops the web app as Ctrl-C would; `serve` then exits non-zero.
     supervisor = Supervisor(
         {} if no_worker else embedded_worker_commands(),
