@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     )
     # Polling the one-row alias is cheap; it bounds the swap delay when no Redis wake-up arrives.
     policy_poll_seconds: float = 2.0
+    # A version that failed to load is tried again after 2, 4, 8 … polls, up to this.
+    policy_load_backoff_max_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest wait before a web process tries again to load a policy that failed.",
+    )
     session_max_age_seconds: int = 14 * 24 * 3600
     assignment_ttl_seconds: int = 30 * 60
     task_overlap: int = 1
@@ -133,6 +139,60 @@ class Settings(BaseSettings):
     )
     # Gold tasks are shown to every annotator once, so their annotation cap is set this high.
     gold_max_annotations: int = Field(default=100_000, ge=1, description="Annotation cap of a gold task.")
+    # Disk: what maintenance deletes (`prefloop cleanup` shows it first with --dry-run), and the free
+    # space below which no run starts.
+    export_retention_days: float = Field(
+        default=30.0, ge=0, description="Export archives older than this are deleted; 0 keeps them for ever."
+    )
+    failed_checkpoint_retention_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="Checkpoints of failed or cancelled runs are deleted this long after the run ended.",
+    )
+    partial_file_retention_hours: float = Field(
+        default=6.0,
+        ge=0,
+        description="Half-written export archives (.zip-partial) older than this are deleted.",
+    )
+    keep_rejected_candidates: int = Field(
+        default=5,
+        ge=0,
+        description="Folders of the newest N rejected candidate policies are kept, older ones deleted.",
+    )
+    min_free_disk_gb: float = Field(
+        default=2.0,
+        ge=0,
+        description="No run starts while the data dir's disk has less free space; 0: no check.",
+    )
+    # Workers and the embedded supervisor.
+    worker_heartbeat_seconds: float = Field(
+        default=10.0, gt=0, description="How often each Celery worker records that it is alive."
+    )
+    worker_stale_seconds: float = Field(
+        default=45.0,
+        gt=0,
+        description="A worker silent this long counts as dead in /healthz and the console.",
+    )
+    worker_status_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a web process reuses its reading of worker liveness and queues.",
+    )
+    # `prefloop serve` restarts a worker that died, waiting 1, 2, 4 … seconds (up to the maximum);
+    # after several deaths in a row each soon after its start, it stops everything and exits non-zero,
+    # so a process manager (systemd, Docker) restarts the whole stack or a person looks.
+    worker_restart_backoff_seconds: float = Field(
+        default=1.0, gt=0, description="First wait before restarting a dead worker; doubles each time."
+    )
+    worker_restart_backoff_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait before restarting a dead worker."
+    )
+    worker_fast_failure_seconds: float = Field(
+        default=60.0, ge=0, description="A worker that dies sooner than this after its start failed fast."
+    )
+    worker_max_fast_failures: int = Field(
+        default=5, ge=1, description="Fast failures in a row after which `prefloop serve` gives up (exit 1)."
+    )
     templates_dir: Path = TEMPLATES_DIR
     static_dir: Path = STATIC_DIR
 

@@ -460,3 +460,16 @@ class RoundAnnotation(Base):
     annotation_id: Mapped[int] = mapped_column(
         ForeignKey("annotations.id", ondelete="CASCADE"), primary_key=True, index=True
     )
+
+
+class WorkerHeartbeat(Base):
+    """One row per running Celery worker process, touched every few seconds; an old `beat_at` means
+    the worker died without saying goodbye."""
+
+    __tablename__ = "worker_heartbeats"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(255), default="")  # comma-separated
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

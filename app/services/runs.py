@@ -28,6 +28,7 @@ from app.config import Settings, get_settings
 from app.data.db import session_factory
 from app.data.models import Round, Run, RunMetric, utcnow
 from app.services import dispatch
+from app.services.retention import LowDiskSpace, ensure_free_disk
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,13 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
             log.info("run %s is owned by another delivery or already finished; nothing to do", run_id)
             return None
         config = dict(db.get(Run, run_id).config)
+        try:
+            # Checked when the run starts, not only when it was asked for: the disk may have filled
+            # while it waited, and a run that fills it fails half-way with less clear errors.
+            ensure_free_disk(get_settings())
+        except LowDiskSpace as exc:
+            finish_run(db, run_id, "failed", error=f"not started: {exc}")
+            return "failed"
     reporter = DbReporter(sessions, run_id)
     try:
         with Heartbeat(sessions, run_id):

@@ -31,13 +31,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.common.errors import public_error, record_failure
+from app.config import get_settings
 from app.data.models import Policy, PromptSet, Run, User, utcnow
 from app.services.exports import FORMATS, ExportSpec, iter_rows
 from app.services.exports.access import may_cancel_export, may_see_export, visible_exports
 from app.services.exports.exporter import begin_snapshot
 from app.services.exports.jobs import create_export_run, enqueue_export
 from app.services.exports.pseudonym import pseudonym_key
+from app.services.exports.waiting import ExportWait, describe_wait, export_waits
 from app.services.exports.writers import json_line
+from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.runs import request_cancel
 from app.web.deps import DbSession
 from app.web.security import Principal, Researcher
@@ -84,10 +87,22 @@ class ExportRunOut(BaseModel):
     status_url: str
     download_url: str | None = Field(None, description="Set once the run succeeded.")
     requested_by: str | None = Field(None, description="Username of the researcher who asked for it.")
+    queue_position: int | None = Field(
+        None, description="While queued: 1 when this export starts next, 2 when one other waits before it, …"
+    )
+    exports_ahead: int | None = Field(
+        None, description="While queued: exports running or queued before this one."
+    )
+    estimated_seconds_left: float | None = Field(
+        None,
+        description="While queued or running: a rough estimate of the seconds until it is done, from the "
+        "durations of recent exports; null when no export has finished yet.",
+    )
 
 
-def run_out(run: Run, requested_by: str | None = None) -> ExportRunOut:
+def run_out(run: Run, requested_by: str | None = None, wait: ExportWait | None = None) -> ExportRunOut:
     done = run.status == "succeeded"
+    waiting = wait is not None and run.status in ACTIVE
     return ExportRunOut(
         id=run.id,
         status=run.status,
@@ -102,6 +117,9 @@ def run_out(run: Run, requested_by: str | None = None) -> ExportRunOut:
         status_url=f"/api/exports/{run.id}",
         download_url=f"/api/exports/{run.id}/download" if done else None,
         requested_by=requested_by,
+        queue_position=wait.position if waiting else None,
+        exports_ahead=wait.ahead if waiting and wait.position is not None else None,
+        estimated_seconds_left=wait.seconds_left if waiting else None,
     )
 
 
@@ -140,6 +158,10 @@ def _finished_file(run: Run) -> Path:
 
 def _queue(db: Session, spec: ExportSpec, user_id: int) -> Run:
     """Insert the run, commit, then enqueue; a broker that cannot be reached fails the run, loudly."""
+    try:
+        ensure_free_disk(get_settings())
+    except LowDiskSpace as exc:
+        raise HTTPException(status.HTTP_507_INSUFFICIENT_STORAGE, f"export not queued: {exc}") from None
     run = create_export_run(db, spec, user_id)
     try:
         enqueue_export(run.id)
@@ -225,7 +247,8 @@ def _stream_lines(sessions, spec: ExportSpec, limit: int, key: str) -> Iterator[
     "dataset card. Poll status_url; download from download_url once it succeeded.",
 )
 def create_export(spec: ExportSpec, principal: Researcher, db: DbSession) -> ExportRunOut:
-    return run_out(_queue(db, spec, principal.id), principal.username)
+    run = _queue(db, spec, principal.id)
+    return run_out(run, principal.username, export_waits(db).get(run.id))
 
 
 @router.get(
@@ -237,13 +260,17 @@ def create_export(spec: ExportSpec, principal: Researcher, db: DbSession) -> Exp
 def list_exports(
     principal: Researcher, db: DbSession, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> list[ExportRunOut]:
-    return [run_out(run, username) for run, username in _visible_runs(db, principal, limit)]
+    waits = export_waits(db)
+    return [
+        run_out(run, username, waits.get(run.id)) for run, username in _visible_runs(db, principal, limit)
+    ]
 
 
 @router.get("/api/exports/{run_id:int}", summary="One export run")
 def get_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
     run = _export_run(db, run_id, principal)
-    return run_out(run, _requester(db, run))
+    wait = export_waits(db).get(run.id) if run.status in ACTIVE else None
+    return run_out(run, _requester(db, run), wait)
 
 
 @router.get("/api/exports/{run_id:int}/download", summary="Download a finished export (zip)")
@@ -285,6 +312,7 @@ def _page_context(db: Session, principal: Principal, **extra: Any) -> dict[str, 
         "policy_versions": list(db.scalars(select(Policy.version).order_by(Policy.version))),
         "runs": runs,
         "polling": any(run.status in ACTIVE for run in runs),
+        "waits": {run_id: describe_wait(wait) for run_id, wait in export_waits(db).items()},
         "defaults": ExportSpec(),
         "message": None,
         "error": None,
