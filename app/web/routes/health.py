@@ -1,14 +1,20 @@
-"""GET /healthz: database, broker and live policy; 503 when a dependency is down."""
+"""GET /healthz: database, broker and live policy; 503 when a dependency is down.
+
+The answer is reused for PREFLOOP_HEALTH_CACHE_SECONDS (anyone may call it, and each check opens a
+broker connection), and only admins see why something is down: exception text can name hosts,
+users and paths.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.web.security import public
+from app.web.security import OptionalPrincipal, public
 
 router = APIRouter(tags=["health"])
 
@@ -24,8 +30,37 @@ def check_broker(url: str, timeout: float = 2.0) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
+HIDDEN = "hidden: details for admins"
+
+
+def without_detail(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as anonymous callers see it: "down" without the reason, errors without their text."""
+    public_body = {}
+    for key, value in body.items():
+        if isinstance(value, str) and value.startswith("down:"):
+            value = "down"
+        elif key.endswith("error") and value:
+            value = HIDDEN
+        public_body[key] = value
+    return public_body
+
+
 @router.get("/healthz", dependencies=[Depends(public)], summary="Liveness of the database, broker and policy")
-def healthz(request: Request) -> JSONResponse:
+def healthz(request: Request, principal: OptionalPrincipal) -> JSONResponse:
+    state = request.app.state
+    cached = getattr(state, "health", None)
+    if cached is None or time.monotonic() - cached[0] >= state.settings.health_cache_seconds:
+        cached = state.health = (time.monotonic(), *check_dependencies(request))
+    _, checks, healthy = cached
+    body = {**checks, **policy_state(request)}
+    body["status"] = "ok" if healthy else "degraded"
+    if principal is None or principal.role != "admin":
+        body = without_detail(body)
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+def check_dependencies(request: Request) -> tuple[dict[str, Any], bool]:
+    """The services the app needs, checked now (the costly part, reused while cached)."""
     settings = request.app.state.settings
     body: dict[str, Any] = {}
     healthy = True
@@ -39,10 +74,15 @@ def healthz(request: Request) -> JSONResponse:
     ok, detail = check_broker(settings.celery_broker_url)
     body["broker"] = "ok" if ok else f"down: {detail}"
     healthy &= ok
+    return body, healthy
+
+
+def policy_state(request: Request) -> dict[str, Any]:
+    """What this process serves (read from memory, so never cached: swaps show at once)."""
     holder = request.app.state.policy_holder
-    body["live_policy_version"] = holder.live_version if holder else None
-    body["served_policy_version"] = holder.served_version if holder else None
-    body["policy_loading_version"] = holder.loading_version if holder else None
-    body["policy_error"] = holder.last_error if holder else None
-    body["status"] = "ok" if healthy else "degraded"
-    return JSONResponse(body, status_code=200 if healthy else 503)
+    return {
+        "live_policy_version": holder.live_version if holder else None,
+        "served_policy_version": holder.served_version if holder else None,
+        "policy_loading_version": holder.loading_version if holder else None,
+        "policy_error": holder.last_error if holder else None,
+    }
