@@ -180,7 +180,7 @@ def page_paths(seeded: Seeded) -> list[str]:
         for route in router.routes:
             if not isinstance(route, APIRoute) or "GET" not in route.methods:
                 continue
-            if route.path.startswith(("/api/", "/healthz", "/login")) or route.path in ("/", "/annotate"):
+            if route.path.startswith(("/api/", "/healthz", "/login")) or route.path == "/":
                 continue
             if route.path.endswith(".json"):
                 continue
@@ -265,6 +265,14 @@ def test_every_page_works_under_the_content_security_policy(browser, server, see
             assert "script-src 'self'" in response.headers["content-security-policy"], path
             page.wait_for_load_state("load")
             assert page.evaluate("window.__cspViolations") == [], path
+
+        # Ranking and submitting (SortableJS, htmx swapping in the next task) under the policy.
+        page.goto(f"{server.url}/annotate")
+        shown_task = page.get_attribute("#task", "data-task-id")
+        for key in ("2", "1", "3", "Enter"):
+            page.keyboard.press(key)
+        page.wait_for_selector(f".flash:has-text('Saved task #{shown_task}')")
+        assert page.evaluate("window.__cspViolations") == []
 
         # The leaderboard's chart script (a file now, not inline) draws under the policy.
         page.goto(f"{server.url}/admin/quality/leaderboard")
