@@ -130,10 +130,11 @@ class Settings(BaseSettings):
     )
     # Rate limits (app/web/rate_limits.py), in the `limits` notation: "N/second|minute|hour|day",
     # several separated by ";", or "off". Counters live in Redis (redis_url) when set, else in the process.
-    # Login: every attempt counts per client address (offices share one), failed ones per username;
-    # the hourly tier makes a guesser wait longer and longer.
+    # Login: every attempt counts per client address, before the password is checked (so a flood
+    # never reaches argon2), failed ones per username; the hourly tier makes a guesser wait longer.
+    # An office shares one address, but sessions last two weeks: logins are rare for each person.
     login_rate_limit_per_ip: str = Field(
-        default="30/minute;300/hour", description="Login attempts per client address."
+        default="60/minute;1000/hour", description="Login attempts per client address."
     )
     login_failure_limit_per_user: str = Field(
         default="5/minute;20/hour", description="Failed logins per username before it must wait."

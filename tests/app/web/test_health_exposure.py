@@ -60,3 +60,13 @@ def test_checks_are_reused_within_the_cache_window(settings, engine, monkeypatch
         for _ in range(3):
             client.get("/healthz")
     assert len(calls) == 4
+
+
+def test_a_signed_in_caller_gets_the_health_answer_while_the_database_is_down(settings):
+    from sqlalchemy import create_engine
+
+    broken = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with TestClient(create_app(settings, broken)) as client:
+        client.cookies.set("prefloop_session", "a-cookie-the-database-would-be-asked-about")
+        response = client.get("/healthz", headers={"Authorization": "Bearer some-token"})
+    assert response.status_code == 503 and response.json()["database"] == "down"
