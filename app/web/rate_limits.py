@@ -32,6 +32,7 @@ KEY_PREFIX = "prefloop-limits"
 # cost little before the fallback takes over.
 REDIS_TIMEOUT_SECONDS = 0.5
 WARN_EVERY_SECONDS = 60.0
+RETRY_REDIS_AFTER_SECONDS = 5.0
 
 
 def parse_limit(value: str) -> tuple[RateLimitItem, ...]:
@@ -87,15 +88,18 @@ class RateLimits:
             )
         self._shared = SlidingWindowCounterRateLimiter(storage) if storage is not None else None
         self._warned_at = -math.inf
+        self._shared_down_until = -math.inf
 
     # ------------------------------------------------------------ counting
 
     async def _call(self, method: str, item: RateLimitItem, *key: str):
-        if self._shared is not None:
+        if self._shared is not None and time.monotonic() >= self._shared_down_until:
             try:
                 return await getattr(self._shared, method)(item, *key)
             except Exception as exc:  # Redis down or timing out: count here instead
                 now = time.monotonic()
+                # Leave it alone for a while, so requests do not each wait for its timeout.
+                self._shared_down_until = now + RETRY_REDIS_AFTER_SECONDS
                 if now - self._warned_at > WARN_EVERY_SECONDS:
                     self._warned_at = now
                     log.warning("rate limits: Redis unavailable (%s); counting in this process", exc)

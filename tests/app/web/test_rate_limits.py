@@ -4,17 +4,25 @@ submissions per annotator; password checks on threads of their own."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
+import socket
+import subprocess
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 
 import anyio
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.web.main import create_app
+from tests.conftest import service_unavailable
 from tests.world import World
 
 
@@ -158,3 +166,58 @@ def test_password_checks_do_not_take_the_shared_thread_pool(settings, engine, ma
             return page.status_code
 
     assert anyio.run(scenario) == 200
+
+
+@contextlib.contextmanager
+def private_redis(port: int, folder) -> Iterator[subprocess.Popen]:
+    """A redis-server of this test's own (the shared one is never stopped)."""
+    if shutil.which("redis-server") is None:
+        service_unavailable("redis-server is not installed")
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield process
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)
+
+
+def test_annotation_goes_on_while_redis_is_down_and_counts_there_again_when_back(
+    settings, engine, db, api_headers, tmp_path, monkeypatch
+):
+    from app.web import rate_limits
+
+    monkeypatch.setattr(rate_limits, "RETRY_REDIS_AFTER_SECONDS", 0.2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    World(db).tasks_from_texts([("q?", ["a", "b"])])
+    headers = api_headers("annotator")
+    app = app_with(
+        settings, engine, redis_url=f"redis://127.0.0.1:{port}/0", task_request_rate_limit="3/minute"
+    )
+    counters = redis.Redis(port=port, socket_timeout=1)
+    with TestClient(app) as client:
+        with private_redis(port, tmp_path):
+            assert client.get("/api/tasks/next", headers=headers).status_code == 200
+            assert counters.keys("prefloop-limits*")  # counted in Redis
+        # Redis is gone: the annotator keeps working, still limited (now by this process).
+        statuses = [client.get("/api/tasks/next", headers=headers).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        time.sleep(0.3)
+        with private_redis(port, tmp_path):
+            assert client.get("/api/tasks/next", headers=headers).status_code == 200
+            assert counters.keys("prefloop-limits*")  # back to the shared counters
+    counters.close()
