@@ -136,7 +136,8 @@ class RateLimits:
         whoever tries it (sessions and API tokens already issued keep working)."""
         wait = await self.hit(self.rules.login_per_ip, "login-ip", address)
         blocked = await self.exhausted(self.rules.login_failures_per_user, "login-user", username.lower())
-        return max(w for w in (wait, blocked) if w is not None) if (wait or blocked) else None
+        waits = [w for w in (wait, blocked) if w is not None]
+        return max(waits) if waits else None
 
     async def login_failed(self, username: str) -> None:
         await self.hit(self.rules.login_failures_per_user, "login-user", username.lower())

@@ -34,10 +34,13 @@ HIDDEN = "hidden: details for admins"
 
 
 def without_detail(body: dict[str, Any]) -> dict[str, Any]:
-    """The body as anonymous callers see it: "down" without the reason, errors without their text."""
+    """The body as callers other than admins see it: "down" without the reason, errors without their
+    text (in nested sections too)."""
     public_body = {}
     for key, value in body.items():
-        if isinstance(value, str) and value.startswith("down:"):
+        if isinstance(value, dict):
+            value = without_detail(value)
+        elif isinstance(value, str) and value.startswith("down:"):
             value = "down"
         elif key.endswith("error") and value:
             value = HIDDEN

@@ -70,3 +70,10 @@ def test_a_signed_in_caller_gets_the_health_answer_while_the_database_is_down(se
         client.cookies.set("prefloop_session", "a-cookie-the-database-would-be-asked-about")
         response = client.get("/healthz", headers={"Authorization": "Bearer some-token"})
     assert response.status_code == 503 and response.json()["database"] == "down"
+
+
+def test_detail_is_hidden_in_nested_sections_too():
+    from app.web.routes.health import HIDDEN, without_detail
+
+    body = {"worker": {"alive": False, "error": "ConnectionError: redis://:pw@host"}, "broker": "down: x"}
+    assert without_detail(body) == {"worker": {"alive": False, "error": HIDDEN}, "broker": "down"}
