@@ -81,7 +81,7 @@ def seeded(server, server_db) -> Seeded:
     admin = _hostile_user(world, "admin", SVG)
     annotator = _hostile_user(world, "annotator", IMG)
     judge = _hostile_user(world, "annotator", QUOTE)
-    admin_id, admin_name, annotator_name = admin.id, admin.username, annotator.username
+    admin_id, admin_name, annotator_name, judge_id = admin.id, admin.username, annotator.username, judge.id
 
     set_name = f"{SVG} set {uuid.uuid4().hex[:4]}"
     task_ids = world.tasks_from_texts(
@@ -154,6 +154,7 @@ def seeded(server, server_db) -> Seeded:
         "evaluation_id": evaluation.id,
         "running_id": running.id,
         "export_id": export.id,
+        "user_id": judge_id,  # pages about one user (account management) show a hostile name
     }
     shown_on = {
         "/admin/prompts": SVG,
