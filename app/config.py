@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.paths import STATIC_DIR, TEMPLATES_DIR
@@ -193,6 +193,44 @@ class Settings(BaseSettings):
     worker_max_fast_failures: int = Field(
         default=5, ge=1, description="Fast failures in a row after which `prefloop serve` gives up (exit 1)."
     )
+    # Request bodies (app/web/body_limits.py): checked against Content-Length and while streaming,
+    # before the app parses them (and before any role or CSRF check, which need the parsed body).
+    # Not signed in, the login form is all a caller may send: a 1024-character password, percent-
+    # encoded, stays under 13 KiB.
+    max_anonymous_body_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="Largest request body from a caller who is not signed in."
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest request body from a signed-in caller."
+    )
+    # A few hundred thousand prompts; larger sets go in several files.
+    max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest prompt-set file an admin may upload."
+    )
+    # Rate limits (app/web/rate_limits.py), in the `limits` notation: "N/second|minute|hour|day",
+    # several separated by ";", or "off". Counters live in Redis (redis_url) when set, else in the process.
+    # Login: every attempt counts per client address, before the password is checked (so a flood
+    # never reaches argon2), failed ones per username; the hourly tier makes a guesser wait longer.
+    # An office shares one address, but sessions last two weeks: logins are rare for each person.
+    login_rate_limit_per_ip: str = Field(
+        default="60/minute;1000/hour", description="Login attempts per client address."
+    )
+    login_failure_limit_per_user: str = Field(
+        default="5/minute;20/hour", description="Failed logins per username before it must wait."
+    )
+    # A careful annotator reads several responses per task: well under one task every 2 seconds.
+    task_request_rate_limit: str = Field(
+        default="60/minute;1200/hour", description="Next-task requests per annotator (page, htmx, API)."
+    )
+    submission_rate_limit: str = Field(
+        default="60/minute;1200/hour", description="Judgements and skips submitted per annotator."
+    )
+    # Argon2 takes 64 MiB and tens of milliseconds per login: a flood of logins must not take the
+    # thread pool every other request needs, so logins verify passwords on threads of their own.
+    login_concurrency: int = Field(default=2, ge=1, description="Password checks running at once.")
+    health_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long /healthz reuses its last check (0: check every time)."
+    )
     templates_dir: Path = TEMPLATES_DIR
     static_dir: Path = STATIC_DIR
 
@@ -222,6 +260,26 @@ class Settings(BaseSettings):
                 "PREFLOOP_PSEUDONYM_KEY must differ from PREFLOOP_SECRET_KEY: the secret is rotated after "
                 f"a leak, the pseudonym key must not be; {PSEUDONYM_KEY_ADVICE}."
             )
+
+    @field_validator(
+        "login_rate_limit_per_ip",
+        "login_failure_limit_per_user",
+        "task_request_rate_limit",
+        "submission_rate_limit",
+    )
+    @classmethod
+    def _rate_limit_notation(cls, value: str) -> str:
+        from limits import parse_many
+
+        if value.strip().lower() == "off":
+            return value
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a rate limit; write e.g. '30/minute', '5/minute;20/hour' or 'off'"
+            ) from None
+        return value
 
     @property
     def uses_default_secret(self) -> bool:

@@ -31,6 +31,10 @@ is a reference, not re-measured here.
     python benchmarks/annotation_load.py --modes browser --rates 0,200
     python benchmarks/annotation_load.py --annotators 20 --duration 10
     python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
+
+The server this script starts has the per-annotator rate limits off (PREFLOOP_TASK_REQUEST_RATE_LIMIT
+and PREFLOOP_SUBMISSION_RATE_LIMIT; set either in the environment to measure with a limit). A server
+given with --url must be started with them raised or off, or the simulated annotators get 429s.
 """
 
 from __future__ import annotations
@@ -245,6 +249,10 @@ def start_server(url: str, workers: int, data_dir: Path) -> tuple[subprocess.Pop
         "PREFLOOP_DATA_DIR": str(data_dir),
         "PREFLOOP_SECRET_KEY": SECRET,
         "PREFLOOP_SERVE_POLICY": "false",
+        # Simulated annotators loop flat out, far above what a person does: the per-annotator limits
+        # would answer 429. Measuring the limits' own cost: set these to a high rate instead of off.
+        "PREFLOOP_TASK_REQUEST_RATE_LIMIT": os.environ.get("PREFLOOP_TASK_REQUEST_RATE_LIMIT", "off"),
+        "PREFLOOP_SUBMISSION_RATE_LIMIT": os.environ.get("PREFLOOP_SUBMISSION_RATE_LIMIT", "off"),
     }
     command = [
         sys.executable, "-m", "uvicorn",

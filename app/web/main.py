@@ -22,9 +22,12 @@ from app.data.db import make_engine, session_factory
 from app.data.statements import open_statements
 from app.services.serving import PolicyHolder
 from app.services.worker_status import WorkerReportCache
+from app.web.body_limits import BodyLimits, BodySizeLimit
 from app.web.exposure import LoopbackOnlyWithDefaultSecret, refuse_demo_accounts_in_production
+from app.web.rate_limits import RateLimits
 from app.web.routes import ROUTERS
 from app.web.security import CSRF_COOKIE, PrincipalCache
+from app.web.security_headers import SecurityHeaders
 from app.web.templating import render
 
 log = logging.getLogger(__name__)
@@ -85,27 +88,34 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.sessionmaker = session_factory(engine)
     app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
     app.state.worker_reports = WorkerReportCache(settings.worker_status_cache_seconds)
+    app.state.rate_limits = RateLimits(settings)
     app.state.policy_holder = None
     app.state.statements = None  # opened by the lifespan
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
     for router in ROUTERS:
         app.include_router(router)
 
-    app.add_middleware(CsrfCookieMiddleware)
+    # Added innermost first: the security headers wrap every answer, refusals included.
+    production = settings.environment == "production"
+    app.add_middleware(CsrfCookieMiddleware, secure=production)
+    app.add_middleware(BodySizeLimit, limits=BodyLimits.from_settings(settings))
     if settings.uses_default_secret:
         app.add_middleware(LoopbackOnlyWithDefaultSecret)
+    app.add_middleware(SecurityHeaders, production=production)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 401 and _wants_html(request):
             return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
-        if _wants_html(request) and exc.status_code in (403, 404, 409):
-            return render(
+        if _wants_html(request) and exc.status_code in (403, 404, 409, 413, 429):
+            page = render(
                 request,
                 "error.html",
                 {"status": exc.status_code, "detail": exc.detail},
                 status_code=exc.status_code,
             )
+            page.headers.update(exc.headers or {})  # Retry-After of a 429
+            return page
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -127,8 +137,9 @@ class CsrfCookieMiddleware:
     wrapping of BaseHTTPMiddleware costs a noticeable share of a hot API request.
     """
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, *, secure: bool = False) -> None:
         self.app = app
+        self.secure = secure  # production is served over HTTPS: never send the token in the clear
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -143,6 +154,8 @@ class CsrfCookieMiddleware:
                     cookie[CSRF_COOKIE] = token
                     cookie[CSRF_COOKIE]["path"] = "/"
                     cookie[CSRF_COOKIE]["samesite"] = "lax"
+                    if self.secure:
+                        cookie[CSRF_COOKIE]["secure"] = True
                     MutableHeaders(scope=message).append("set-cookie", cookie.output(header="").strip())
             await send(message)
 

@@ -1,13 +1,15 @@
-"""Uploaded prompt-set files: the size limit, and reading an upload without holding more than it."""
+"""Uploaded prompt-set files: reading an upload without holding more than its size limit.
+
+The request body was already counted against PREFLOOP_MAX_UPLOAD_BYTES (plus multipart framing)
+as it streamed in (app/web/body_limits.py); this checks the file itself.
+"""
 
 from __future__ import annotations
 
 from fastapi import UploadFile
 
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a few hundred thousand prompts; larger sets go in several files
 
-
-def read_within_limit(file: UploadFile) -> bytes | None:
-    """The file's bytes, or None when it is larger than MAX_UPLOAD_BYTES (only one byte over is read)."""
-    data = file.file.read(MAX_UPLOAD_BYTES + 1)
-    return None if len(data) > MAX_UPLOAD_BYTES else data
+def read_within_limit(file: UploadFile, limit: int) -> bytes | None:
+    """The file's bytes, or None when it is larger than `limit` (only one byte over is read)."""
+    data = file.file.read(limit + 1)
+    return None if len(data) > limit else data

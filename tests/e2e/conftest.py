@@ -77,6 +77,8 @@ def live_server(sqlite_template, tmp_path_factory) -> Iterator[LiveServer]:
         "PREFLOOP_SECRET_KEY": "e2e-secret-key-that-is-long-enough-0123456789",
         "PREFLOOP_SERVE_POLICY": "false",
         "PREFLOOP_GOLD_SHARE": "0",
+        # Every browser test logs in from 127.0.0.1: the whole suite is one busy office.
+        "PREFLOOP_LOGIN_RATE_LIMIT_PER_IP": "off",
     }
     for key in ("PREFLOOP_BROKER_URL", "PREFLOOP_REDIS_URL"):
         env.pop(key, None)

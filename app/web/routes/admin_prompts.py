@@ -89,7 +89,7 @@ def prompts_upload(
         return _page(
             request, db, 422, form=form, upload_error="Eval fraction must be a number and seed an integer."
         )
-    data = read_within_limit(file)
+    data = read_within_limit(file, request.app.state.settings.max_upload_bytes)
     if data is None:
         return _page(request, db, 413, form=form, upload_error="The file is too large; split it.")
     try:

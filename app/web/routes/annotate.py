@@ -36,6 +36,7 @@ from app.services.revisions import (
 from app.services.schemas import FLAG_LABELS, MAX_RATIONALE_CHARS, AnnotationIn
 from app.web.deps import DbSession
 from app.web.next_task import next_view
+from app.web.rate_limits import RateLimited, rate_limits
 from app.web.security import Annotator
 from app.web.templating import is_htmx, render
 
@@ -106,6 +107,7 @@ def _render_page(
 
 @router.get("/annotate")
 async def annotate_page(request: Request, principal: Annotator, db: DbSession):
+    await rate_limits(request).task_request(principal)
     # The claim runs on the event loop where the app has hot connections (app.data.statements).
     view = await next_view(request, principal.id)
     return await run_in_threadpool(_render_page, request, db, principal.id, view)
@@ -154,6 +156,10 @@ async def annotate_submit(
     the next task's block."""
     if not is_htmx(request):
         return RedirectResponse("/annotate", status_code=303)
+    try:
+        await rate_limits(request).submission(principal)
+    except RateLimited as exc:
+        return _refusal(request, exc.detail, exc.status_code)
     body = _parse_judgement(payload)
     if isinstance(body, str):
         return _refusal(request, body, 422)

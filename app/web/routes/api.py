@@ -27,8 +27,9 @@ from app.services.schemas import (
 )
 from app.web.deps import DbSession
 from app.web.next_task import next_view
+from app.web.rate_limits import rate_limits
 from app.web.security import Admin, Annotator, Researcher
-from app.web.uploads import MAX_UPLOAD_BYTES, read_within_limit
+from app.web.uploads import read_within_limit
 
 router = APIRouter(tags=["annotation"])
 
@@ -54,7 +55,10 @@ def json_response(data: dict, status_code: int = 200) -> Response:
     "/api/tasks/next",
     response_model=TaskOut,
     summary="The task to work on now",
-    responses={204: {"description": "No task is left for you right now."}},
+    responses={
+        204: {"description": "No task is left for you right now."},
+        429: {"description": "Too many task requests; wait Retry-After seconds."},
+    },
 )
 async def api_next_task(
     request: Request,
@@ -65,6 +69,7 @@ async def api_next_task(
 ):
     """Assigns a task you have neither done nor skipped (or returns the one you hold). Submit before
     `expires_at`, or the slot returns to the pool. Arena tasks never reveal which policy wrote what."""
+    await rate_limits(request).task_request(principal)
     view = await next_view(request, principal.id, kind)
     if view is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -81,6 +86,7 @@ async def api_next_task(
         404: {"description": "No such task."},
         409: {"description": "A different judgement exists, or the task is not (any more) yours."},
         422: {"description": "Unknown, foreign, missing or repeated response ids, or an invalid payload."},
+        429: {"description": "Too many submissions; wait Retry-After seconds."},
     },
 )
 async def api_submit_annotation(
@@ -91,6 +97,7 @@ async def api_submit_annotation(
     next: Annotated[bool, Query(description="Also assign and return the next task (`next_task`).")] = False,
 ):
     """Idempotent: sending the same judgement again returns the stored result with 200."""
+    await rate_limits(request).submission(principal)
     statements = request.app.state.statements
     try:
         result, created = await submit_annotation(statements, task_id, principal.id, payload)
@@ -121,12 +128,12 @@ def _row_errors(errors) -> list[RowErrorOut]:
     return [RowErrorOut(line=e.line, unit=e.unit, message=e.message) for e in errors]
 
 
-def read_upload(file: UploadFile) -> bytes:
-    data = read_within_limit(file)
+def read_upload(file: UploadFile, limit: int) -> bytes:
+    data = read_within_limit(file, limit)
     if data is None:
         raise HTTPException(
-            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-            f"the file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB; split it into several sets",
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"the file is larger than {limit // (1024 * 1024)} MiB; split it into several sets",
         )
     return data
 
@@ -143,6 +150,7 @@ def read_upload(file: UploadFile) -> bytes:
     },
 )
 def api_create_prompt_set(
+    request: Request,
     principal: Admin,
     db: DbSession,
     file: Annotated[UploadFile, File(description="Rows with a `prompt` text or a `messages` chat list.")],
@@ -159,7 +167,7 @@ def api_create_prompt_set(
 ):
     """Rows are validated one by one; any invalid row refuses the upload (with every error listed)
     unless `skip_invalid` is set. Duplicates (same content) are dropped; the split is deterministic."""
-    data = read_upload(file)
+    data = read_upload(file, request.app.state.settings.max_upload_bytes)
     try:
         report = create_prompt_set(
             db,
