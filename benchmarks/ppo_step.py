@@ -116,16 +116,16 @@ def worker_ours(args, lora: bool) -> dict:
     import torch
 
     from app.common.reporting import MemoryReporter
-    from app.inference.sampling import SamplingConfig
     from workers.training.lora import LoraSettings
-    from workers.training.ppo import PPOConfig, train_ppo
+    from workers.training.ppo import PPOConfig, RolloutSampling, train_ppo
 
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
     config = PPOConfig(
         steps=args.steps + 1,
         rollout_batch_size=args.batch,
         mini_batch_size=args.batch,
-        sampling=SamplingConfig(max_new_tokens=args.response_tokens),
+        sampling=RolloutSampling(max_new_tokens=args.response_tokens),
+        critic_warmup_steps=0,  # every measured step is a full policy + critic update, as TRL's
         checkpoint_every=10**9,
         device=args.device,
         lora=LoraSettings() if lora else None,
@@ -207,7 +207,7 @@ def worker_trl(args) -> dict:
             local_rollout_forward_batch_size=args.batch,
             total_episodes=args.batch * (args.steps + 1),
             response_length=args.response_tokens,
-            temperature=0.8,
+            temperature=1.0,  # as our rollouts: the distribution both sides train on
             learning_rate=1e-5,
             kl_coef=0.02,
             num_ppo_epochs=4 if defaults else 1,

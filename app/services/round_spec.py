@@ -7,8 +7,9 @@ worker reads it back with `RoundSpec.model_validate` and hands each stage its se
 
 Each section mirrors a trainer's settings dataclass, field for field with the same defaults:
 `reward` → RewardConfig, `policy` → PPOConfig or DPOConfig, `gate` → GateConfig, and inside them
-LoRA → LoraSettings and sampling → SamplingConfig. The reasons for every default are written next
-to the dataclasses (workers/training/); tests/app/services/test_round_spec.py fails when the two disagree.
+LoRA → LoraSettings and sampling → SamplingConfig (PPO's rollouts: RolloutSampling). The reasons
+for every default are written next to the dataclasses (workers/training/);
+tests/app/services/test_round_spec.py fails when the two disagree.
 The web process imports this module and must not load torch, hence the mirror instead of the
 dataclasses themselves.
 """
@@ -59,6 +60,14 @@ class SamplingSection(Section):
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
     repetition_penalty: Positive = 1.1
     do_sample: bool = True
+
+
+class RolloutSection(Section):
+    """Mirrors RolloutSampling: PPO samples from the distribution it trains on, so its rollouts have a
+    temperature (applied to the policy, old and reference log-probs alike) but no top-p or penalty."""
+
+    max_new_tokens: Count = 128
+    temperature: Positive = 1.0
 
 
 class LoraSection(Section):
@@ -125,7 +134,7 @@ class PPOSection(Section):
     ptx_coef: NonNegative = 0.0
     ptx_batch_size: Count = 4
     ptx_max_tokens: Count = 512
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    sampling: RolloutSection = Field(default_factory=RolloutSection)
     max_prompt_tokens: Count = 512
     forward_batch_size: Count = 16
     guard_max_kl: float | None = 20.0

@@ -3,7 +3,8 @@
 One *step* = sample a rollout batch from the current policy, score it, and make one PPO epoch over
 that small on-policy buffer in mini-batches. Per step:
 
-1. generate responses with the batched KV-cache generator (temperature 0.8, top-p 0.9, rep. 1.1);
+1. generate responses with the batched KV-cache generator from the policy's own distribution at the
+   rollout temperature (no top-p, no repetition penalty: see `RolloutSampling`);
 2. score each (prompt, response) with the reward model (or a Python reward function); responses that
    never emitted EOS can get a fixed penalty instead; divide by the running std of all scores so far
    and clip to +-10 (MOSS `reward_scale` / `reward_clip`);
@@ -73,6 +74,38 @@ RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
 
 @dataclass
+class RolloutSampling(TrainerConfig):
+    """How PPO samples its rollouts: from the distribution it trains on, and nothing else.
+
+    PPO's ratio, its k1 KL penalty and the KL guard all assume the responses were drawn from the
+    distribution whose log-probs they use. Top-p and a repetition penalty reshape the sampling
+    distribution in ways a forward pass does not reproduce, so rollouts keep neither (the task pool and
+    the playground may). A temperature is kept as a knob because it is cheap to honour exactly: the
+    policy, old-policy and reference logits are all divided by it, so PPO optimises the tempered
+    policy it samples from, and the KL is measured between tempered distributions. MOSS-RLHF samples at
+    T 0.8 / top-p 0.9 and scores at T 1, which makes the KL estimate biased (it can go negative).
+    """
+
+    max_new_tokens: int = 128  # long enough for a chat answer of a small model, short enough for CPU rollouts
+    temperature: float = 1.0  # TRL's default: the policy as it is
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"the rollout temperature must be > 0, got {self.temperature}")
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            do_sample=True,
+        )
+
+
+@dataclass
 class PPOConfig(TrainerConfig):
     """Every PPO-max setting with the MOSS-RLHF default (paper and released code) and why."""
 
@@ -112,7 +145,7 @@ class PPOConfig(TrainerConfig):
     ptx_max_tokens: int = 512
 
     # --- rollouts
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # MOSS: T 0.8, top-p 0.9, rep 1.1
+    sampling: RolloutSampling = field(default_factory=RolloutSampling)  # the distribution PPO trains on
     max_prompt_tokens: int = 512  # keep the last N prompt tokens (the assistant header must survive)
     forward_batch_size: int = 16  # rows per no-grad scoring pass
 
@@ -167,6 +200,8 @@ class PPOModels:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         self.device, self.lora, self.dtype = device, config.lora, dtype
+        # Every log-prob PPO uses is of the tempered distribution the rollouts were drawn from.
+        self.temperature = config.sampling.temperature
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -262,15 +297,15 @@ class PPOModels:
     def policy_logprobs(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
         self.activate_policy()
         with self.compute():
-            return response_logprobs(self.policy, batch)
+            return response_logprobs(self.policy, batch, self.temperature)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
         if self.reference is not None:
             with self.compute():
-                return response_logprobs(self.reference, batch)[0]
+                return response_logprobs(self.reference, batch, self.temperature)[0]
         with self.policy.disable_adapter(), self.compute():
-            return response_logprobs(self.policy, batch)[0]
+            return response_logprobs(self.policy, batch, self.temperature)[0]
 
     def values(self, batch: TokenBatch) -> Tensor:
         if self.shared_base:
@@ -307,6 +342,7 @@ class Experience:
     raw_scores: Tensor  # (B,) as the reward model / function gave them
     scores: Tensor  # (B,) after standardising, EOS penalty, running-std scaling and clipping
     ref_logprobs: Tensor  # (B, R)
+    sampler_logprobs: Tensor  # (B, R) as the sampler drew the tokens (0 on padding)
     responses: list[list[int]]
     texts: list[str]
     generation_seconds: float
@@ -407,7 +443,9 @@ class PPORun:
         prompt_ids = [self.prompt_ids[i] for i in idx]
         started = time.perf_counter()
         models.activate_policy()
-        out = self.generator.generate_ids(prompt_ids, cfg.sampling, seed=cfg.seed * 1_000_003 + step)
+        out = self.generator.generate_ids(
+            prompt_ids, cfg.sampling.sampling_config(), seed=cfg.seed * 1_000_003 + step
+        )
         generation_seconds = time.perf_counter() - started
         responses = [list(r) for r in out.response_ids]
         texts = tok.batch_decode(responses, skip_special_tokens=True)
@@ -428,8 +466,10 @@ class PPORun:
 
         batch = pack(prompt_ids, responses, tok.pad_token_id).to(self.device)
         ref = self._chunked(models.reference_logprobs, batch)
+        width = batch.response_width
+        sampler = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in out.logprobs], device=self.device)
         return Experience(
-            batch, ended, raw, scores.to(self.device), ref, responses, texts, generation_seconds
+            batch, ended, raw, scores.to(self.device), ref, sampler, responses, texts, generation_seconds
         )
 
     def _chunked(self, fn: Callable[[TokenBatch], Tensor], batch: TokenBatch) -> Tensor:
@@ -509,6 +549,8 @@ class PPORun:
                         )
                     )
         merged = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        # PPO's ratio at the first mini-batch of the first epoch: 1 while old = the sampling policy.
+        merged["ratio_first_minibatch"] = stats[0]["ratio_mean"]
         merged.update(self._rollout_metrics(exp, old_logprobs, old_values, returns, kl, entropy))
         return merged
 
@@ -535,6 +577,7 @@ class PPORun:
             "policy_clipfrac": policy.clip_fraction.item(),
             "value_clipfrac": value.clip_fraction.item(),
             "approx_kl": policy.approx_kl.item(),
+            "ratio_mean": policy.ratio_mean.item(),
         }
         if train_policy:
             loss = loss + policy.loss
@@ -585,7 +628,12 @@ class PPORun:
         mask = exp.batch.response_mask
         lengths = mask.sum(1)
         repetition = [pm.repeated_ngram_share(r) for r in exp.responses]
+        # The sampling contract: the log-probs PPO trains on are those of the distribution that drew the
+        # tokens, so exp(old - sampler) is 1 on every token (up to float noise of the two code paths).
+        sampler_ratio = torch.exp(old_logprobs - exp.sampler_logprobs)
+        sampler_dev = ((sampler_ratio - 1.0).abs() * mask).max().item() if mask.any() else 0.0
         return {
+            "sampler_ratio_max_dev": sampler_dev,
             "reward_raw": exp.raw_scores.mean().item(),
             "reward_raw_std": exp.raw_scores.std().item() if len(exp.raw_scores) > 1 else 0.0,
             "reward_normalised": exp.scores.mean().item(),

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from app.common.reporting import MemoryReporter, RunCancelled
-from app.inference.sampling import SamplingConfig
 from workers.training.lora import LoraSettings, pack, prompt_token_ids
-from workers.training.ppo import PPOConfig, PPOModels, train_ppo
+from workers.training.ppo import PPOConfig, PPOModels, RolloutSampling, train_ppo
 
 WORDS = [
     "a",
@@ -107,7 +106,7 @@ def small_config(**overrides) -> PPOConfig:
         learning_rate=3e-3,
         critic_learning_rate=9e-3,
         lr_warmup_updates=1,
-        sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, repetition_penalty=1.0),
+        sampling=RolloutSampling(max_new_tokens=16),
         guard_max_repetition=None,  # " the the the" is what this reward asks for
         checkpoint_every=100,
         seed=0,
@@ -354,6 +353,37 @@ def test_ppo_with_a_reward_model_folder(policy_dir, reward_model_dir, tmp_path):
 
 
 def test_config_round_trips_through_json():
-    config = PPOConfig(lora=LoraSettings(r=8), sampling=SamplingConfig(max_new_tokens=32), kl_coef=0.05)
+    config = PPOConfig(
+        lora=LoraSettings(r=8), sampling=RolloutSampling(max_new_tokens=32, temperature=0.7), kl_coef=0.05
+    )
     again = PPOConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)], ids=["full", "lora"])
+def test_rollouts_are_on_policy_at_a_non_default_temperature(policy_dir, the_reward, tmp_path, lora):
+    # Two mini-batches, so the first one's ratio is measured before any update of this step.
+    reporter = MemoryReporter()
+    config = small_config(
+        steps=2,
+        mini_batch_size=4,
+        sampling=RolloutSampling(max_new_tokens=16, temperature=0.7),
+        lora=lora,
+        critic_warmup_steps=0,
+    )
+    result = train_ppo(
+        policy_dir, policy_dir, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
+    )
+    assert result.rejected_reason is None
+    # The log-probs PPO trains on are the sampler's own: exp(old - sampler) = 1 on every token.
+    assert max(reporter.series("sampler_ratio_max_dev")) < 1e-4
+    assert reporter.series("ratio_first_minibatch") == pytest.approx([1.0, 1.0], abs=1e-4)
+    # Policy = reference at step 0, both tempered alike: the k1 KL is exactly 0 on every response.
+    assert reporter.series("kl_ref")[0] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_rollout_sampling_keeps_no_top_p_or_penalty():
+    sampling = RolloutSampling(max_new_tokens=8, temperature=0.6).sampling_config()
+    assert (sampling.temperature, sampling.top_p, sampling.repetition_penalty) == (0.6, 1.0, 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        RolloutSampling(temperature=0.0)
