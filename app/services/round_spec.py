@@ -111,7 +111,7 @@ class PPOSection(Section):
     rollout_batch_size: Count = 32
     mini_batch_size: Count = 8
     ppo_epochs: Count = 1
-    critic_warmup_steps: ZeroOrMore = 0
+    critic_warmup_steps: ZeroOrMore = 2
     learning_rate: Positive = 1e-5
     critic_learning_rate: Positive = 3e-5
     adam_betas: tuple[float, float] = (0.9, 0.95)

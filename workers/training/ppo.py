@@ -15,9 +15,9 @@ that small on-policy buffer in mini-batches. Per step:
    mini-batch with the global gradient norm clipped to 1.0.
 
 Models: the policy starts from the live policy; the frozen reference is the base (SFT) policy; the
-critic starts as the reward model (its score head on its backbone gives per-token values) and can be
-warmed up alone for a few steps; with a reward *function* the critic is the policy's backbone with a
-fresh zero value head. In LoRA mode the policy and the reference share one frozen base (reference =
+critic starts as the reward model (its score head on its backbone gives per-token values) with the
+rewards' affine map folded into its head, and is warmed up alone for a few steps; with a reward
+*function* the critic is the policy's backbone with a fresh zero value head. In LoRA mode the policy and the reference share one frozen base (reference =
 adapters disabled), and the reward model and the critic share the reward model's frozen base
 (critic = reward model + adapter + its own copy of the score head); with a reward function all of it
 is one base. Full fine-tuning loads four separate models.
@@ -114,7 +114,10 @@ class PPOConfig(TrainerConfig):
     rollout_batch_size: int = 32  # small on-policy buffer; paper 128, authors: smaller is more stable (#17)
     mini_batch_size: int = 8  # paper's 128:32 buffer-to-batch ratio, scaled down
     ppo_epochs: int = 1  # one pass over the buffer, then discard it (MOSS hard-codes 1)
-    critic_warmup_steps: int = 0  # steps that train only the critic first (paper §5.4; not in MOSS code)
+    # Steps that train only the critic first (paper §5.4): even on the reward scale, the RM's head has
+    # never predicted returns of partial answers; at most half the run, so a short run still trains
+    # the policy.
+    critic_warmup_steps: int = 2
 
     # --- optimiser (AdamW, MOSS: betas 0.9/0.95, eps 1e-6 policy / 1e-8 critic, no weight decay)
     learning_rate: float = 1e-5  # the policy's; MOSS 5e-7 is for 7B, a 135M model needs ~20x more
@@ -211,6 +214,8 @@ class PPOModels:
         self.reward_stats: dict[str, float] | None = None
         self.shared_base = False  # LoRA with a reward function: one base for everything
         self.value_head: nn.Module | None = None
+        # The critic's output offset: the score heads have no bias, and the reward map has a shift.
+        self.value_bias = nn.Parameter(torch.zeros((), device=device))
 
         # Weights that full fine-tuning updates stay float32 (bf16 would round small updates away);
         # frozen weights, a LoRA base included, are held in the compute dtype.
@@ -274,9 +279,29 @@ class PPOModels:
         self.critic_params = {f"critic.{n}": p for n, p in self._trainable(self.critic, self.CRITIC).items()}
         if self.value_head is not None:
             self.critic_params["critic.value_head.weight"] = self.value_head.weight
+        self.critic_params["critic.value_bias"] = self.value_bias
         for param in self.all_trainable():  # adapters and head copies train in float32
             param.data = param.data.float()
+        if self.reward_fn is None:
+            self._fold_reward_map_into_critic()
         self.activate_policy()
+
+    def _fold_reward_map_into_critic(self) -> None:
+        """Put the critic on the scale of the rewards it predicts (MOSS-RLHF §5.4: a critic that starts
+        far off the return scale sends noisy advantages into the first policy updates).
+
+        Rewards are z-scored with the reward model's held-out statistics and divided by the running
+        std; the critic starts as the reward model, so its head gets the same affine map: weight *
+        scale, bias = shift. The running std at initialisation is 1 (nothing seen yet); a resumed run
+        overwrites all of this with its checkpoint.
+        """
+        scale, shift = pm.reward_affine(self.reward_stats, running_std=1.0)
+        head = [p for name, p in self.critic_params.items() if ".score." in name and name.endswith("weight")]
+        if len(head) != 1:
+            raise RuntimeError(f"expected one critic score head, found {len(head)}")
+        with torch.no_grad():
+            head[0].mul_(scale)
+            self.value_bias.fill_(shift)
 
     def _trainable(self, model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
         if self.lora is None:
@@ -314,7 +339,7 @@ class PPOModels:
         else:
             head = hf_model(self.critic).score
         with self.compute():
-            values = head(response_hidden(self.critic, batch)).squeeze(-1).float()
+            values = head(response_hidden(self.critic, batch)).squeeze(-1).float() + self.value_bias
         if self.shared_base:
             self.activate_policy()
         return values
@@ -454,9 +479,8 @@ class PPORun:
         raw = models.scores(
             [self.prompts[i] for i in idx], [self.prompt_texts[i] for i in idx], texts, responses
         )
-        scores = raw.clone()
-        if models.reward_stats is not None:
-            scores = (scores - models.reward_stats["mean"]) / max(models.reward_stats["std"], 1e-6)
+        scale, shift = pm.reward_affine(models.reward_stats)
+        scores = raw * scale + shift
         if cfg.penalize_no_eos is not None:
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.penalize_no_eos))
         if cfg.reward_scaling:
@@ -495,7 +519,7 @@ class PPORun:
 
     def update(self, exp: Experience, step: int) -> dict[str, float]:
         cfg, models, mask = self.config, self.models, exp.batch.response_mask
-        train_policy = step >= cfg.critic_warmup_steps
+        train_policy = step >= min(cfg.critic_warmup_steps, cfg.steps // 2)
         rows = mask.shape[0]
         stats: list[dict[str, float]] = []
         # With one epoch and one mini-batch the rollout-time log-probs and values are exactly those of

@@ -200,6 +200,19 @@ class RunningMoments:
         )
 
 
+def reward_affine(stats: dict[str, float] | None, running_std: float = 1.0) -> tuple[float, float]:
+    """(scale, shift) of the map PPO puts a raw reward-model score through: z-score with the reward
+    model's held-out mean/std (`stats`; None = no standardising), then divide by the running std.
+
+    normalised = raw * scale + shift. The rollout standardises scores with it, and the critic's head,
+    which starts as the reward model's, gets the same map folded in so its first values are on the
+    scale of the rewards it must predict.
+    """
+    mean, std = (stats["mean"], max(float(stats["std"]), 1e-6)) if stats is not None else (0.0, 1.0)
+    scale = 1.0 / (std * max(running_std, 1e-8))
+    return scale, -float(mean) * scale
+
+
 def scale_rewards(scores: Tensor, running: RunningMoments, clip: float | None) -> Tensor:
     """MOSS `reward_scale`: update the running stats, divide by the running std (the mean is left in,
     advantages are whitened later anyway), then clip to +-clip."""

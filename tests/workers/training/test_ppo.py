@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from app.common.reporting import MemoryReporter, RunCancelled
 from workers.training.lora import LoraSettings, pack, prompt_token_ids
 from workers.training.ppo import PPOConfig, PPOModels, RolloutSampling, train_ppo
+from workers.training.reward import score
 
 WORDS = [
     "a",
@@ -108,6 +109,7 @@ def small_config(**overrides) -> PPOConfig:
         lr_warmup_updates=1,
         sampling=RolloutSampling(max_new_tokens=16),
         guard_max_repetition=None,  # " the the the" is what this reward asks for
+        critic_warmup_steps=0,
         checkpoint_every=100,
         seed=0,
     )
@@ -293,7 +295,10 @@ def test_lora_models_share_the_frozen_base(policy_dir, the_reward):
     base = [p for n, p in models.policy.named_parameters() if "lora_" not in n]
     assert base and not any(p.requires_grad for p in base)
     assert all(".policy." in n for n in models.policy_params)
-    assert all(".critic." in n or n == "critic.value_head.weight" for n in models.critic_params)
+    assert all(
+        ".critic." in n or n in ("critic.value_head.weight", "critic.value_bias")
+        for n in models.critic_params
+    )
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +324,7 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         policy_dir, None, reward_model_dir, small_config(lora=lora), torch.device("cpu"), torch.float32
     )
     assert models.reward_stats == {"mean": 0.5, "std": 2.0}
+    assert models.value_bias.item() == pytest.approx(-0.25)  # -mean / std
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     prompts = [prompt_token_ids(tokenizer, p) for p in PROMPTS[:3]]
     batch = pack(prompts, [[260, 2644], [2644], [81, 260, 2]], tokenizer.pad_token_id)
@@ -327,8 +333,16 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         hidden = rm.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         ).last_hidden_state
-        expected = rm.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1)
+        raw = rm.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1)
+        # The rewards' map folded into the head: z-score with the RM's stats (mean 0.5, std 2), then
+        # the running std at initialisation (1).
+        expected = (raw - 0.5) / 2.0
         torch.testing.assert_close(models.values(batch), expected, rtol=1e-4, atol=1e-5)
+        # The reward model itself still gives raw scores.
+        rm_scores = models.scores(PROMPTS[:2], ["", ""], ["a cat", "the dog"], [[], []])
+        torch.testing.assert_close(
+            rm_scores, score(rm, tokenizer, PROMPTS[:2], ["a cat", "the dog"]), rtol=1e-4, atol=1e-5
+        )
     # The reward model scores with the original head even after the critic's copy moved.
     if lora is not None:
         head = models.critic.base_model.model.score.modules_to_save["critic"]
@@ -337,12 +351,15 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         assert not torch.allclose(models.values(batch), expected)
         with models.reward_model.disable_adapter(), torch.no_grad():
             original = models.reward_model.base_model.model.score(hidden)
-        torch.testing.assert_close(original[:, batch.prompt_width - 1 : -1].squeeze(-1), expected)
+        torch.testing.assert_close(original[:, batch.prompt_width - 1 : -1].squeeze(-1), raw)
 
 
 def test_ppo_with_a_reward_model_folder(policy_dir, reward_model_dir, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=2, lora=LoraSettings(r=4, alpha=8), critic_warmup_steps=1)
+    # The default critic warm-up (2 steps) is capped at half of a 2-step run.
+    config = small_config(
+        steps=2, lora=LoraSettings(r=4, alpha=8), critic_warmup_steps=PPOConfig().critic_warmup_steps
+    )
     result = train_ppo(
         policy_dir, policy_dir, reward_model_dir, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
     )
