@@ -191,6 +191,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 workdir / "checkpoints",
                 trainer_config(config, "policy", DPOSection, DPOConfig),
                 reporter,
+                reference_path=reference_path,  # the base: drift stays bounded across rounds
             )
             metrics = dict(getattr(result, "final_metrics", None) or getattr(result, "metrics", {}) or {})
         (workdir / "policy-metrics.json").write_text(json.dumps(metrics))
