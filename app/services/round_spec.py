@@ -122,7 +122,7 @@ class PPOSection(Section):
     kl_coef: NonNegative = 0.02
     reward_scaling: bool = True
     reward_clip: float | None = 10.0
-    penalize_no_eos: float | None = None
+    missing_eos_penalty: float | None = 1.0
     use_reward_stats: bool = True
     gamma: Fraction = 1.0
     lam: Fraction = 0.95
@@ -139,9 +139,11 @@ class PPOSection(Section):
     forward_batch_size: Count = 16
     guard_max_kl: float | None = 20.0
     guard_max_length_ratio: float | None = 2.5
+    guard_length_headroom: float | None = 0.5
     guard_min_length_ratio: float | None = 0.3
     guard_max_mean_length: float | None = None
     guard_min_mean_length: float | None = None
+    guard_min_eos_share: float | None = 0.2
     guard_max_repetition: float | None = 0.5
     guard_patience: Count = 3
     checkpoint_every: Count = 50

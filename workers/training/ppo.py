@@ -5,9 +5,11 @@ that small on-policy buffer in mini-batches. Per step:
 
 1. generate responses with the batched KV-cache generator from the policy's own distribution at the
    rollout temperature (no top-p, no repetition penalty: see `RolloutSampling`);
-2. score each (prompt, response) with the reward model (or a Python reward function); responses that
-   never emitted EOS can get a fixed penalty instead; divide by the running std of all scores so far
-   and clip to +-10 (MOSS `reward_scale` / `reward_clip`);
+2. score each (prompt, response) with the reward model (or a Python reward function), standardise
+   with the reward model's held-out statistics, subtract a penalty from responses that never emitted
+   EOS (the reward model cannot see a cut-off answer: it re-renders the text through the chat
+   template, which closes the turn), divide by the running std of all scores so far and clip to
+   +-10 (MOSS `reward_scale` / `reward_clip`);
 3. per-token reward = -beta * (log pi - log pi_ref) on every response token (k1 KL penalty), plus the
    score on the last real token;
 4. GAE (gamma 1, lambda 0.95) on the critic's values, advantages whitened over the batch;
@@ -68,6 +70,7 @@ from workers.training.lora import (
     return_freed_memory_to_os,
     save_policy_folder,
 )
+from workers.training.ppo_guards import CollapseGuards, GuardSettings
 from workers.training.reward import score
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
@@ -132,7 +135,9 @@ class PPOConfig(TrainerConfig):
     kl_coef: float = 0.02  # token-level k1 KL penalty; MOSS config 0.02 (their runs: 0.01 en, 0.1 zh)
     reward_scaling: bool = True  # divide scores by their running std (MOSS use_reward_scaling)
     reward_clip: float | None = 10.0  # clip scaled scores to +-10 (MOSS reward_clip)
-    penalize_no_eos: float | None = None  # score for a response that never ends; off: MOSS has none
+    # Subtracted from the standardised score of a response cut at max_new_tokens (TRL's
+    # missing_eos_penalty): to the reward model a truncated answer looks finished. 1 = one RM std.
+    missing_eos_penalty: float | None = 1.0
     use_reward_stats: bool = True  # standardise RM scores with its held-out mean/std before scaling
 
     # --- advantages and losses
@@ -155,9 +160,15 @@ class PPOConfig(TrainerConfig):
     # --- collapse guards (a guard must hold `guard_patience` steps in a row to stop the run)
     guard_max_kl: float | None = 20.0  # nats per response to the reference (sum of k1 over tokens)
     guard_max_length_ratio: float | None = 2.5  # mean length vs the first rollout: sudden rise (MOSS §5.2)
+    # ... but never past this share of the way from the first rollout's length to max_new_tokens, so the
+    # rise guard can fire at the training length (2.5x of 52 tokens is past a 128-token cap)
+    guard_length_headroom: float | None = 0.5
     guard_min_length_ratio: float | None = 0.3  # ... or shrinking towards empty answers
     guard_max_mean_length: float | None = None  # absolute bounds in tokens, off unless set
     guard_min_mean_length: float | None = None
+    # Share of responses that end with EOS within max_new_tokens: below it, answers are being cut off
+    # (too short a cap, or a policy that learnt to ramble); the length guards alone miss it at the cap.
+    guard_min_eos_share: float | None = 0.2
     guard_max_repetition: float | None = 0.5  # share of repeated 4-grams: "repeats a sentence" (MOSS #2)
     guard_patience: int = 3  # one noisy batch of a few samples must not kill a run
 
@@ -438,8 +449,20 @@ class PPORun:
         )
         self.trainables = TrainableState({**self.models.policy_params, **self.models.critic_params})
         self.running = pm.RunningMoments()
-        self.baseline_length: float | None = None
-        self.strikes = 0
+        self.guards = CollapseGuards(
+            GuardSettings(
+                max_kl=config.guard_max_kl,
+                max_length_ratio=config.guard_max_length_ratio,
+                min_length_ratio=config.guard_min_length_ratio,
+                length_headroom=config.guard_length_headroom,
+                max_mean_length=config.guard_max_mean_length,
+                min_mean_length=config.guard_min_mean_length,
+                min_eos_share=config.guard_min_eos_share,
+                max_repetition=config.guard_max_repetition,
+                patience=config.guard_patience,
+                max_new_tokens=config.sampling.max_new_tokens,
+            )
+        )
         self.updates = 0
 
     def _lr(self, lr: float) -> float:
@@ -481,8 +504,8 @@ class PPORun:
         )
         scale, shift = pm.reward_affine(models.reward_stats)
         scores = raw * scale + shift
-        if cfg.penalize_no_eos is not None:
-            scores = torch.where(ended, scores, torch.full_like(scores, cfg.penalize_no_eos))
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         if cfg.reward_scaling:
             scores = pm.scale_rewards(scores, self.running, cfg.reward_clip)
         elif cfg.reward_clip:
@@ -664,6 +687,7 @@ class PPORun:
             "kl_ref": pm.masked_sum(kl, mask, dim=1).mean().item(),
             "kl_ref_per_token": pm.masked_mean(kl, mask).item(),
             "response_length": lengths.mean().item(),
+            "response_length_max": lengths.max().item(),
             "eos_share": exp.ended.float().mean().item(),
             "repetition_rate": sum(repetition) / len(repetition),
             "ppl_policy": math.exp(-pm.masked_mean(old_logprobs, mask).item()),
@@ -675,36 +699,6 @@ class PPORun:
             "response_tokens": lengths.sum().item(),
         }
 
-    # -- guards
-
-    def check_guards(self, metrics: dict[str, float]) -> str | None:
-        cfg = self.config
-        length = metrics["response_length"]
-        if self.baseline_length is None:
-            self.baseline_length = length
-        reasons = []
-        if cfg.guard_max_kl is not None and metrics["kl_ref"] > cfg.guard_max_kl:
-            reasons.append(f"KL to reference {metrics['kl_ref']:.2f} nats > {cfg.guard_max_kl}")
-        base = max(self.baseline_length, 1.0)
-        if cfg.guard_max_length_ratio is not None and length > cfg.guard_max_length_ratio * base:
-            reasons.append(
-                f"mean response length {length:.1f} > {cfg.guard_max_length_ratio}x the first {base:.1f}"
-            )
-        if cfg.guard_min_length_ratio is not None and length < cfg.guard_min_length_ratio * base:
-            reasons.append(
-                f"mean response length {length:.1f} < {cfg.guard_min_length_ratio}x the first {base:.1f}"
-            )
-        if cfg.guard_max_mean_length is not None and length > cfg.guard_max_mean_length:
-            reasons.append(f"mean response length {length:.1f} > {cfg.guard_max_mean_length}")
-        if cfg.guard_min_mean_length is not None and length < cfg.guard_min_mean_length:
-            reasons.append(f"mean response length {length:.1f} < {cfg.guard_min_mean_length}")
-        if cfg.guard_max_repetition is not None and metrics["repetition_rate"] > cfg.guard_max_repetition:
-            reasons.append(f"repetition rate {metrics['repetition_rate']:.2f} > {cfg.guard_max_repetition}")
-        self.strikes = self.strikes + 1 if reasons else 0
-        if self.strikes >= max(1, cfg.guard_patience):
-            return "; ".join(reasons) + f" ({self.strikes} steps in a row)"
-        return None
-
     # -- checkpoints
 
     def state(self, step: int) -> dict[str, Any]:
@@ -712,15 +706,13 @@ class PPORun:
             "step": step,
             "updates": self.updates,
             "running": self.running.state_dict(),
-            "baseline_length": self.baseline_length,
-            "strikes": self.strikes,
+            **self.guards.state_dict(),
         }
 
     def load_state(self, extra: dict[str, Any]) -> int:
         self.updates = int(extra["updates"])
         self.running.load_state_dict(extra["running"])
-        self.baseline_length = extra["baseline_length"]
-        self.strikes = int(extra["strikes"])
+        self.guards.load_state_dict(extra)
         return int(extra["step"])
 
     def publish(self, output_dir: Path) -> str:
@@ -778,7 +770,7 @@ def train_ppo(
             reporter.progress(
                 step + 1, config.steps, f"reward {metrics['reward_raw']:.3f} kl {metrics['kl_ref']:.2f}"
             )
-            reason = run.check_guards(metrics)
+            reason = run.guards.check(metrics)
             if reason is not None:
                 raise CollapseDetected(reason)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

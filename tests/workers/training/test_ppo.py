@@ -110,6 +110,10 @@ def small_config(**overrides) -> PPOConfig:
         sampling=RolloutSampling(max_new_tokens=16),
         guard_max_repetition=None,  # " the the the" is what this reward asks for
         critic_warmup_steps=0,
+        # 16-token rollouts of a policy taught 12-word replies: cut-off answers are common here
+        missing_eos_penalty=None,
+        guard_min_eos_share=None,
+        guard_length_headroom=None,
         checkpoint_every=100,
         seed=0,
     )
@@ -254,21 +258,19 @@ def test_cancel_raises(policy_dir, the_reward, tmp_path):
 
 def test_ptx_loss_and_no_eos_penalty(policy_dir, the_reward, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=2, ptx_coef=0.5, penalize_no_eos=-3.0, reward_scaling=False)
+    config = small_config(steps=2, ptx_coef=0.5, missing_eos_penalty=3.0, reward_scaling=False)
     ptx = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nthe cat sat<|im_end|>\n"]
     result = train_ppo(
         policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter, ptx_texts=ptx
     )
     assert result.rejected_reason is None
     assert all(v > 0 for v in reporter.series("ptx_loss"))
-    # Without scaling, the score of a response that never ended is exactly the penalty.
+    # Without scaling, a response that never ended scores its reward minus the penalty.
     eos, normalised = reporter.series("eos_share"), reporter.series("reward_normalised")
     raw = reporter.series("reward_raw")
+    assert min(eos) < 1.0  # some responses were cut off, so the penalty was paid
     for share, norm, r in zip(eos, normalised, raw, strict=True):
-        if share == 0.0:
-            assert norm == pytest.approx(-3.0)
-        elif share == 1.0:
-            assert norm == pytest.approx(r)
+        assert norm == pytest.approx(r - 3.0 * (1.0 - share), abs=1e-5)
 
 
 def test_lora_mode_shares_one_base_and_publishes_merged_weights(policy_dir, the_reward, tmp_path):
@@ -404,3 +406,39 @@ def test_rollout_sampling_keeps_no_top_p_or_penalty():
     assert (sampling.temperature, sampling.top_p, sampling.repetition_penalty) == (0.6, 1.0, 1.0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         RolloutSampling(temperature=0.0)
+
+
+def test_the_missing_eos_penalty_teaches_the_policy_to_finish(policy_dir, tmp_path):
+    # A reward that says nothing: the only signal is the default penalty on answers cut at the cap.
+    # (Alone it teaches answers to end at once, so the shrinking-length guard is off here.)
+    reporter = MemoryReporter()
+    config = small_config(
+        steps=10,
+        sampling=RolloutSampling(max_new_tokens=12),
+        missing_eos_penalty=PPOConfig().missing_eos_penalty,
+        guard_min_length_ratio=None,
+    )
+    result = train_ppo(
+        policy_dir,
+        None,
+        lambda prompts, texts, ids: [0.0] * len(texts),
+        PROMPTS,
+        tmp_path / "o",
+        tmp_path / "c",
+        config,
+        reporter,
+    )
+    assert result.rejected_reason is None
+    eos = reporter.series("eos_share")
+    assert sum(eos[-4:]) / 4 > sum(eos[:4]) / 4 + 0.2, eos
+
+
+def test_a_run_whose_answers_stop_ending_is_rejected_saying_so(policy_dir, the_reward, tmp_path):
+    # 4-token rollouts: hardly an answer ends, and the EOS-share guard stops the run.
+    config = small_config(steps=6, sampling=RolloutSampling(max_new_tokens=4), guard_min_eos_share=0.5)
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, MemoryReporter()
+    )
+    assert result.rejected_reason is not None and result.policy_path is None
+    assert "of responses ended before 4 tokens" in result.rejected_reason
+    assert result.rejected_reason.endswith("(3 steps in a row)")
