@@ -13,8 +13,8 @@ that small on-policy buffer in mini-batches. Per step:
 3. per-token reward = -beta * (log pi - log pi_ref) on every response token (k1 KL penalty), plus the
    score on the last real token;
 4. GAE (gamma 1, lambda 0.95) on the critic's values, advantages whitened over the batch;
-5. clipped policy loss (0.2) + clipped value loss (0.2) [+ ptx LM loss], one AdamW step per
-   mini-batch with the global gradient norm clipped to 1.0.
+5. clipped policy loss (0.2) + clipped value loss (0.2) [- entropy bonus] [+ ptx LM loss on reference
+   answers], one AdamW step per mini-batch with the global gradient norm clipped to 1.0.
 
 Models: the policy starts from the live policy; the frozen reference is the base (SFT) policy; the
 critic starts as the reward model (its score head on its backbone gives per-token values) with the
@@ -147,10 +147,14 @@ class PPOConfig(TrainerConfig):
     clip_ratio: float = 0.2  # PPO ratio clip (MOSS pg_clip)
     clip_value: float = 0.2  # value clip around the rollout values (MOSS value_clip)
     value_loss_coef: float = 1.0  # MOSS vf_loss_weight
-    entropy_coef: float = 0.0  # entropy bonus off: the paper saw collapse from small changes (App. B.3)
-    ptx_coef: float = 0.0  # PPO-ptx LM loss on ptx_texts; 0 = off (MOSS default)
-    ptx_batch_size: int = 4  # ptx texts per mini-batch update
-    ptx_max_tokens: int = 512
+    # loss -= entropy_coef * mean token entropy of the policy; off: the paper saw collapse from small
+    # changes to it (App. B.3)
+    entropy_coef: float = 0.0
+    # PPO-ptx (InstructGPT): loss += ptx_coef * LM loss on reference answers (conversations ending with
+    # the answer; a round takes them from the `reference` field of its train prompts); 0 = off (MOSS)
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 4  # reference answers per mini-batch update
+    ptx_max_tokens: int = 512  # prompt + answer tokens; long prompts keep their end
 
     # --- rollouts
     sampling: RolloutSampling = field(default_factory=RolloutSampling)  # the distribution PPO trains on
@@ -396,6 +400,26 @@ def invsqrt_with_warmup(warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def _answer_tokens(tokenizer, conversation: list[dict], max_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a chat that ends with an assistant turn, split where the prompt with
+    the assistant header open stops agreeing with the whole chat; the answer keeps the end-of-turn
+    tokens, so the ptx loss also teaches when to stop."""
+    if not conversation or conversation[-1].get("role") != "assistant":
+        raise ValueError("a ptx conversation must end with the reference answer as an assistant turn")
+    prompt = prompt_token_ids(tokenizer, conversation[:-1])
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    full = tokenizer(text, add_special_tokens=False).input_ids
+    common = 0
+    for a, b in zip(prompt, full, strict=False):
+        if a != b:
+            break
+        common += 1
+    head, answer = full[:common], full[common:]
+    answer = answer[: max(1, max_tokens // 2)] if len(head) + len(answer) > max_tokens else answer
+    head = head[-max(1, max_tokens - len(answer)) :]
+    return head, answer
+
+
 class PPORun:
     def __init__(
         self,
@@ -405,10 +429,15 @@ class PPORun:
         prompts: list[list[dict]],
         config: PPOConfig,
         reporter: Reporter,
-        ptx_texts: list[str] | None = None,
+        ptx_conversations: list[list[dict]] | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
+        if config.ptx_coef > 0 and not ptx_conversations:
+            raise ValueError(
+                f"ptx_coef is {config.ptx_coef} but there are no reference answers to compute the ptx loss "
+                "on: give prompts a 'reference' answer, or set ptx_coef to 0"
+            )
         self.config, self.reporter = config, reporter
         self.device = resolve_device(config.device)
         return_freed_memory_to_os(self.device)
@@ -425,7 +454,11 @@ class PPORun:
         self.prompts = prompts
         self.prompt_ids = [prompt_token_ids(tok, m, config.max_prompt_tokens) for m in prompts]
         self.prompt_texts = [tok.decode(ids) for ids in self.prompt_ids]
-        self.ptx_texts = list(ptx_texts or []) if config.ptx_coef > 0 else []
+        self.ptx = (
+            [_answer_tokens(tok, c, config.ptx_max_tokens) for c in ptx_conversations or []]
+            if config.ptx_coef > 0
+            else []
+        )
         self.generator = BatchedGenerator(self.models.policy, tok, self.device)
 
         self.optimizer = torch.optim.AdamW(
@@ -554,11 +587,22 @@ class PPORun:
             values = models.values(exp.batch)
             old_logprobs, old_values = logprobs.detach(), values.detach()
             entropy = pm.masked_mean(pm.entropy_from_logits(logits.detach()), mask).item()
-            del logits
+            if cfg.entropy_coef <= 0:
+                del logits  # (B, R, V): only the entropy bonus needs it
+                logits = None
             advantages, returns, kl = self.advantages(exp, old_logprobs, old_values)
             stats.append(
                 self._optimise(
-                    exp, None, logprobs, values, old_logprobs, old_values, advantages, returns, train_policy
+                    exp,
+                    None,
+                    logprobs,
+                    logits,
+                    values,
+                    old_logprobs,
+                    old_values,
+                    advantages,
+                    returns,
+                    train_policy,
                 )
             )
         else:
@@ -580,13 +624,14 @@ class PPORun:
                     sel = order[start : start + cfg.mini_batch_size].to(self.device)
                     mb = exp.batch.select(sel)
                     with torch.set_grad_enabled(train_policy):
-                        logprobs, _ = models.policy_logprobs(mb)
+                        logprobs, logits = models.policy_logprobs(mb)
                     values = models.values(mb)
                     stats.append(
                         self._optimise(
                             exp,
                             sel,
                             logprobs,
+                            logits if cfg.entropy_coef > 0 else None,
                             values,
                             old_logprobs[sel],
                             old_values[sel],
@@ -606,6 +651,7 @@ class PPORun:
         exp: Experience,
         rows: Tensor | None,
         logprobs: Tensor,
+        logits: Tensor | None,
         values: Tensor,
         old_logprobs: Tensor,
         old_values: Tensor,
@@ -628,10 +674,15 @@ class PPORun:
         }
         if train_policy:
             loss = loss + policy.loss
-            if cfg.ptx_coef > 0 and self.ptx_texts:
+            if cfg.entropy_coef > 0 and logits is not None:
+                entropy = pm.masked_mean(pm.entropy_from_logits(logits), mask)
+                loss = loss - cfg.entropy_coef * entropy
+                out["entropy_bonus"] = entropy.item()
+            if cfg.ptx_coef > 0:
                 ptx = self._ptx_loss()
                 loss = loss + cfg.ptx_coef * ptx
                 out["ptx_loss"] = ptx.item()
+        out["loss"] = loss.item()
         if not torch.isfinite(loss):
             raise CollapseDetected(f"non-finite loss ({loss.item()}) at update {self.updates}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -646,22 +697,19 @@ class PPORun:
         return out
 
     def _ptx_loss(self) -> Tensor:
-        """Plain LM loss on a few SFT/pretraining texts (PPO-ptx), cycling through them in a seeded order."""
-        cfg, tok = self.config, self.models.tokenizer
-        order = list(range(len(self.ptx_texts)))
+        """LM loss (mean negative log-likelihood) of a few reference answers given their prompts
+        (PPO-ptx), cycling through them in a seeded order; the prompt tokens are not predicted."""
+        cfg = self.config
+        order = list(range(len(self.ptx)))
         random.Random(cfg.seed + 17).shuffle(order)
         start = self.updates * cfg.ptx_batch_size
-        texts = [self.ptx_texts[order[(start + j) % len(order)]] for j in range(cfg.ptx_batch_size)]
-        side, tok.padding_side = tok.padding_side, "right"
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.ptx_max_tokens)
-        tok.padding_side = side
-        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        picked = [self.ptx[order[(start + j) % len(order)]] for j in range(cfg.ptx_batch_size)]
+        batch = pack([p for p, _ in picked], [a for _, a in picked], self.models.tokenizer.pad_token_id)
+        batch = batch.to(self.device)
         self.models.activate_policy()
         with self.models.compute():
-            out = self.models.policy(
-                input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)
-            )
-        return out.loss.float()
+            logprobs, _ = response_logprobs(self.models.policy, batch)  # temperature 1: the plain LM
+        return -pm.masked_mean(logprobs, batch.response_mask)
 
     def _rollout_metrics(
         self,
@@ -734,17 +782,19 @@ def train_ppo(
     checkpoint_dir: str | Path,
     config: PPOConfig,
     reporter: Reporter,
-    ptx_texts: list[str] | None = None,
+    ptx_conversations: list[list[dict]] | None = None,
 ) -> PPOResult:
     """Run PPO-max from the live policy and publish the new policy folder to `output_dir`.
 
     `reward_fn_or_model` is a published reward-model folder or `reward_fn(prompt_texts, response_texts,
     response_ids) -> scores`, where prompt_texts are the chat-templated prompts the policy saw.
+    `ptx_conversations` are chats that end with a reference answer (an assistant turn), for the ptx
+    loss; required when `config.ptx_coef` > 0.
     A rerun with the same `checkpoint_dir` resumes from its latest checkpoint. A tripped collapse guard
     returns a result with `rejected_reason` set and publishes nothing.
     """
     reward = reward_fn_or_model if callable(reward_fn_or_model) else Path(reward_fn_or_model)
-    run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_texts)
+    run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_conversations)
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
     resumed = None

@@ -151,9 +151,9 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-@torch.no_grad()
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position: logsumexp(z) - sum p z."""
+    """Entropy of softmax(logits) per position: logsumexp(z) - sum p z. Differentiable (the entropy
+    bonus trains through it); pass detached logits for a metric."""
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 

@@ -256,21 +256,80 @@ def test_cancel_raises(policy_dir, the_reward, tmp_path):
         )
 
 
-def test_ptx_loss_and_no_eos_penalty(policy_dir, the_reward, tmp_path):
+def test_no_eos_penalty_is_subtracted_from_cut_off_answers(policy_dir, the_reward, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=2, ptx_coef=0.5, missing_eos_penalty=3.0, reward_scaling=False)
-    ptx = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nthe cat sat<|im_end|>\n"]
+    config = small_config(steps=2, missing_eos_penalty=3.0, reward_scaling=False)
     result = train_ppo(
-        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter, ptx_texts=ptx
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
     )
     assert result.rejected_reason is None
-    assert all(v > 0 for v in reporter.series("ptx_loss"))
     # Without scaling, a response that never ended scores its reward minus the penalty.
     eos, normalised = reporter.series("eos_share"), reporter.series("reward_normalised")
     raw = reporter.series("reward_raw")
     assert min(eos) < 1.0  # some responses were cut off, so the penalty was paid
     for share, norm, r in zip(eos, normalised, raw, strict=True):
         assert norm == pytest.approx(r - 3.0 * (1.0 - share), abs=1e-5)
+
+
+REFERENCE_ANSWERS = [
+    [*PROMPTS[i], {"role": "assistant", "content": "the cat sat on the mat"}] for i in range(3)
+]
+
+
+def one_update(policy_dir, reward, tmp_path, name, **overrides) -> dict[str, float]:
+    reporter = MemoryReporter()
+    train_ppo(
+        policy_dir,
+        None,
+        reward,
+        PROMPTS,
+        tmp_path / f"{name}-o",
+        tmp_path / f"{name}-c",
+        small_config(steps=1, **overrides),
+        reporter,
+        ptx_conversations=REFERENCE_ANSWERS if overrides.get("ptx_coef") else None,
+    )
+    return {name: value for (_, name), value in reporter.rows.items()}
+
+
+def test_the_entropy_bonus_and_the_ptx_loss_change_the_loss(policy_dir, the_reward, tmp_path):
+    plain = one_update(policy_dir, the_reward, tmp_path, "plain")
+    assert plain["loss"] == pytest.approx(plain["policy_loss"] + plain["value_loss"], abs=1e-5)
+    # Same seed, same rollout, same first update: the knob adds exactly its term to the loss.
+    bonus = one_update(policy_dir, the_reward, tmp_path, "entropy", entropy_coef=0.1)
+    assert bonus["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
+    assert bonus["entropy_bonus"] == pytest.approx(bonus["entropy"], rel=1e-4)  # one mini-batch = the buffer
+    assert bonus["loss"] == pytest.approx(plain["loss"] - 0.1 * bonus["entropy_bonus"], abs=1e-5)
+    ptx = one_update(policy_dir, the_reward, tmp_path, "ptx", ptx_coef=0.5)
+    assert ptx["ptx_loss"] > 0
+    assert ptx["loss"] == pytest.approx(plain["loss"] + 0.5 * ptx["ptx_loss"], abs=1e-5)
+
+
+def test_ptx_without_reference_answers_is_refused(policy_dir, the_reward, tmp_path):
+    with pytest.raises(ValueError, match="ptx_coef is 0.5 but there are no reference answers"):
+        train_ppo(
+            policy_dir,
+            None,
+            the_reward,
+            PROMPTS,
+            tmp_path / "o",
+            tmp_path / "c",
+            small_config(steps=1, ptx_coef=0.5),
+            MemoryReporter(),
+        )
+
+
+def test_a_reference_answer_is_split_after_the_assistant_header(policy_dir):
+    from transformers import AutoTokenizer
+
+    from workers.training.ppo import _answer_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    prompt, answer = _answer_tokens(tokenizer, REFERENCE_ANSWERS[0], 512)
+    assert prompt == prompt_token_ids(tokenizer, PROMPTS[0])
+    assert tokenizer.decode(answer).startswith("the cat sat on the mat<|im_end|>")
+    short_prompt, short_answer = _answer_tokens(tokenizer, REFERENCE_ANSWERS[0], 8)
+    assert len(short_prompt) + len(short_answer) <= 8 and short_answer == answer[:4]
 
 
 def test_lora_mode_shares_one_base_and_publishes_merged_weights(policy_dir, the_reward, tmp_path):
@@ -389,6 +448,7 @@ def test_rollouts_are_on_policy_at_a_non_default_temperature(policy_dir, the_rew
         sampling=RolloutSampling(max_new_tokens=16, temperature=0.7),
         lora=lora,
         critic_warmup_steps=0,
+        dtype="float32",  # the 1e-4 below is float32's noise, on a GPU too
     )
     result = train_ppo(
         policy_dir, policy_dir, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
