@@ -102,6 +102,7 @@ class RewardSection(Section):
     lora: LoraSection | None = None
     dtype: str = "auto"
     device: str = "auto"
+    above_chance_alpha: float | None = Field(0.05, gt=0, lt=1)
 
 
 class PPOSection(Section):
