@@ -126,6 +126,7 @@ def worker_ours(args, lora: bool) -> dict:
         mini_batch_size=args.batch,
         sampling=RolloutSampling(max_new_tokens=args.response_tokens),
         critic_warmup_steps=0,  # every measured step is a full policy + critic update, as TRL's
+        guard_patience=10**9,  # a throughput run is measured, not stopped (TRL has no guards)
         checkpoint_every=10**9,
         device=args.device,
         lora=LoraSettings() if lora else None,
