@@ -152,6 +152,9 @@ def worker_ours(args, lora: bool) -> dict:
         "generation_share": sum(reporter.series("generation_seconds")[1:]) / sum(seconds),
         "rejected": result.rejected_reason,
         "threads": torch.get_num_threads(),
+        # The sampling contract on the real model: the sampler's log-probs against the trainer's.
+        "sampler_ratio_max_dev": max(reporter.series("sampler_ratio_max_dev")),
+        "kl_ref_first": reporter.series("kl_ref")[0],
     }
     if torch.cuda.is_available() and args.device != "cpu":
         out["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
@@ -376,6 +379,11 @@ def main() -> None:
                     f"{r['peak_rss_gb'] / trl_own['peak_rss_gb']:.2f}x peak RSS"
                 )
     for side, r in results.items():
+        if "sampler_ratio_max_dev" in r:
+            print(
+                f"{side}: max |exp(old - sampler) - 1| {r['sampler_ratio_max_dev']:.2e}, "
+                f"KL to the reference at step 1 {r['kl_ref_first']:.2e} nats (both 0 when on-policy)"
+            )
         if "cuda_peak_gb" in r:
             print(f"{side}: CUDA peak allocated {r['cuda_peak_gb']:.2f} GB")
     print("targets: ours-lora >= 1.5x TRL tokens/s, ours-lora <= 0.6x TRL peak RSS")
