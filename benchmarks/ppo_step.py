@@ -116,16 +116,17 @@ def worker_ours(args, lora: bool) -> dict:
     import torch
 
     from app.common.reporting import MemoryReporter
-    from app.inference.sampling import SamplingConfig
     from workers.training.lora import LoraSettings
-    from workers.training.ppo import PPOConfig, train_ppo
+    from workers.training.ppo import PPOConfig, RolloutSampling, train_ppo
 
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
     config = PPOConfig(
         steps=args.steps + 1,
         rollout_batch_size=args.batch,
         mini_batch_size=args.batch,
-        sampling=SamplingConfig(max_new_tokens=args.response_tokens),
+        sampling=RolloutSampling(max_new_tokens=args.response_tokens),
+        critic_warmup_steps=0,  # every measured step is a full policy + critic update, as TRL's
+        guard_patience=10**9,  # a throughput run is measured, not stopped (TRL has no guards)
         checkpoint_every=10**9,
         device=args.device,
         lora=LoraSettings() if lora else None,
@@ -151,6 +152,9 @@ def worker_ours(args, lora: bool) -> dict:
         "generation_share": sum(reporter.series("generation_seconds")[1:]) / sum(seconds),
         "rejected": result.rejected_reason,
         "threads": torch.get_num_threads(),
+        # The sampling contract on the real model: the sampler's log-probs against the trainer's.
+        "sampler_ratio_max_dev": max(reporter.series("sampler_ratio_max_dev")),
+        "kl_ref_first": reporter.series("kl_ref")[0],
     }
     if torch.cuda.is_available() and args.device != "cpu":
         out["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
@@ -207,7 +211,7 @@ def worker_trl(args) -> dict:
             local_rollout_forward_batch_size=args.batch,
             total_episodes=args.batch * (args.steps + 1),
             response_length=args.response_tokens,
-            temperature=0.8,
+            temperature=1.0,  # as our rollouts: the distribution both sides train on
             learning_rate=1e-5,
             kl_coef=0.02,
             num_ppo_epochs=4 if defaults else 1,
@@ -375,6 +379,11 @@ def main() -> None:
                     f"{r['peak_rss_gb'] / trl_own['peak_rss_gb']:.2f}x peak RSS"
                 )
     for side, r in results.items():
+        if "sampler_ratio_max_dev" in r:
+            print(
+                f"{side}: max |exp(old - sampler) - 1| {r['sampler_ratio_max_dev']:.2e}, "
+                f"KL to the reference at step 1 {r['kl_ref_first']:.2e} nats (both 0 when on-policy)"
+            )
         if "cuda_peak_gb" in r:
             print(f"{side}: CUDA peak allocated {r['cuda_peak_gb']:.2f} GB")
     print("targets: ours-lora >= 1.5x TRL tokens/s, ours-lora <= 0.6x TRL peak RSS")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from app.inference.decoders import Decoder, HFDecoder, LlamaDecoder
-from app.inference.sampling import SamplingConfig, sample_next_tokens
+from app.inference.sampling import SamplingConfig, draw_next_tokens
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Rollout:
     response_ids: list[list[int]]  # unpadded generated tokens, includes the EOS token if it was emitted
     ended_with_eos: list[bool]
     texts: list[str]  # decoded responses, special tokens skipped
+    # log-prob of each response token under the distribution that drew it (penalty, temperature and
+    # nucleus applied; 0 for greedy picks), aligned with response_ids
+    logprobs: list[list[float]]
 
 
 def _common_prefix_length(prompts: list[list[int]]) -> int:
@@ -111,8 +114,9 @@ class _Decoding:
     def done(self) -> bool:
         return self.steps >= self.sampling.max_new_tokens or bool(self.finished.all())
 
-    def advance(self) -> tuple[Tensor, Tensor]:
-        """(tokens (B,), emitted (B,) bool): the new token of each row and whether the row produced it."""
+    def advance(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens (B,), emitted (B,) bool, log-probs (B,)): the new token of each row, whether the row
+        produced it, and its log-prob under the distribution it was drawn from (0 where not emitted)."""
         column = self.width + self.steps
         if self.last is None:
             logits = self.decoder.prefill(self.input_ids, self.valid, self.positions, self.shared)
@@ -120,20 +124,22 @@ class _Decoding:
         else:
             self.positions = self.positions + 1
             logits = self.decoder.step(self.last, self.positions, column - 1)
-        sampled = sample_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
+        sampled, picked_logprobs = draw_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
         live = ~self.finished[self.active]
         sampled = torch.where(live, sampled, torch.full_like(sampled, self.pad_id))
+        picked_logprobs = torch.where(live, picked_logprobs, torch.zeros_like(picked_logprobs))
         # A stopped row is never sampled again, so its history column only has to hold a real token.
         self.history[:, column] = torch.where(live, sampled, self.history[:, column - 1])
         tokens = torch.full((self.batch,), self.pad_id, dtype=torch.long, device=sampled.device)
         emitted = torch.zeros(self.batch, dtype=torch.bool, device=sampled.device)
-        tokens[self.active], emitted[self.active] = sampled, live
+        logprobs = torch.zeros(self.batch, dtype=torch.float32, device=sampled.device)
+        tokens[self.active], emitted[self.active], logprobs[self.active] = sampled, live, picked_logprobs
         if self.stop_ids.numel():
             self.finished |= emitted & torch.isin(tokens, self.stop_ids)
         self.last = sampled
         self.steps += 1
         self._drop_stopped_rows()
-        return tokens, emitted
+        return tokens, emitted, logprobs
 
     def _drop_stopped_rows(self) -> None:
         live = ~self.finished[self.active]
@@ -193,6 +199,7 @@ class BatchedGenerator:
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         responses: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
         ended = [False] * len(prompts)
         # Chunks of similar length waste less compute on padding; the order is restored below.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -204,15 +211,23 @@ class BatchedGenerator:
                 decoding = _Decoding(self, [prompts[i] for i in chunk], sampling, rng_seed)
                 while not decoding.done:
                     steps.append(decoding.advance())
-            tokens = torch.stack([t for t, _ in steps], 1).tolist()
-            emitted = torch.stack([e for _, e in steps], 1).tolist()
+            tokens = torch.stack([t for t, _, _ in steps], 1).tolist()
+            emitted = torch.stack([e for _, e, _ in steps], 1).tolist()
+            picked = torch.stack([lp for _, _, lp in steps], 1).tolist()
             for row, index in enumerate(chunk):
                 responses[index] = [t for t, e in zip(tokens[row], emitted[row], strict=True) if e]
+                logprobs[index] = [lp for lp, e in zip(picked[row], emitted[row], strict=True) if e]
                 ended[index] = bool(responses[index]) and responses[index][-1] in self.stop_token_ids
             if rng_seed is not None:
                 rng_seed += 1  # a different stream per chunk, still a function of the caller's seed
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
-        return Rollout(prompt_ids=prompts, response_ids=responses, ended_with_eos=ended, texts=list(texts))
+        return Rollout(
+            prompt_ids=prompts,
+            response_ids=responses,
+            ended_with_eos=ended,
+            texts=list(texts),
+            logprobs=logprobs,
+        )
 
     def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
         """Token ids of a conversation with the chat template and the assistant turn opened."""
@@ -251,7 +266,7 @@ class BatchedGenerator:
         shown = ""
         while not decoding.done:
             with _inference(self.model):
-                token, _ = decoding.advance()
+                token, _, _ = decoding.advance()
             token_id = int(token[0])
             if token_id in self.stop_token_ids:
                 break

@@ -96,14 +96,35 @@ def sample_next_tokens(
     argmax, or temperature, top-p and a draw from the renormalised kept probabilities using `generator`
     (the global RNG when None). `logits` is not modified.
     """
+    return draw_next_tokens(logits, sampling, generator, previous_tokens)[0]
+
+
+def draw_next_tokens(
+    logits: Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    previous_tokens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`sample_next_tokens` and the log-probability (B,) of each picked token under the distribution it
+    was drawn from: after the penalty, temperature and the renormalised nucleus; 0 for a greedy pick.
+
+    PPO trains on the log-probs of the distribution that sampled; these let it check that it does.
+    """
     scores = logits.float()
     if previous_tokens is not None and sampling.repetition_penalty != 1.0:
         scores = apply_repetition_penalty(scores, previous_tokens, sampling.repetition_penalty)
     if not sampling.do_sample:
-        return scores.argmax(-1)
-    probs = torch.softmax(scores / sampling.temperature, dim=-1)
+        tokens = scores.argmax(-1)
+        return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    tempered = scores / sampling.temperature
+    probs = torch.softmax(tempered, dim=-1)
     if sampling.top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # log-softmax at the picked token, without a second (B, V) tensor
+        picked = tempered.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, picked - torch.logsumexp(tempered, dim=-1)
     weights, ids = top_p_candidates(probs, sampling.top_p)
     choice = torch.multinomial(weights, 1, generator=generator)
-    return ids.gather(-1, choice).squeeze(-1)
+    kept = weights.gather(-1, choice).squeeze(-1)
+    logprobs = torch.log(kept) - torch.log(weights.sum(-1))
+    return ids.gather(-1, choice).squeeze(-1), logprobs

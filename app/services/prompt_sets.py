@@ -153,3 +153,16 @@ def list_prompt_sets(db: Session) -> list[PromptSetSummary]:
             )
         )
     return out
+
+
+def reference_answers(db: Session) -> list[list[dict[str, str]]]:
+    """Train prompts that carry a reference answer (a `reference` column or metadata field of their
+    prompt set), each as its chat followed by that answer as the assistant's turn: PPO's ptx texts."""
+    conversations = []
+    for messages, meta in db.execute(
+        select(Prompt.messages, Prompt.meta).where(Prompt.split == "train").order_by(Prompt.id)
+    ):
+        answer = (meta or {}).get("reference")
+        if isinstance(answer, str) and answer.strip():
+            conversations.append([*messages, {"role": "assistant", "content": answer.strip()}])
+    return conversations

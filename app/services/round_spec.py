@@ -7,8 +7,9 @@ worker reads it back with `RoundSpec.model_validate` and hands each stage its se
 
 Each section mirrors a trainer's settings dataclass, field for field with the same defaults:
 `reward` → RewardConfig, `policy` → PPOConfig or DPOConfig, `gate` → GateConfig, and inside them
-LoRA → LoraSettings and sampling → SamplingConfig. The reasons for every default are written next
-to the dataclasses (workers/training/); tests/app/services/test_round_spec.py fails when the two disagree.
+LoRA → LoraSettings and sampling → SamplingConfig (PPO's rollouts: RolloutSampling). The reasons
+for every default are written next to the dataclasses (workers/training/);
+tests/app/services/test_round_spec.py fails when the two disagree.
 The web process imports this module and must not load torch, hence the mirror instead of the
 dataclasses themselves.
 """
@@ -61,6 +62,14 @@ class SamplingSection(Section):
     do_sample: bool = True
 
 
+class RolloutSection(Section):
+    """Mirrors RolloutSampling: PPO samples from the distribution it trains on, so its rollouts have a
+    temperature (applied to the policy, old and reference log-probs alike) but no top-p or penalty."""
+
+    max_new_tokens: Count = 128
+    temperature: Positive = 1.0
+
+
 class LoraSection(Section):
     """Mirrors LoraSettings: LoRA adapters on a frozen base (a trainer's `lora`; null = full fine-tuning)."""
 
@@ -93,6 +102,7 @@ class RewardSection(Section):
     lora: LoraSection | None = None
     dtype: str = "auto"
     device: str = "auto"
+    above_chance_alpha: float | None = Field(0.05, gt=0, lt=1)
 
 
 class PPOSection(Section):
@@ -102,7 +112,7 @@ class PPOSection(Section):
     rollout_batch_size: Count = 32
     mini_batch_size: Count = 8
     ppo_epochs: Count = 1
-    critic_warmup_steps: ZeroOrMore = 0
+    critic_warmup_steps: ZeroOrMore = 2
     learning_rate: Positive = 1e-5
     critic_learning_rate: Positive = 3e-5
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -113,7 +123,7 @@ class PPOSection(Section):
     kl_coef: NonNegative = 0.02
     reward_scaling: bool = True
     reward_clip: float | None = 10.0
-    penalize_no_eos: float | None = None
+    missing_eos_penalty: float | None = 1.0
     use_reward_stats: bool = True
     gamma: Fraction = 1.0
     lam: Fraction = 0.95
@@ -125,14 +135,16 @@ class PPOSection(Section):
     ptx_coef: NonNegative = 0.0
     ptx_batch_size: Count = 4
     ptx_max_tokens: Count = 512
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    sampling: RolloutSection = Field(default_factory=RolloutSection)
     max_prompt_tokens: Count = 512
     forward_batch_size: Count = 16
     guard_max_kl: float | None = 20.0
     guard_max_length_ratio: float | None = 2.5
+    guard_length_headroom: float | None = 0.5
     guard_min_length_ratio: float | None = 0.3
     guard_max_mean_length: float | None = None
     guard_min_mean_length: float | None = None
+    guard_min_eos_share: float | None = 0.2
     guard_max_repetition: float | None = 0.5
     guard_patience: Count = 3
     checkpoint_every: Count = 50

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.data.models import Comparison, Round, Run, utcnow
 from app.services import dispatch
+from app.services.prompt_sets import reference_answers
 from app.services.registry import live_policy
 from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.round_spec import RoundSpec
@@ -65,6 +66,12 @@ def start_round(
     snapshot = db.scalar(select(func.max(Comparison.id))) or 0
     if snapshot == 0:
         raise RoundError("no comparisons yet: annotators must rank some tasks before a round can train")
+    ptx_coef = getattr(spec.root.policy, "ptx_coef", 0.0)
+    if ptx_coef > 0 and not reference_answers(db):
+        raise RoundError(
+            f"policy.ptx_coef is {ptx_coef} but no train prompt carries a reference answer: upload a "
+            "prompt set with a 'reference' column, or set policy.ptx_coef to 0"
+        )
     round_ = Round(
         algorithm=spec.algorithm,
         config=spec.to_json(),

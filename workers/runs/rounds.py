@@ -24,6 +24,7 @@ from app.services.round_spec import RoundSpec, describe_problems
 from app.services.rounds import finish_round
 from app.services.runs import create_run, execute
 from workers.runs.training import evaluation_body, policy_body, reward_body
+from workers.training.significance import reward_model_problem
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,11 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
             },
             reward_body(sessions, settings),
         )
+        if algorithm == "ppo":
+            # A reward model no better than chance gives PPO only noise to climb (DPO does not use it).
+            problem = reward_model_problem(reward, spec.reward.above_chance_alpha)
+            if problem is not None:
+                raise StageFailed(problem)
         trained = _stage(
             sessions,
             round_id,

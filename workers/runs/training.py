@@ -22,6 +22,7 @@ from app.common.files import sha256_folder
 from app.config import Settings, get_settings
 from app.data.db import session_factory
 from app.data.models import Policy, RewardModel
+from app.services.prompt_sets import reference_answers
 from app.services.quality.gold import record_round_annotations
 from app.services.registry import (
     live_policy,
@@ -153,6 +154,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 db.get(RewardModel, config["reward_model_id"]) if config.get("reward_model_id") else None
             )
             prompts = load_prompts(db, "train")
+            ptx = reference_answers(db) if algorithm == "ppo" else []
             comparisons = (
                 load_comparisons(db, int(config["comparison_snapshot"])) if algorithm == "dpo" else []
             )
@@ -168,6 +170,12 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 raise ValueError("PPO needs a reward model: the round's reward stage did not produce one")
             if not prompts:
                 raise ValueError("PPO needs train-split prompts: upload a prompt set first")
+            ppo_config = trainer_config(config, "policy", PPOSection, PPOConfig)
+            if ppo_config.ptx_coef > 0 and not ptx:
+                raise ValueError(
+                    f"policy.ptx_coef is {ppo_config.ptx_coef} but no train prompt carries a reference "
+                    "answer: upload a prompt set with a 'reference' column, or set policy.ptx_coef to 0"
+                )
             result = train_ppo(
                 start_path,
                 reference_path,
@@ -175,8 +183,9 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 prompts,
                 output,
                 workdir / "checkpoints",
-                trainer_config(config, "policy", PPOSection, PPOConfig),
+                ppo_config,
                 reporter,
+                ptx_conversations=ptx if ppo_config.ptx_coef > 0 else None,
             )
             if result.rejected_reason:
                 return {"rejected_reason": result.rejected_reason, **result.final_metrics}
@@ -191,6 +200,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 workdir / "checkpoints",
                 trainer_config(config, "policy", DPOSection, DPOConfig),
                 reporter,
+                reference_path=reference_path,  # the base: drift stays bounded across rounds
             )
             metrics = dict(getattr(result, "final_metrics", None) or getattr(result, "metrics", {}) or {})
         (workdir / "policy-metrics.json").write_text(json.dumps(metrics))

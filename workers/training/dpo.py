@@ -4,10 +4,19 @@ Loss per pair, with h = [log pi(c) - log pi_ref(c)] - [log pi(r) - log pi_ref(r)
 response tokens: -log sigmoid(beta * h) (the "sigmoid" loss; label smoothing eps mixes in
 -log sigmoid(-beta * h) for noisy labels, as in cDPO / robust DPO).
 
-The reference is the live policy this round starts from, so its log-probs are those of the policy
-before the first update: they are computed once, with the starting weights, for every pair (train and
-held-out), and no second model is ever loaded. The held-out split is by prompt (data.split_by_prompt).
-Checkpoints keep those reference log-probs, so a resumed run needs no copy of the starting weights.
+The reference is the base policy (`reference_path`), not the live policy a round starts from. Every
+round re-fits all comparisons so far; with the live policy as reference each round would grant a
+fresh beta-sized KL budget on top of the last one, so the policy could drift without bound over
+rounds. Anchored to the base, every round optimises the same KL-regularised objective (with more data
+each time), so the policy stays on the base's leash however many rounds run, and the comparisons
+collected on older policies still count (training only on new ones would throw most human labels
+away and still let the drift add up). The policy itself starts from the live weights, so a round
+continues where the last one ended.
+
+Reference log-probs are computed once, before the first update, for every pair (train and held-out),
+with the reference model loaded, used and released (without `reference_path`, the starting weights
+serve). The held-out split is by prompt (data.split_by_prompt). Checkpoints keep those reference
+log-probs, so a resumed run needs no copy of the reference weights.
 """
 
 from __future__ import annotations
@@ -151,6 +160,20 @@ def _pair_logps(
     return sums[: len(pairs)], sums[len(pairs) :]
 
 
+def _load_reference(reference_path, policy_path, tokenizer, device: torch.device, dtype: torch.dtype):
+    """The frozen reference model, or None when it is the starting policy (then the model in training,
+    before its first update, scores the pairs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if reference_path is None or Path(reference_path).resolve() == Path(policy_path).resolve():
+        return None
+    if AutoTokenizer.from_pretrained(str(reference_path)).get_vocab() != tokenizer.get_vocab():
+        raise ValueError("the DPO reference must share the policy's tokenizer")
+    reference = AutoModelForCausalLM.from_pretrained(str(reference_path), dtype=dtype).to(device)
+    disable_dropout(reference)
+    return freeze(reference)
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
@@ -172,8 +195,13 @@ def train_dpo(
     checkpoint_dir: str | Path,
     config: DPOConfig,
     reporter: Reporter,
+    reference_path: str | Path | None = None,
 ) -> DPOResult:
-    """Train the live policy on the comparisons with DPO and publish the new policy folder to `output_dir`."""
+    """Train the live policy on the comparisons with DPO and publish the new policy folder to `output_dir`.
+
+    `reference_path` is the policy DPO's implicit reward is measured against: the base policy in a
+    round (see the module docstring); None = the starting policy itself.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not comparisons:
@@ -216,11 +244,12 @@ def train_dpo(
     state = TrainableState(trainable)
     pad_id = tokenizer.pad_token_id
 
-    def all_logps(pairs: list[_Pair]) -> tuple[list[float], list[float]]:
+    def all_logps(pairs: list[_Pair], scorer=None) -> tuple[list[float], list[float]]:
+        scorer = scorer if scorer is not None else model
         chosen, rejected = [], []
         with torch.no_grad():
             for i in range(0, len(pairs), config.batch_size):
-                c, r = _pair_logps(model, pairs[i : i + config.batch_size], pad_id, device, compute_dtype)
+                c, r = _pair_logps(scorer, pairs[i : i + config.batch_size], pad_id, device, compute_dtype)
                 chosen += c.tolist()
                 rejected += r.tolist()
         return chosen, rejected
@@ -252,10 +281,12 @@ def train_dpo(
         ref, eval_before = extra["reference"], extra["eval_before"]
         start = resumed = int(extra["step"])
     else:
-        # The reference is the starting policy: score every pair with it before the first update.
+        # Score every pair with the reference before the first update.
+        reference = _load_reference(reference_path, policy_path, tokenizer, device, compute_dtype)
         ref = {}
-        ref["train_c"], ref["train_r"] = all_logps(train_pairs)
-        ref["eval_c"], ref["eval_r"] = all_logps(eval_pairs)
+        ref["train_c"], ref["train_r"] = all_logps(train_pairs, reference)
+        ref["eval_c"], ref["eval_r"] = all_logps(eval_pairs, reference)
+        del reference
         eval_before = evaluate()
         if eval_before:
             reporter.metrics(0, eval_before)

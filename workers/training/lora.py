@@ -221,9 +221,15 @@ def response_logits(model: nn.Module, batch: TokenBatch) -> Tensor:
     return out.logits[:, :-1].float()
 
 
-def response_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[Tensor, Tensor]:
-    """(log-probs of the response tokens (B, R), their logits (B, R, V))."""
+def response_logprobs(model: nn.Module, batch: TokenBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(log-probs of the response tokens (B, R), their logits (B, R, V)), both at `temperature`.
+
+    The logits are divided by the temperature the responses were sampled at, so the log-probs are those
+    of the distribution that drew them (PPO's sampling contract); DPO scores at the raw 1.
+    """
     logits = response_logits(model, batch)
+    if temperature != 1.0:
+        logits = logits / temperature
     return logprobs_from_logits(logits, batch.response_ids), logits
 
 

@@ -3,20 +3,23 @@
 One *step* = sample a rollout batch from the current policy, score it, and make one PPO epoch over
 that small on-policy buffer in mini-batches. Per step:
 
-1. generate responses with the batched KV-cache generator (temperature 0.8, top-p 0.9, rep. 1.1);
-2. score each (prompt, response) with the reward model (or a Python reward function); responses that
-   never emitted EOS can get a fixed penalty instead; divide by the running std of all scores so far
-   and clip to +-10 (MOSS `reward_scale` / `reward_clip`);
+1. generate responses with the batched KV-cache generator from the policy's own distribution at the
+   rollout temperature (no top-p, no repetition penalty: see `RolloutSampling`);
+2. score each (prompt, response) with the reward model (or a Python reward function), standardise
+   with the reward model's held-out statistics, subtract a penalty from responses that never emitted
+   EOS (the reward model cannot see a cut-off answer: it re-renders the text through the chat
+   template, which closes the turn), divide by the running std of all scores so far and clip to
+   +-10 (MOSS `reward_scale` / `reward_clip`);
 3. per-token reward = -beta * (log pi - log pi_ref) on every response token (k1 KL penalty), plus the
    score on the last real token;
 4. GAE (gamma 1, lambda 0.95) on the critic's values, advantages whitened over the batch;
-5. clipped policy loss (0.2) + clipped value loss (0.2) [+ ptx LM loss], one AdamW step per
-   mini-batch with the global gradient norm clipped to 1.0.
+5. clipped policy loss (0.2) + clipped value loss (0.2) [- entropy bonus] [+ ptx LM loss on reference
+   answers], one AdamW step per mini-batch with the global gradient norm clipped to 1.0.
 
 Models: the policy starts from the live policy; the frozen reference is the base (SFT) policy; the
-critic starts as the reward model (its score head on its backbone gives per-token values) and can be
-warmed up alone for a few steps; with a reward *function* the critic is the policy's backbone with a
-fresh zero value head. In LoRA mode the policy and the reference share one frozen base (reference =
+critic starts as the reward model (its score head on its backbone gives per-token values) with the
+rewards' affine map folded into its head, and is warmed up alone for a few steps; with a reward
+*function* the critic is the policy's backbone with a fresh zero value head. In LoRA mode the policy and the reference share one frozen base (reference =
 adapters disabled), and the reward model and the critic share the reward model's frozen base
 (critic = reward model + adapter + its own copy of the score head); with a reward function all of it
 is one base. Full fine-tuning loads four separate models.
@@ -67,9 +70,42 @@ from workers.training.lora import (
     return_freed_memory_to_os,
     save_policy_folder,
 )
+from workers.training.ppo_guards import CollapseGuards, GuardSettings
 from workers.training.reward import score
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
+
+
+@dataclass
+class RolloutSampling(TrainerConfig):
+    """How PPO samples its rollouts: from the distribution it trains on, and nothing else.
+
+    PPO's ratio, its k1 KL penalty and the KL guard all assume the responses were drawn from the
+    distribution whose log-probs they use. Top-p and a repetition penalty reshape the sampling
+    distribution in ways a forward pass does not reproduce, so rollouts keep neither (the task pool and
+    the playground may). A temperature is kept as a knob because it is cheap to honour exactly: the
+    policy, old-policy and reference logits are all divided by it, so PPO optimises the tempered
+    policy it samples from, and the KL is measured between tempered distributions. MOSS-RLHF samples at
+    T 0.8 / top-p 0.9 and scores at T 1, which makes the KL estimate biased (it can go negative).
+    """
+
+    max_new_tokens: int = 128  # long enough for a chat answer of a small model, short enough for CPU rollouts
+    temperature: float = 1.0  # TRL's default: the policy as it is
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"the rollout temperature must be > 0, got {self.temperature}")
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            do_sample=True,
+        )
 
 
 @dataclass
@@ -81,7 +117,10 @@ class PPOConfig(TrainerConfig):
     rollout_batch_size: int = 32  # small on-policy buffer; paper 128, authors: smaller is more stable (#17)
     mini_batch_size: int = 8  # paper's 128:32 buffer-to-batch ratio, scaled down
     ppo_epochs: int = 1  # one pass over the buffer, then discard it (MOSS hard-codes 1)
-    critic_warmup_steps: int = 0  # steps that train only the critic first (paper §5.4; not in MOSS code)
+    # Steps that train only the critic first (paper §5.4): even on the reward scale, the RM's head has
+    # never predicted returns of partial answers; at most half the run, so a short run still trains
+    # the policy.
+    critic_warmup_steps: int = 2
 
     # --- optimiser (AdamW, MOSS: betas 0.9/0.95, eps 1e-6 policy / 1e-8 critic, no weight decay)
     learning_rate: float = 1e-5  # the policy's; MOSS 5e-7 is for 7B, a 135M model needs ~20x more
@@ -96,7 +135,9 @@ class PPOConfig(TrainerConfig):
     kl_coef: float = 0.02  # token-level k1 KL penalty; MOSS config 0.02 (their runs: 0.01 en, 0.1 zh)
     reward_scaling: bool = True  # divide scores by their running std (MOSS use_reward_scaling)
     reward_clip: float | None = 10.0  # clip scaled scores to +-10 (MOSS reward_clip)
-    penalize_no_eos: float | None = None  # score for a response that never ends; off: MOSS has none
+    # Subtracted from the standardised score of a response cut at max_new_tokens (TRL's
+    # missing_eos_penalty): to the reward model a truncated answer looks finished. 1 = one RM std.
+    missing_eos_penalty: float | None = 1.0
     use_reward_stats: bool = True  # standardise RM scores with its held-out mean/std before scaling
 
     # --- advantages and losses
@@ -106,22 +147,32 @@ class PPOConfig(TrainerConfig):
     clip_ratio: float = 0.2  # PPO ratio clip (MOSS pg_clip)
     clip_value: float = 0.2  # value clip around the rollout values (MOSS value_clip)
     value_loss_coef: float = 1.0  # MOSS vf_loss_weight
-    entropy_coef: float = 0.0  # entropy bonus off: the paper saw collapse from small changes (App. B.3)
-    ptx_coef: float = 0.0  # PPO-ptx LM loss on ptx_texts; 0 = off (MOSS default)
-    ptx_batch_size: int = 4  # ptx texts per mini-batch update
-    ptx_max_tokens: int = 512
+    # loss -= entropy_coef * mean token entropy of the policy; off: the paper saw collapse from small
+    # changes to it (App. B.3)
+    entropy_coef: float = 0.0
+    # PPO-ptx (InstructGPT): loss += ptx_coef * LM loss on reference answers (conversations ending with
+    # the answer; a round takes them from the `reference` field of its train prompts); 0 = off (MOSS)
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 4  # reference answers per mini-batch update
+    ptx_max_tokens: int = 512  # prompt + answer tokens; long prompts keep their end
 
     # --- rollouts
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # MOSS: T 0.8, top-p 0.9, rep 1.1
+    sampling: RolloutSampling = field(default_factory=RolloutSampling)  # the distribution PPO trains on
     max_prompt_tokens: int = 512  # keep the last N prompt tokens (the assistant header must survive)
     forward_batch_size: int = 16  # rows per no-grad scoring pass
 
     # --- collapse guards (a guard must hold `guard_patience` steps in a row to stop the run)
     guard_max_kl: float | None = 20.0  # nats per response to the reference (sum of k1 over tokens)
     guard_max_length_ratio: float | None = 2.5  # mean length vs the first rollout: sudden rise (MOSS §5.2)
+    # ... but never past this share of the way from the first rollout's length to max_new_tokens, so the
+    # rise guard can fire at the training length (2.5x of 52 tokens is past a 128-token cap)
+    guard_length_headroom: float | None = 0.5
     guard_min_length_ratio: float | None = 0.3  # ... or shrinking towards empty answers
     guard_max_mean_length: float | None = None  # absolute bounds in tokens, off unless set
     guard_min_mean_length: float | None = None
+    # Share of responses that end with EOS within max_new_tokens: below it, answers are being cut off
+    # (too short a cap, or a policy that learnt to ramble); the length guards alone miss it at the cap.
+    guard_min_eos_share: float | None = 0.2
     guard_max_repetition: float | None = 0.5  # share of repeated 4-grams: "repeats a sentence" (MOSS #2)
     guard_patience: int = 3  # one noisy batch of a few samples must not kill a run
 
@@ -167,6 +218,8 @@ class PPOModels:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         self.device, self.lora, self.dtype = device, config.lora, dtype
+        # Every log-prob PPO uses is of the tempered distribution the rollouts were drawn from.
+        self.temperature = config.sampling.temperature
         self.tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -176,6 +229,8 @@ class PPOModels:
         self.reward_stats: dict[str, float] | None = None
         self.shared_base = False  # LoRA with a reward function: one base for everything
         self.value_head: nn.Module | None = None
+        # The critic's output offset: the score heads have no bias, and the reward map has a shift.
+        self.value_bias = nn.Parameter(torch.zeros((), device=device))
 
         # Weights that full fine-tuning updates stay float32 (bf16 would round small updates away);
         # frozen weights, a LoRA base included, are held in the compute dtype.
@@ -239,9 +294,29 @@ class PPOModels:
         self.critic_params = {f"critic.{n}": p for n, p in self._trainable(self.critic, self.CRITIC).items()}
         if self.value_head is not None:
             self.critic_params["critic.value_head.weight"] = self.value_head.weight
+        self.critic_params["critic.value_bias"] = self.value_bias
         for param in self.all_trainable():  # adapters and head copies train in float32
             param.data = param.data.float()
+        if self.reward_fn is None:
+            self._fold_reward_map_into_critic()
         self.activate_policy()
+
+    def _fold_reward_map_into_critic(self) -> None:
+        """Put the critic on the scale of the rewards it predicts (MOSS-RLHF §5.4: a critic that starts
+        far off the return scale sends noisy advantages into the first policy updates).
+
+        Rewards are z-scored with the reward model's held-out statistics and divided by the running
+        std; the critic starts as the reward model, so its head gets the same affine map: weight *
+        scale, bias = shift. The running std at initialisation is 1 (nothing seen yet); a resumed run
+        overwrites all of this with its checkpoint.
+        """
+        scale, shift = pm.reward_affine(self.reward_stats, running_std=1.0)
+        head = [p for name, p in self.critic_params.items() if ".score." in name and name.endswith("weight")]
+        if len(head) != 1:
+            raise RuntimeError(f"expected one critic score head, found {len(head)}")
+        with torch.no_grad():
+            head[0].mul_(scale)
+            self.value_bias.fill_(shift)
 
     def _trainable(self, model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
         if self.lora is None:
@@ -262,15 +337,15 @@ class PPOModels:
     def policy_logprobs(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
         self.activate_policy()
         with self.compute():
-            return response_logprobs(self.policy, batch)
+            return response_logprobs(self.policy, batch, self.temperature)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
         if self.reference is not None:
             with self.compute():
-                return response_logprobs(self.reference, batch)[0]
+                return response_logprobs(self.reference, batch, self.temperature)[0]
         with self.policy.disable_adapter(), self.compute():
-            return response_logprobs(self.policy, batch)[0]
+            return response_logprobs(self.policy, batch, self.temperature)[0]
 
     def values(self, batch: TokenBatch) -> Tensor:
         if self.shared_base:
@@ -279,7 +354,7 @@ class PPOModels:
         else:
             head = hf_model(self.critic).score
         with self.compute():
-            values = head(response_hidden(self.critic, batch)).squeeze(-1).float()
+            values = head(response_hidden(self.critic, batch)).squeeze(-1).float() + self.value_bias
         if self.shared_base:
             self.activate_policy()
         return values
@@ -307,6 +382,7 @@ class Experience:
     raw_scores: Tensor  # (B,) as the reward model / function gave them
     scores: Tensor  # (B,) after standardising, EOS penalty, running-std scaling and clipping
     ref_logprobs: Tensor  # (B, R)
+    sampler_logprobs: Tensor  # (B, R) as the sampler drew the tokens (0 on padding)
     responses: list[list[int]]
     texts: list[str]
     generation_seconds: float
@@ -324,6 +400,26 @@ def invsqrt_with_warmup(warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def _answer_tokens(tokenizer, conversation: list[dict], max_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a chat that ends with an assistant turn, split where the prompt with
+    the assistant header open stops agreeing with the whole chat; the answer keeps the end-of-turn
+    tokens, so the ptx loss also teaches when to stop."""
+    if not conversation or conversation[-1].get("role") != "assistant":
+        raise ValueError("a ptx conversation must end with the reference answer as an assistant turn")
+    prompt = prompt_token_ids(tokenizer, conversation[:-1])
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    full = tokenizer(text, add_special_tokens=False).input_ids
+    common = 0
+    for a, b in zip(prompt, full, strict=False):
+        if a != b:
+            break
+        common += 1
+    head, answer = full[:common], full[common:]
+    answer = answer[: max(1, max_tokens // 2)] if len(head) + len(answer) > max_tokens else answer
+    head = head[-max(1, max_tokens - len(answer)) :]
+    return head, answer
+
+
 class PPORun:
     def __init__(
         self,
@@ -333,10 +429,15 @@ class PPORun:
         prompts: list[list[dict]],
         config: PPOConfig,
         reporter: Reporter,
-        ptx_texts: list[str] | None = None,
+        ptx_conversations: list[list[dict]] | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
+        if config.ptx_coef > 0 and not ptx_conversations:
+            raise ValueError(
+                f"ptx_coef is {config.ptx_coef} but there are no reference answers to compute the ptx loss "
+                "on: give prompts a 'reference' answer, or set ptx_coef to 0"
+            )
         self.config, self.reporter = config, reporter
         self.device = resolve_device(config.device)
         return_freed_memory_to_os(self.device)
@@ -353,7 +454,11 @@ class PPORun:
         self.prompts = prompts
         self.prompt_ids = [prompt_token_ids(tok, m, config.max_prompt_tokens) for m in prompts]
         self.prompt_texts = [tok.decode(ids) for ids in self.prompt_ids]
-        self.ptx_texts = list(ptx_texts or []) if config.ptx_coef > 0 else []
+        self.ptx = (
+            [_answer_tokens(tok, c, config.ptx_max_tokens) for c in ptx_conversations or []]
+            if config.ptx_coef > 0
+            else []
+        )
         self.generator = BatchedGenerator(self.models.policy, tok, self.device)
 
         self.optimizer = torch.optim.AdamW(
@@ -377,8 +482,20 @@ class PPORun:
         )
         self.trainables = TrainableState({**self.models.policy_params, **self.models.critic_params})
         self.running = pm.RunningMoments()
-        self.baseline_length: float | None = None
-        self.strikes = 0
+        self.guards = CollapseGuards(
+            GuardSettings(
+                max_kl=config.guard_max_kl,
+                max_length_ratio=config.guard_max_length_ratio,
+                min_length_ratio=config.guard_min_length_ratio,
+                length_headroom=config.guard_length_headroom,
+                max_mean_length=config.guard_max_mean_length,
+                min_mean_length=config.guard_min_mean_length,
+                min_eos_share=config.guard_min_eos_share,
+                max_repetition=config.guard_max_repetition,
+                patience=config.guard_patience,
+                max_new_tokens=config.sampling.max_new_tokens,
+            )
+        )
         self.updates = 0
 
     def _lr(self, lr: float) -> float:
@@ -407,7 +524,9 @@ class PPORun:
         prompt_ids = [self.prompt_ids[i] for i in idx]
         started = time.perf_counter()
         models.activate_policy()
-        out = self.generator.generate_ids(prompt_ids, cfg.sampling, seed=cfg.seed * 1_000_003 + step)
+        out = self.generator.generate_ids(
+            prompt_ids, cfg.sampling.sampling_config(), seed=cfg.seed * 1_000_003 + step
+        )
         generation_seconds = time.perf_counter() - started
         responses = [list(r) for r in out.response_ids]
         texts = tok.batch_decode(responses, skip_special_tokens=True)
@@ -416,11 +535,10 @@ class PPORun:
         raw = models.scores(
             [self.prompts[i] for i in idx], [self.prompt_texts[i] for i in idx], texts, responses
         )
-        scores = raw.clone()
-        if models.reward_stats is not None:
-            scores = (scores - models.reward_stats["mean"]) / max(models.reward_stats["std"], 1e-6)
-        if cfg.penalize_no_eos is not None:
-            scores = torch.where(ended, scores, torch.full_like(scores, cfg.penalize_no_eos))
+        scale, shift = pm.reward_affine(models.reward_stats)
+        scores = raw * scale + shift
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         if cfg.reward_scaling:
             scores = pm.scale_rewards(scores, self.running, cfg.reward_clip)
         elif cfg.reward_clip:
@@ -428,8 +546,10 @@ class PPORun:
 
         batch = pack(prompt_ids, responses, tok.pad_token_id).to(self.device)
         ref = self._chunked(models.reference_logprobs, batch)
+        width = batch.response_width
+        sampler = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in out.logprobs], device=self.device)
         return Experience(
-            batch, ended, raw, scores.to(self.device), ref, responses, texts, generation_seconds
+            batch, ended, raw, scores.to(self.device), ref, sampler, responses, texts, generation_seconds
         )
 
     def _chunked(self, fn: Callable[[TokenBatch], Tensor], batch: TokenBatch) -> Tensor:
@@ -455,7 +575,7 @@ class PPORun:
 
     def update(self, exp: Experience, step: int) -> dict[str, float]:
         cfg, models, mask = self.config, self.models, exp.batch.response_mask
-        train_policy = step >= cfg.critic_warmup_steps
+        train_policy = step >= min(cfg.critic_warmup_steps, cfg.steps // 2)
         rows = mask.shape[0]
         stats: list[dict[str, float]] = []
         # With one epoch and one mini-batch the rollout-time log-probs and values are exactly those of
@@ -467,11 +587,22 @@ class PPORun:
             values = models.values(exp.batch)
             old_logprobs, old_values = logprobs.detach(), values.detach()
             entropy = pm.masked_mean(pm.entropy_from_logits(logits.detach()), mask).item()
-            del logits
+            if cfg.entropy_coef <= 0:
+                del logits  # (B, R, V): only the entropy bonus needs it
+                logits = None
             advantages, returns, kl = self.advantages(exp, old_logprobs, old_values)
             stats.append(
                 self._optimise(
-                    exp, None, logprobs, values, old_logprobs, old_values, advantages, returns, train_policy
+                    exp,
+                    None,
+                    logprobs,
+                    logits,
+                    values,
+                    old_logprobs,
+                    old_values,
+                    advantages,
+                    returns,
+                    train_policy,
                 )
             )
         else:
@@ -493,13 +624,14 @@ class PPORun:
                     sel = order[start : start + cfg.mini_batch_size].to(self.device)
                     mb = exp.batch.select(sel)
                     with torch.set_grad_enabled(train_policy):
-                        logprobs, _ = models.policy_logprobs(mb)
+                        logprobs, logits = models.policy_logprobs(mb)
                     values = models.values(mb)
                     stats.append(
                         self._optimise(
                             exp,
                             sel,
                             logprobs,
+                            logits if cfg.entropy_coef > 0 else None,
                             values,
                             old_logprobs[sel],
                             old_values[sel],
@@ -509,6 +641,8 @@ class PPORun:
                         )
                     )
         merged = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        # PPO's ratio at the first mini-batch of the first epoch: 1 while old = the sampling policy.
+        merged["ratio_first_minibatch"] = stats[0]["ratio_mean"]
         merged.update(self._rollout_metrics(exp, old_logprobs, old_values, returns, kl, entropy))
         return merged
 
@@ -517,6 +651,7 @@ class PPORun:
         exp: Experience,
         rows: Tensor | None,
         logprobs: Tensor,
+        logits: Tensor | None,
         values: Tensor,
         old_logprobs: Tensor,
         old_values: Tensor,
@@ -535,13 +670,19 @@ class PPORun:
             "policy_clipfrac": policy.clip_fraction.item(),
             "value_clipfrac": value.clip_fraction.item(),
             "approx_kl": policy.approx_kl.item(),
+            "ratio_mean": policy.ratio_mean.item(),
         }
         if train_policy:
             loss = loss + policy.loss
-            if cfg.ptx_coef > 0 and self.ptx_texts:
+            if cfg.entropy_coef > 0 and logits is not None:
+                entropy = pm.masked_mean(pm.entropy_from_logits(logits), mask)
+                loss = loss - cfg.entropy_coef * entropy
+                out["entropy_bonus"] = entropy.item()
+            if cfg.ptx_coef > 0:
                 ptx = self._ptx_loss()
                 loss = loss + cfg.ptx_coef * ptx
                 out["ptx_loss"] = ptx.item()
+        out["loss"] = loss.item()
         if not torch.isfinite(loss):
             raise CollapseDetected(f"non-finite loss ({loss.item()}) at update {self.updates}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -556,22 +697,19 @@ class PPORun:
         return out
 
     def _ptx_loss(self) -> Tensor:
-        """Plain LM loss on a few SFT/pretraining texts (PPO-ptx), cycling through them in a seeded order."""
-        cfg, tok = self.config, self.models.tokenizer
-        order = list(range(len(self.ptx_texts)))
+        """LM loss (mean negative log-likelihood) of a few reference answers given their prompts
+        (PPO-ptx), cycling through them in a seeded order; the prompt tokens are not predicted."""
+        cfg = self.config
+        order = list(range(len(self.ptx)))
         random.Random(cfg.seed + 17).shuffle(order)
         start = self.updates * cfg.ptx_batch_size
-        texts = [self.ptx_texts[order[(start + j) % len(order)]] for j in range(cfg.ptx_batch_size)]
-        side, tok.padding_side = tok.padding_side, "right"
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.ptx_max_tokens)
-        tok.padding_side = side
-        ids, attn = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        picked = [self.ptx[order[(start + j) % len(order)]] for j in range(cfg.ptx_batch_size)]
+        batch = pack([p for p, _ in picked], [a for _, a in picked], self.models.tokenizer.pad_token_id)
+        batch = batch.to(self.device)
         self.models.activate_policy()
         with self.models.compute():
-            out = self.models.policy(
-                input_ids=ids, attention_mask=attn, labels=ids.masked_fill(attn == 0, -100)
-            )
-        return out.loss.float()
+            logprobs, _ = response_logprobs(self.models.policy, batch)  # temperature 1: the plain LM
+        return -pm.masked_mean(logprobs, batch.response_mask)
 
     def _rollout_metrics(
         self,
@@ -585,13 +723,19 @@ class PPORun:
         mask = exp.batch.response_mask
         lengths = mask.sum(1)
         repetition = [pm.repeated_ngram_share(r) for r in exp.responses]
+        # The sampling contract: the log-probs PPO trains on are those of the distribution that drew the
+        # tokens, so exp(old - sampler) is 1 on every token (up to float noise of the two code paths).
+        sampler_ratio = torch.exp(old_logprobs - exp.sampler_logprobs)
+        sampler_dev = ((sampler_ratio - 1.0).abs() * mask).max().item() if mask.any() else 0.0
         return {
+            "sampler_ratio_max_dev": sampler_dev,
             "reward_raw": exp.raw_scores.mean().item(),
             "reward_raw_std": exp.raw_scores.std().item() if len(exp.raw_scores) > 1 else 0.0,
             "reward_normalised": exp.scores.mean().item(),
             "kl_ref": pm.masked_sum(kl, mask, dim=1).mean().item(),
             "kl_ref_per_token": pm.masked_mean(kl, mask).item(),
             "response_length": lengths.mean().item(),
+            "response_length_max": lengths.max().item(),
             "eos_share": exp.ended.float().mean().item(),
             "repetition_rate": sum(repetition) / len(repetition),
             "ppl_policy": math.exp(-pm.masked_mean(old_logprobs, mask).item()),
@@ -603,36 +747,6 @@ class PPORun:
             "response_tokens": lengths.sum().item(),
         }
 
-    # -- guards
-
-    def check_guards(self, metrics: dict[str, float]) -> str | None:
-        cfg = self.config
-        length = metrics["response_length"]
-        if self.baseline_length is None:
-            self.baseline_length = length
-        reasons = []
-        if cfg.guard_max_kl is not None and metrics["kl_ref"] > cfg.guard_max_kl:
-            reasons.append(f"KL to reference {metrics['kl_ref']:.2f} nats > {cfg.guard_max_kl}")
-        base = max(self.baseline_length, 1.0)
-        if cfg.guard_max_length_ratio is not None and length > cfg.guard_max_length_ratio * base:
-            reasons.append(
-                f"mean response length {length:.1f} > {cfg.guard_max_length_ratio}x the first {base:.1f}"
-            )
-        if cfg.guard_min_length_ratio is not None and length < cfg.guard_min_length_ratio * base:
-            reasons.append(
-                f"mean response length {length:.1f} < {cfg.guard_min_length_ratio}x the first {base:.1f}"
-            )
-        if cfg.guard_max_mean_length is not None and length > cfg.guard_max_mean_length:
-            reasons.append(f"mean response length {length:.1f} > {cfg.guard_max_mean_length}")
-        if cfg.guard_min_mean_length is not None and length < cfg.guard_min_mean_length:
-            reasons.append(f"mean response length {length:.1f} < {cfg.guard_min_mean_length}")
-        if cfg.guard_max_repetition is not None and metrics["repetition_rate"] > cfg.guard_max_repetition:
-            reasons.append(f"repetition rate {metrics['repetition_rate']:.2f} > {cfg.guard_max_repetition}")
-        self.strikes = self.strikes + 1 if reasons else 0
-        if self.strikes >= max(1, cfg.guard_patience):
-            return "; ".join(reasons) + f" ({self.strikes} steps in a row)"
-        return None
-
     # -- checkpoints
 
     def state(self, step: int) -> dict[str, Any]:
@@ -640,15 +754,13 @@ class PPORun:
             "step": step,
             "updates": self.updates,
             "running": self.running.state_dict(),
-            "baseline_length": self.baseline_length,
-            "strikes": self.strikes,
+            **self.guards.state_dict(),
         }
 
     def load_state(self, extra: dict[str, Any]) -> int:
         self.updates = int(extra["updates"])
         self.running.load_state_dict(extra["running"])
-        self.baseline_length = extra["baseline_length"]
-        self.strikes = int(extra["strikes"])
+        self.guards.load_state_dict(extra)
         return int(extra["step"])
 
     def publish(self, output_dir: Path) -> str:
@@ -670,17 +782,19 @@ def train_ppo(
     checkpoint_dir: str | Path,
     config: PPOConfig,
     reporter: Reporter,
-    ptx_texts: list[str] | None = None,
+    ptx_conversations: list[list[dict]] | None = None,
 ) -> PPOResult:
     """Run PPO-max from the live policy and publish the new policy folder to `output_dir`.
 
     `reward_fn_or_model` is a published reward-model folder or `reward_fn(prompt_texts, response_texts,
     response_ids) -> scores`, where prompt_texts are the chat-templated prompts the policy saw.
+    `ptx_conversations` are chats that end with a reference answer (an assistant turn), for the ptx
+    loss; required when `config.ptx_coef` > 0.
     A rerun with the same `checkpoint_dir` resumes from its latest checkpoint. A tripped collapse guard
     returns a result with `rejected_reason` set and publishes nothing.
     """
     reward = reward_fn_or_model if callable(reward_fn_or_model) else Path(reward_fn_or_model)
-    run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_texts)
+    run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_conversations)
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
     resumed = None
@@ -706,7 +820,7 @@ def train_ppo(
             reporter.progress(
                 step + 1, config.steps, f"reward {metrics['reward_raw']:.3f} kl {metrics['kl_ref']:.2f}"
             )
-            reason = run.check_guards(metrics)
+            reason = run.guards.check(metrics)
             if reason is not None:
                 raise CollapseDetected(reason)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

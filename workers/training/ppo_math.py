@@ -151,9 +151,9 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-@torch.no_grad()
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position: logsumexp(z) - sum p z."""
+    """Entropy of softmax(logits) per position: logsumexp(z) - sum p z. Differentiable (the entropy
+    bonus trains through it); pass detached logits for a metric."""
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
@@ -198,6 +198,19 @@ class RunningMoments:
             float(state["std"]),
             float(state["count"]),
         )
+
+
+def reward_affine(stats: dict[str, float] | None, running_std: float = 1.0) -> tuple[float, float]:
+    """(scale, shift) of the map PPO puts a raw reward-model score through: z-score with the reward
+    model's held-out mean/std (`stats`; None = no standardising), then divide by the running std.
+
+    normalised = raw * scale + shift. The rollout standardises scores with it, and the critic's head,
+    which starts as the reward model's, gets the same map folded in so its first values are on the
+    scale of the rewards it must predict.
+    """
+    mean, std = (stats["mean"], max(float(stats["std"]), 1e-6)) if stats is not None else (0.0, 1.0)
+    scale = 1.0 / (std * max(running_std, 1e-8))
+    return scale, -float(mean) * scale
 
 
 def scale_rewards(scores: Tensor, running: RunningMoments, clip: float | None) -> Tensor:

@@ -49,6 +49,7 @@ from workers.training.data import (
     split_by_prompt,
 )
 from workers.training.lora import LoraSettings
+from workers.training.significance import binomial_upper_tail
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -98,13 +99,17 @@ class RewardConfig(TrainerConfig):
     dtype: str = "auto"
     # "auto": CUDA when available, else CPU; or any torch device string.
     device: str = "auto"
+    # A PPO round stops before its policy stage unless the held-out accuracy beats chance in a
+    # one-sided binomial test at this level (workers/training/significance.py); None = no check.
+    above_chance_alpha: float | None = 0.05
 
 
 @dataclass
 class RewardResult:
     output_dir: Path
     steps: int
-    metrics: dict[str, float]  # val_accuracy, val_loss, reward_mean, reward_std (on val)
+    # val_accuracy, val_loss, val_pairs, val_chance_p_value, reward_mean, reward_std (on val)
+    metrics: dict[str, float]
     history: list[dict] = field(default_factory=list)  # every metrics call: {"step": s, name: value}
     sha256: str = ""  # of the published folder
 
@@ -262,7 +267,8 @@ def evaluate(
     compute_dtype: torch.dtype,
 ) -> dict[str, float]:
     """val_loss (the Bradley-Terry term, with margin when used), val_accuracy (r_chosen > r_rejected)
-    over pairs, and reward_mean / reward_std over the distinct responses."""
+    over val_pairs pairs with its one-sided p-value against chance, and reward_mean / reward_std over
+    the distinct responses."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -286,6 +292,8 @@ def evaluate(
     return {
         "val_loss": loss_sum / max(pairs, 1),
         "val_accuracy": correct / max(pairs, 1),
+        "val_pairs": pairs,
+        "val_chance_p_value": binomial_upper_tail(round(correct), pairs),
         "reward_mean": float(values.mean()) if values.size else 0.0,
         "reward_std": float(values.std()) if values.size > 1 else 1.0,
     }
@@ -334,7 +342,9 @@ def _fingerprint(train: list[Comparison], val: list[Comparison], config: RewardC
     digest.update(json.dumps(sorted(c.comparison_id for c in train)).encode())
     digest.update(json.dumps(sorted(c.comparison_id for c in val)).encode())
     shaping = {
-        k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "log_every", "device")
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("checkpoint_every", "log_every", "device", "above_chance_alpha")
     }
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     return digest.hexdigest()

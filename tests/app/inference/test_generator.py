@@ -180,8 +180,8 @@ def test_stopped_rows_leave_the_batch_without_changing_the_others(tiny, fast):
         decoding = _Decoding(generator, prompts, LONGER, seed=None)
         steps = [decoding.advance() for _ in range(LONGER.max_new_tokens) if not decoding.done]
     assert decoding.active.numel() < len(prompts)  # the stopped rows were dropped from the batch
-    tokens = torch.stack([t for t, _ in steps], 1).tolist()
-    emitted = torch.stack([e for _, e in steps], 1).tolist()
+    tokens = torch.stack([t for t, _, _ in steps], 1).tolist()
+    emitted = torch.stack([e for _, e, _ in steps], 1).tolist()
     for row, full in enumerate(unstopped):
         got = [t for t, e in zip(tokens[row], emitted[row], strict=True) if e]
         cut = next((j for j, t in enumerate(full) if t in stops), None)

@@ -14,6 +14,7 @@ import torch
 from app.inference.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
+    draw_next_tokens,
     sample_next_tokens,
     top_p_candidates,
 )
@@ -134,3 +135,30 @@ def test_same_seed_same_draws():
     a = sample_next_tokens(logits, sampling, torch.Generator().manual_seed(7))
     b = sample_next_tokens(logits, sampling, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.5, 1.0), (0.8, 0.9), (2.0, 0.75)])
+def test_each_draw_comes_with_its_log_prob_under_the_distribution_that_drew_it(temperature, top_p):
+    logits = [2.0, 1.5, 1.0, 0.2, -0.5, -3.0]
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, repetition_penalty=1.0)
+    batch = torch.tensor(logits).expand(64, -1)
+    tokens, logprobs = draw_next_tokens(batch, sampling, torch.Generator().manual_seed(1))
+    expected = nucleus_by_hand(logits, temperature, top_p)
+    for token, logprob in zip(tokens.tolist(), logprobs.tolist(), strict=True):
+        assert logprob == pytest.approx(math.log(expected[token]), abs=1e-5)
+    # The same draws as the plain sampler with the same seed.
+    assert torch.equal(tokens, sample_next_tokens(batch, sampling, torch.Generator().manual_seed(1)))
+
+
+def test_a_greedy_pick_has_log_prob_zero_and_the_penalty_counts():
+    logits = torch.tensor([[3.0, 2.0, -1.0]])
+    tokens, logprobs = draw_next_tokens(logits, SamplingConfig(do_sample=False))
+    assert tokens.tolist() == [0] and logprobs.tolist() == [0.0]
+    # penalty 2 on token 0 (3 -> 1.5), then T = 1: log-prob of what was drawn, by hand
+    penalised = SamplingConfig(temperature=1.0, top_p=1.0, repetition_penalty=2.0)
+    tokens, logprobs = draw_next_tokens(
+        logits, penalised, torch.Generator().manual_seed(0), previous_tokens=torch.tensor([[0]])
+    )
+    total = math.exp(1.5) + math.exp(2.0) + math.exp(-1.0)
+    by_hand = [1.5, 2.0, -1.0][tokens.item()] - math.log(total)
+    assert logprobs.item() == pytest.approx(by_hand, abs=1e-6)

@@ -20,6 +20,7 @@ from app.services.round_spec import (
     LoraSection,
     PPOSection,
     RewardSection,
+    RolloutSection,
     RoundSpec,
     SamplingSection,
     describe_problems,
@@ -29,12 +30,13 @@ from app.services.round_spec import (
 from workers.training.dpo import DPOConfig
 from workers.training.evaluation import GateConfig
 from workers.training.lora import LoraSettings
-from workers.training.ppo import PPOConfig
+from workers.training.ppo import PPOConfig, RolloutSampling
 from workers.training.reward import RewardConfig
 
 # Each spec section and the trainer dataclass it mirrors.
 MIRRORS = [
     (SamplingSection, SamplingConfig),
+    (RolloutSection, RolloutSampling),
     (LoraSection, LoraSettings),
     (RewardSection, RewardConfig),
     (PPOSection, PPOConfig),

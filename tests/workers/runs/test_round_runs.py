@@ -156,3 +156,23 @@ def test_a_round_whose_start_policy_was_removed_ends_failed(settings, engine, db
     failed = db.get(Round, round_.id)
     assert failed.active is None
     assert "the policy the round starts from is no longer registered" in failed.error
+
+
+def test_a_ppo_round_whose_reward_model_is_no_better_than_chance_stops_before_the_policy(
+    settings, engine, db, tiny_model_dir
+):
+    from app.data.db import session_factory
+
+    init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=8, eval_prompts=0)  # a held-out prompt or two: too few pairs
+    spec = RoundSpec.model_validate({**QUICK_DPO_ROUND, "algorithm": "ppo", "policy": {"steps": 1}})
+    round_id = start_round(db, spec, enqueue=False).id
+
+    assert execute_round(round_id, session_factory(engine)) == "failed"
+    db.expire_all()
+    failed = db.get(Round, round_id)
+    assert "PPO was not started" in failed.error and "Collect more comparisons" in failed.error
+    assert failed.error.startswith("the reward model ")
+    kinds = {run.kind for run in db.scalars(select(Run).where(Run.round_id == round_id))}
+    assert kinds == {"reward"}  # the policy stage never ran
+    assert live_policy(db).version == 0

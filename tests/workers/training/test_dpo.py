@@ -152,3 +152,23 @@ def test_dpo_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     a, b = weights(straight.policy_path), weights(resumed.policy_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_second_round_is_anchored_to_the_base_and_starts_where_the_first_ended(tiny_model_dir, tmp_path):
+    # Round 1 from the base, round 2 from its result on the same comparisons, both against the base.
+    data = comparisons()
+    config = small_config(epochs=1)
+    first = train_dpo(
+        tiny_model_dir, data, tmp_path / "v1", tmp_path / "c1", config, MemoryReporter(), tiny_model_dir
+    )
+    assert first.eval_before["eval_loss"] == pytest.approx(math.log(2.0), abs=1e-5)  # policy = reference
+    second = train_dpo(
+        first.policy_path, data, tmp_path / "v2", tmp_path / "c2", config, MemoryReporter(), tiny_model_dir
+    )
+    # Measured against the base, round 2 starts with round 1's held-out result, not a fresh log 2
+    # (which a reference re-anchored to the live policy would give it, budget and all, every round).
+    assert second.eval_before["eval_loss"] == pytest.approx(first.eval_after["eval_loss"], abs=1e-4)
+    assert second.eval_before["eval_loss"] < math.log(2.0) - 0.01
+    assert second.eval_before["eval_reward_margin"] == pytest.approx(
+        first.eval_after["eval_reward_margin"], abs=1e-4
+    )

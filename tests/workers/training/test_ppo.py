@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from app.common.reporting import MemoryReporter, RunCancelled
-from app.inference.sampling import SamplingConfig
 from workers.training.lora import LoraSettings, pack, prompt_token_ids
-from workers.training.ppo import PPOConfig, PPOModels, train_ppo
+from workers.training.ppo import PPOConfig, PPOModels, RolloutSampling, train_ppo
+from workers.training.reward import score
 
 WORDS = [
     "a",
@@ -107,8 +107,13 @@ def small_config(**overrides) -> PPOConfig:
         learning_rate=3e-3,
         critic_learning_rate=9e-3,
         lr_warmup_updates=1,
-        sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=1.0, repetition_penalty=1.0),
+        sampling=RolloutSampling(max_new_tokens=16),
         guard_max_repetition=None,  # " the the the" is what this reward asks for
+        critic_warmup_steps=0,
+        # 16-token rollouts of a policy taught 12-word replies: cut-off answers are common here
+        missing_eos_penalty=None,
+        guard_min_eos_share=None,
+        guard_length_headroom=None,
         checkpoint_every=100,
         seed=0,
     )
@@ -251,23 +256,80 @@ def test_cancel_raises(policy_dir, the_reward, tmp_path):
         )
 
 
-def test_ptx_loss_and_no_eos_penalty(policy_dir, the_reward, tmp_path):
+def test_no_eos_penalty_is_subtracted_from_cut_off_answers(policy_dir, the_reward, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=2, ptx_coef=0.5, penalize_no_eos=-3.0, reward_scaling=False)
-    ptx = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nthe cat sat<|im_end|>\n"]
+    config = small_config(steps=2, missing_eos_penalty=3.0, reward_scaling=False)
     result = train_ppo(
-        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter, ptx_texts=ptx
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
     )
     assert result.rejected_reason is None
-    assert all(v > 0 for v in reporter.series("ptx_loss"))
-    # Without scaling, the score of a response that never ended is exactly the penalty.
+    # Without scaling, a response that never ended scores its reward minus the penalty.
     eos, normalised = reporter.series("eos_share"), reporter.series("reward_normalised")
     raw = reporter.series("reward_raw")
+    assert min(eos) < 1.0  # some responses were cut off, so the penalty was paid
     for share, norm, r in zip(eos, normalised, raw, strict=True):
-        if share == 0.0:
-            assert norm == pytest.approx(-3.0)
-        elif share == 1.0:
-            assert norm == pytest.approx(r)
+        assert norm == pytest.approx(r - 3.0 * (1.0 - share), abs=1e-5)
+
+
+REFERENCE_ANSWERS = [
+    [*PROMPTS[i], {"role": "assistant", "content": "the cat sat on the mat"}] for i in range(3)
+]
+
+
+def one_update(policy_dir, reward, tmp_path, name, **overrides) -> dict[str, float]:
+    reporter = MemoryReporter()
+    train_ppo(
+        policy_dir,
+        None,
+        reward,
+        PROMPTS,
+        tmp_path / f"{name}-o",
+        tmp_path / f"{name}-c",
+        small_config(steps=1, **overrides),
+        reporter,
+        ptx_conversations=REFERENCE_ANSWERS if overrides.get("ptx_coef") else None,
+    )
+    return {name: value for (_, name), value in reporter.rows.items()}
+
+
+def test_the_entropy_bonus_and_the_ptx_loss_change_the_loss(policy_dir, the_reward, tmp_path):
+    plain = one_update(policy_dir, the_reward, tmp_path, "plain")
+    assert plain["loss"] == pytest.approx(plain["policy_loss"] + plain["value_loss"], abs=1e-5)
+    # Same seed, same rollout, same first update: the knob adds exactly its term to the loss.
+    bonus = one_update(policy_dir, the_reward, tmp_path, "entropy", entropy_coef=0.1)
+    assert bonus["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
+    assert bonus["entropy_bonus"] == pytest.approx(bonus["entropy"], rel=1e-4)  # one mini-batch = the buffer
+    assert bonus["loss"] == pytest.approx(plain["loss"] - 0.1 * bonus["entropy_bonus"], abs=1e-5)
+    ptx = one_update(policy_dir, the_reward, tmp_path, "ptx", ptx_coef=0.5)
+    assert ptx["ptx_loss"] > 0
+    assert ptx["loss"] == pytest.approx(plain["loss"] + 0.5 * ptx["ptx_loss"], abs=1e-5)
+
+
+def test_ptx_without_reference_answers_is_refused(policy_dir, the_reward, tmp_path):
+    with pytest.raises(ValueError, match="ptx_coef is 0.5 but there are no reference answers"):
+        train_ppo(
+            policy_dir,
+            None,
+            the_reward,
+            PROMPTS,
+            tmp_path / "o",
+            tmp_path / "c",
+            small_config(steps=1, ptx_coef=0.5),
+            MemoryReporter(),
+        )
+
+
+def test_a_reference_answer_is_split_after_the_assistant_header(policy_dir):
+    from transformers import AutoTokenizer
+
+    from workers.training.ppo import _answer_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    prompt, answer = _answer_tokens(tokenizer, REFERENCE_ANSWERS[0], 512)
+    assert prompt == prompt_token_ids(tokenizer, PROMPTS[0])
+    assert tokenizer.decode(answer).startswith("the cat sat on the mat<|im_end|>")
+    short_prompt, short_answer = _answer_tokens(tokenizer, REFERENCE_ANSWERS[0], 8)
+    assert len(short_prompt) + len(short_answer) <= 8 and short_answer == answer[:4]
 
 
 def test_lora_mode_shares_one_base_and_publishes_merged_weights(policy_dir, the_reward, tmp_path):
@@ -294,7 +356,10 @@ def test_lora_models_share_the_frozen_base(policy_dir, the_reward):
     base = [p for n, p in models.policy.named_parameters() if "lora_" not in n]
     assert base and not any(p.requires_grad for p in base)
     assert all(".policy." in n for n in models.policy_params)
-    assert all(".critic." in n or n == "critic.value_head.weight" for n in models.critic_params)
+    assert all(
+        ".critic." in n or n in ("critic.value_head.weight", "critic.value_bias")
+        for n in models.critic_params
+    )
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +385,7 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         policy_dir, None, reward_model_dir, small_config(lora=lora), torch.device("cpu"), torch.float32
     )
     assert models.reward_stats == {"mean": 0.5, "std": 2.0}
+    assert models.value_bias.item() == pytest.approx(-0.25)  # -mean / std
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     prompts = [prompt_token_ids(tokenizer, p) for p in PROMPTS[:3]]
     batch = pack(prompts, [[260, 2644], [2644], [81, 260, 2]], tokenizer.pad_token_id)
@@ -328,8 +394,16 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         hidden = rm.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         ).last_hidden_state
-        expected = rm.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1)
+        raw = rm.score(hidden[:, batch.prompt_width - 1 : -1]).squeeze(-1)
+        # The rewards' map folded into the head: z-score with the RM's stats (mean 0.5, std 2), then
+        # the running std at initialisation (1).
+        expected = (raw - 0.5) / 2.0
         torch.testing.assert_close(models.values(batch), expected, rtol=1e-4, atol=1e-5)
+        # The reward model itself still gives raw scores.
+        rm_scores = models.scores(PROMPTS[:2], ["", ""], ["a cat", "the dog"], [[], []])
+        torch.testing.assert_close(
+            rm_scores, score(rm, tokenizer, PROMPTS[:2], ["a cat", "the dog"]), rtol=1e-4, atol=1e-5
+        )
     # The reward model scores with the original head even after the critic's copy moved.
     if lora is not None:
         head = models.critic.base_model.model.score.modules_to_save["critic"]
@@ -338,12 +412,15 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         assert not torch.allclose(models.values(batch), expected)
         with models.reward_model.disable_adapter(), torch.no_grad():
             original = models.reward_model.base_model.model.score(hidden)
-        torch.testing.assert_close(original[:, batch.prompt_width - 1 : -1].squeeze(-1), expected)
+        torch.testing.assert_close(original[:, batch.prompt_width - 1 : -1].squeeze(-1), raw)
 
 
 def test_ppo_with_a_reward_model_folder(policy_dir, reward_model_dir, tmp_path):
     reporter = MemoryReporter()
-    config = small_config(steps=2, lora=LoraSettings(r=4, alpha=8), critic_warmup_steps=1)
+    # The default critic warm-up (2 steps) is capped at half of a 2-step run.
+    config = small_config(
+        steps=2, lora=LoraSettings(r=4, alpha=8), critic_warmup_steps=PPOConfig().critic_warmup_steps
+    )
     result = train_ppo(
         policy_dir, policy_dir, reward_model_dir, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
     )
@@ -354,6 +431,74 @@ def test_ppo_with_a_reward_model_folder(policy_dir, reward_model_dir, tmp_path):
 
 
 def test_config_round_trips_through_json():
-    config = PPOConfig(lora=LoraSettings(r=8), sampling=SamplingConfig(max_new_tokens=32), kl_coef=0.05)
+    config = PPOConfig(
+        lora=LoraSettings(r=8), sampling=RolloutSampling(max_new_tokens=32, temperature=0.7), kl_coef=0.05
+    )
     again = PPOConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)], ids=["full", "lora"])
+def test_rollouts_are_on_policy_at_a_non_default_temperature(policy_dir, the_reward, tmp_path, lora):
+    # Two mini-batches, so the first one's ratio is measured before any update of this step.
+    reporter = MemoryReporter()
+    config = small_config(
+        steps=2,
+        mini_batch_size=4,
+        sampling=RolloutSampling(max_new_tokens=16, temperature=0.7),
+        lora=lora,
+        critic_warmup_steps=0,
+        dtype="float32",  # the 1e-4 below is float32's noise, on a GPU too
+    )
+    result = train_ppo(
+        policy_dir, policy_dir, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, reporter
+    )
+    assert result.rejected_reason is None
+    # The log-probs PPO trains on are the sampler's own: exp(old - sampler) = 1 on every token.
+    assert max(reporter.series("sampler_ratio_max_dev")) < 1e-4
+    assert reporter.series("ratio_first_minibatch") == pytest.approx([1.0, 1.0], abs=1e-4)
+    # Policy = reference at step 0, both tempered alike: the k1 KL is exactly 0 on every response.
+    assert reporter.series("kl_ref")[0] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_rollout_sampling_keeps_no_top_p_or_penalty():
+    sampling = RolloutSampling(max_new_tokens=8, temperature=0.6).sampling_config()
+    assert (sampling.temperature, sampling.top_p, sampling.repetition_penalty) == (0.6, 1.0, 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        RolloutSampling(temperature=0.0)
+
+
+def test_the_missing_eos_penalty_teaches_the_policy_to_finish(policy_dir, tmp_path):
+    # A reward that says nothing: the only signal is the default penalty on answers cut at the cap.
+    # (Alone it teaches answers to end at once, so the shrinking-length guard is off here.)
+    reporter = MemoryReporter()
+    config = small_config(
+        steps=10,
+        sampling=RolloutSampling(max_new_tokens=12),
+        missing_eos_penalty=PPOConfig().missing_eos_penalty,
+        guard_min_length_ratio=None,
+    )
+    result = train_ppo(
+        policy_dir,
+        None,
+        lambda prompts, texts, ids: [0.0] * len(texts),
+        PROMPTS,
+        tmp_path / "o",
+        tmp_path / "c",
+        config,
+        reporter,
+    )
+    assert result.rejected_reason is None
+    eos = reporter.series("eos_share")
+    assert sum(eos[-4:]) / 4 > sum(eos[:4]) / 4 + 0.2, eos
+
+
+def test_a_run_whose_answers_stop_ending_is_rejected_saying_so(policy_dir, the_reward, tmp_path):
+    # 4-token rollouts: hardly an answer ends, and the EOS-share guard stops the run.
+    config = small_config(steps=6, sampling=RolloutSampling(max_new_tokens=4), guard_min_eos_share=0.5)
+    result = train_ppo(
+        policy_dir, None, the_reward, PROMPTS, tmp_path / "o", tmp_path / "c", config, MemoryReporter()
+    )
+    assert result.rejected_reason is not None and result.policy_path is None
+    assert "of responses ended before 4 tokens" in result.rejected_reason
+    assert result.rejected_reason.endswith("(3 steps in a row)")

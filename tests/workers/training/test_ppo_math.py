@@ -161,6 +161,15 @@ def test_scale_rewards_divides_by_running_std_and_clips():
     close(pm.scale_rewards(torch.tensor([2.0, -4.0]), pm.RunningMoments(), clip=0.5), [0.471405, -0.5])
 
 
+def test_reward_affine_is_the_z_score_then_the_running_std():
+    # raw 4.5 with RM stats mean 0.5, std 2: z = 2; running std 4 -> 0.5
+    scale, shift = pm.reward_affine({"mean": 0.5, "std": 2.0}, running_std=4.0)
+    assert (scale, shift) == pytest.approx((0.125, -0.0625))
+    assert 4.5 * scale + shift == pytest.approx(0.5)
+    assert pm.reward_affine({"mean": 0.5, "std": 2.0}) == pytest.approx((0.5, -0.25))
+    assert pm.reward_affine(None, running_std=2.0) == pytest.approx((0.5, 0.0))  # no RM statistics
+
+
 def test_logprobs_and_entropy_from_logits():
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
     labels = torch.tensor([[2, 1]])

@@ -1,0 +1,94 @@
+"""PPO's collapse guards: the step metrics that move before the reward does, read after every step.
+
+MOSS-RLHF (§5.2) saw collapse show first in the KL to the reference, the response length and
+repetition. A guard that holds `patience` steps in a row stops the run and rejects the candidate with
+the stated reason. The thresholds are settings of PPOConfig (`guard_*`); the state (the first rollout's
+length, the strikes so far) goes into checkpoints so a resumed run guards the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class GuardSettings:
+    max_kl: float | None  # nats per response to the reference
+    max_length_ratio: float | None  # mean length vs the first rollout's
+    min_length_ratio: float | None
+    length_headroom: float | None  # share of the way from the first length to max_new_tokens
+    max_mean_length: float | None  # absolute bounds in tokens
+    min_mean_length: float | None
+    min_eos_share: float | None  # share of responses that ended with EOS
+    max_repetition: float | None
+    patience: int
+    max_new_tokens: int  # the rollout cap: no mean length can exceed it
+
+
+def max_length_allowed(settings: GuardSettings, baseline: float) -> float | None:
+    """The mean length above which the rise guard strikes: `max_length_ratio` x the first rollout's,
+    but never beyond `length_headroom` of the way from there to `max_new_tokens`.
+
+    A ratio alone cannot fire once the first rollout averages more than cap / ratio (2.5x of 52
+    tokens is above a 128-token cap); the headroom keeps the guard live at the training length.
+    """
+    bounds = []
+    if settings.max_length_ratio is not None:
+        bounds.append(settings.max_length_ratio * baseline)
+    if settings.length_headroom is not None:
+        bounds.append(baseline + settings.length_headroom * max(settings.max_new_tokens - baseline, 0.0))
+    return min(bounds) if bounds else None
+
+
+class CollapseGuards:
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        self.baseline_length: float | None = None
+        self.strikes = 0
+
+    def reasons(self, metrics: dict[str, float]) -> list[str]:
+        """Every threshold this step's metrics cross (the first call sets the baseline length)."""
+        cfg = self.settings
+        length = metrics["response_length"]
+        if self.baseline_length is None:
+            self.baseline_length = length
+        base = max(self.baseline_length, 1.0)
+        out = []
+        if cfg.max_kl is not None and metrics["kl_ref"] > cfg.max_kl:
+            out.append(f"KL to reference {metrics['kl_ref']:.2f} nats > {cfg.max_kl}")
+        ceiling = max_length_allowed(cfg, base)
+        if ceiling is not None and length > ceiling:
+            out.append(
+                f"mean response length {length:.1f} > {ceiling:.1f} (the first rollout's was {base:.1f})"
+            )
+        if cfg.min_length_ratio is not None and length < cfg.min_length_ratio * base:
+            out.append(f"mean response length {length:.1f} < {cfg.min_length_ratio}x the first {base:.1f}")
+        if cfg.max_mean_length is not None and length > cfg.max_mean_length:
+            out.append(f"mean response length {length:.1f} > {cfg.max_mean_length}")
+        if cfg.min_mean_length is not None and length < cfg.min_mean_length:
+            out.append(f"mean response length {length:.1f} < {cfg.min_mean_length}")
+        if cfg.min_eos_share is not None and metrics["eos_share"] < cfg.min_eos_share:
+            out.append(
+                f"only {metrics['eos_share']:.0%} of responses ended before {cfg.max_new_tokens} tokens "
+                f"(at least {cfg.min_eos_share:.0%} must; raise policy.sampling.max_new_tokens if the "
+                "answers need more room)"
+            )
+        if cfg.max_repetition is not None and metrics["repetition_rate"] > cfg.max_repetition:
+            out.append(f"repetition rate {metrics['repetition_rate']:.2f} > {cfg.max_repetition}")
+        return out
+
+    def check(self, metrics: dict[str, float]) -> str | None:
+        """The reason to stop, once some threshold has been crossed `patience` steps in a row."""
+        reasons = self.reasons(metrics)
+        self.strikes = self.strikes + 1 if reasons else 0
+        if self.strikes >= max(1, self.settings.patience):
+            return "; ".join(reasons) + f" ({self.strikes} steps in a row)"
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline_length": self.baseline_length, "strikes": self.strikes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.baseline_length = state["baseline_length"]
+        self.strikes = int(state["strikes"])
