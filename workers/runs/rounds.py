@@ -1,4 +1,9 @@
-"""A round, executed in one gpu-queue task: reward model → policy → evaluation → promote → refill.
+"""A round, executed in one gpu-queue task: reward model → judge → policy → evaluation → promote → refill.
+
+The comparisons are split by prompt into two disjoint sides: the policy's side trains the reward
+model PPO optimises against (and DPO's policy), the judge's side (`gate.judge_share` of the prompts)
+trains the held-out judge the evaluation gate scores with. In human mode a candidate that passed
+the judge's checks then waits for arena votes (app.services.human_gate settles it).
 
 The round's RoundSpec is read back from its row; each stage is a run row of the round (one per kind)
 that carries its section of the spec, executed inline with the usual lifecycle, so a redelivered
@@ -18,11 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import get_settings
 from app.data.db import session_factory
 from app.data.models import Policy, Round, Run
+from app.services.human_gate import open_arena
 from app.services.promotion import promote
 from app.services.round_spec import RoundSpec, describe_problems
 from app.services.rounds import finish_round
 from app.services.runs import create_run, execute
-from workers.runs.training import evaluation_body, policy_body, reward_body
+from workers.runs.gate import evaluation_body
+from workers.runs.training import policy_body, reward_body
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +95,30 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
         algorithm, snapshot = spec.algorithm, round_.comparison_snapshot
         start = db.get(Policy, round_.base_policy_id)
         start_version = start.version
+    # The split changes with the round, so over rounds every prompt also trains a policy.
+    split = {"judge_share": spec.gate.judge_share, "seed": round_id}
+    # The length the policy learnt at: PPO's rollouts, or the task pool's answers DPO learnt from.
+    training_length = (
+        spec.policy.sampling.max_new_tokens if algorithm == "ppo" else settings.refill_max_new_tokens
+    )
+    reward_config = {
+        "comparison_snapshot": snapshot,
+        "policy_version": start_version,
+        "reward": spec.reward.model_dump(mode="json"),
+    }
     try:
         reward = _stage(
             sessions,
             round_id,
             "reward",
-            {
-                "comparison_snapshot": snapshot,
-                "policy_version": start_version,
-                "reward": spec.reward.model_dump(mode="json"),
-            },
+            {**reward_config, "comparison_split": {**split, "side": "policy"}},
+            reward_body(sessions, settings),
+        )
+        judge = _stage(
+            sessions,
+            round_id,
+            "judge",
+            {**reward_config, "comparison_split": {**split, "side": "judge"}},
             reward_body(sessions, settings),
         )
         trained = _stage(
@@ -108,6 +129,7 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
                 "algorithm": algorithm,
                 "policy_version": start_version,
                 "comparison_snapshot": snapshot,
+                "comparison_split": {**split, "side": "policy"},
                 "reward_model_id": reward["reward_model_id"],
                 "policy": spec.policy.model_dump(mode="json"),
             },
@@ -123,7 +145,8 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
             {
                 "candidate_version": candidate_version,
                 "baseline_version": start_version,
-                "reward_model_id": reward["reward_model_id"],
+                "judge_model_id": judge["reward_model_id"],
+                "max_new_tokens": training_length,
                 "gate": spec.gate.model_dump(mode="json"),
             },
             evaluation_body(sessions, settings),
@@ -141,12 +164,40 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
 
     with sessions() as db:
         round_ = db.get(Round, round_id)
+        round_.gate = {
+            **(round_.gate or {}),
+            "mode": spec.gate.mode,
+            "judge": {k: v for k, v in evaluation.items() if k != "samples"},
+            "judge_comparisons": judge.get("comparisons"),
+            "policy_comparisons": reward.get("comparisons"),
+        }
+        db.commit()
         if not evaluation.get("passed"):
             reasons = "; ".join(evaluation.get("reasons", [])) or "gate not passed"
             finish_round(
                 db, round_, "failed", error=f"candidate v{candidate_version} rejected by the gate: {reasons}"
             )
             return "failed"
+        if spec.gate.mode == "human":
+            candidate = db.scalar(select(Policy).where(Policy.version == candidate_version))
+            try:
+                open_arena(
+                    db,
+                    round_,
+                    candidate,
+                    db.get(Policy, round_.base_policy_id),
+                    spec.gate.model_dump(),
+                    training_length,
+                    settings,
+                )
+            except Exception as exc:
+                log.exception("round %s: opening the arena for v%s failed", round_id, candidate_version)
+                db.rollback()
+                error = f"the arena for v{candidate_version} could not be opened: {type(exc).__name__}: {exc}"
+                finish_round(db, db.get(Round, round_id), "failed", error=error)
+                return "failed"
+            log.info("round %s: v%s passed the checks and waits for arena votes", round_id, candidate_version)
+            return "awaiting_votes"
         if not spec.auto_promote:
             round_.stage = "awaiting_approval"
             finish_round(db, round_, "awaiting_approval")
