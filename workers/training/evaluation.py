@@ -255,7 +255,7 @@ def _token_kl(policy, other, batch, rows: int = 4) -> list[float]:
         part = batch.select(list(range(start, min(start + rows, batch.input_ids.shape[0]))))
         logp = torch.log_softmax(response_logprobs(policy, part)[1].float(), -1)
         logq = torch.log_softmax(response_logprobs(other, part)[1].float(), -1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # float error only below 0
         out += (kl * part.response_mask.to(kl.dtype)).sum(1).tolist()
     return out
 
@@ -300,7 +300,9 @@ def evaluate_candidate(
         tokenizer.pad_token = tokenizer.eos_token
     candidate = _load_policy(candidate_path, dev, dt)
     live = _load_policy(live_path, dev, dt)
-    base = _load_policy(base_path, dev, dt) if base_path is not None else None
+    # In a first round the live policy is the base: its KL is the one already measured.
+    base_is_live = base_path is not None and Path(base_path).resolve() == Path(live_path).resolve()
+    base = _load_policy(base_path, dev, dt) if base_path is not None and not base_is_live else None
     score_responses = _scorer(judge, dev, dt)
 
     # Prompt i's samples are rows i*k .. i*k+k-1 of every list below.
@@ -331,6 +333,8 @@ def evaluate_candidate(
                     kls_live += _token_kl(candidate, live, batch)
                     if base is not None:
                         kls_base += _token_kl(candidate, base, batch)
+                    elif base_is_live:
+                        kls_base = kls_live
         if progress is not None:
             progress(min(start + batch_size, total), total, "sampling and judging both policies")
 
@@ -362,7 +366,7 @@ def evaluate_candidate(
         confidence=rate.confidence,
         interval=rate.method,
         kl_to_live=sum(kls_live) / m,
-        kl_to_base=sum(kls_base) / m if base is not None else None,
+        kl_to_base=sum(kls_base) / m if base_path is not None else None,
         candidate_length=sum(len(r) for r in cand_ids) / m,
         live_length=sum(len(r) for r in live_ids) / m,
         candidate_eos_share=sum(cand_ended) / m,
