@@ -17,12 +17,12 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
 from app.data.db import session_factory
-from app.data.models import Policy, Round, Run
+from app.data.models import Comparison, Policy, Response, Round, Run
 from app.services.human_gate import open_arena
 from app.services.promotion import promote
 from app.services.round_spec import RoundSpec, describe_problems
@@ -69,6 +69,22 @@ def _stage(sessions: sessionmaker[Session], round_id: int, kind: str, config: di
         return dict(run.result)
 
 
+def answers_length(db: Session, snapshot: int, recent: int = 500) -> int | None:
+    """The longest `max_new_tokens` the latest compared answers were sampled with (None: unknown)."""
+    samplings = db.scalars(
+        select(Response.sampling)
+        .join(
+            Comparison,
+            or_(Comparison.chosen_response_id == Response.id, Comparison.rejected_response_id == Response.id),
+        )
+        .where(Comparison.id <= snapshot)
+        .order_by(Comparison.id.desc())
+        .limit(recent)
+    )
+    lengths = [int(s["max_new_tokens"]) for s in samplings if isinstance(s, dict) and s.get("max_new_tokens")]
+    return max(lengths) if lengths else None
+
+
 def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) -> str:
     """Drive one round to its end; returns the round's final status."""
     sessions = sessions or session_factory()
@@ -98,9 +114,11 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
     # The split changes with the round, so over rounds every prompt also trains a policy.
     split = {"judge_share": spec.gate.judge_share, "seed": round_id}
     # The length the policy learnt at: PPO's rollouts, or the task pool's answers DPO learnt from.
-    training_length = (
-        spec.policy.sampling.max_new_tokens if algorithm == "ppo" else settings.refill_max_new_tokens
-    )
+    if algorithm == "ppo":
+        training_length = spec.policy.sampling.max_new_tokens
+    else:
+        with sessions() as db:
+            training_length = answers_length(db, snapshot) or settings.refill_max_new_tokens
     reward_config = {
         "comparison_snapshot": snapshot,
         "policy_version": start_version,

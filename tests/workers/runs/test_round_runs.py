@@ -160,3 +160,17 @@ def test_a_second_delivery_leaves_a_stage_held_by_a_live_worker_alone(settings, 
     db.expire_all()
     assert active_round(db).id == round_.id and db.get(Round, round_.id).error == ""
     assert db.get(Run, run.id).status == "running"
+
+
+def test_a_dpo_round_gates_at_the_length_its_answers_were_sampled_at(db):
+    from app.data.models import Comparison, Response
+    from workers.runs.rounds import answers_length
+
+    marker_preferences(World(db), n_prompts=3, eval_prompts=0)
+    snapshot = db.scalar(select(Comparison.id).order_by(Comparison.id.desc()))
+    assert answers_length(db, snapshot) is None  # unknown: the round falls back to the pool's setting
+    responses = db.scalars(select(Response).order_by(Response.id)).all()
+    for n, response in enumerate(responses):
+        response.sampling = {"max_new_tokens": 64 if n % 2 else 48, "temperature": 0.8}
+    db.commit()
+    assert answers_length(db, snapshot) == 64
