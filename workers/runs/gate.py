@@ -23,13 +23,13 @@ from app.services.runs import Body, DbReporter, execute
 from workers.runs.training import trainer_config
 
 
-def judge_description(judge: RewardModel) -> str:
+def judge_description(judge: RewardModel, comparisons: int | None = None) -> str:
     """The judge in words, for the admin: which reward model and what it learnt from."""
     metrics = judge.metrics or {}
     accuracy = metrics.get("val_accuracy")
     parts = [f"reward model #{judge.id} held out from the policy's training"]
-    if metrics.get("comparisons") is not None:
-        parts.append(f"{metrics['comparisons']} comparisons")
+    if comparisons is not None:
+        parts.append(f"trained on {comparisons} comparisons of prompts the policy never learnt from")
     if isinstance(accuracy, int | float):
         parts.append(f"held-out accuracy {accuracy:.2f}")
     return ", ".join(parts)
@@ -55,7 +55,11 @@ def evaluation_body(sessions: sessionmaker[Session], settings: Settings) -> Body
                 raise ValueError("candidate or baseline policy is missing from the registry")
             candidate_id, candidate_path, baseline_path = candidate.id, candidate.path, baseline.path
             base_path = base.path if base is not None else None
-            judge_path, judge_name = (judge.path, judge_description(judge)) if judge else (None, "")
+            judge_path, judge_name = (
+                (judge.path, judge_description(judge, config.get("judge_comparisons")))
+                if judge
+                else (None, "")
+            )
         if judge_path is None:
             raise ValueError(
                 "evaluation needs the round's held-out judge (its judge stage did not produce one)"

@@ -164,6 +164,7 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
                 "candidate_version": candidate_version,
                 "baseline_version": start_version,
                 "judge_model_id": judge["reward_model_id"],
+                "judge_comparisons": judge.get("comparisons"),
                 "max_new_tokens": training_length,
                 "gate": spec.gate.model_dump(mode="json"),
             },
