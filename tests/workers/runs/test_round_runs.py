@@ -97,6 +97,33 @@ def test_the_gate_rejects_a_candidate_its_judge_does_not_prefer_beyond_chance(
     assert db.scalar(select(Policy).where(Policy.round_id == round_id)).status == "rejected"
 
 
+def test_in_human_mode_a_candidate_that_passed_the_checks_waits_for_arena_votes(
+    settings, engine, db, tiny_model_dir, monkeypatch
+):
+    from app.data.db import session_factory
+
+    sent = []
+    monkeypatch.setattr("app.services.dispatch._sender", lambda name, args: sent.append((name, args)))
+    base, _ = init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=8, eval_prompts=3)
+    gate = {**QUICK_DPO_ROUND["gate"], "mode": "human", "arena_prompts": 2}
+    round_id = start_round(db, RoundSpec.model_validate({**QUICK_DPO_ROUND, "gate": gate})).id
+
+    assert execute_round(round_id, session_factory(engine)) == "awaiting_votes"
+    db.expire_all()
+    round_ = db.get(Round, round_id)
+    assert round_.status == round_.stage == "awaiting_votes" and round_.active is True
+    assert round_.gate["mode"] == "human" and round_.gate["judge"]["passed"]
+    arena = db.get(Run, round_.gate["human"]["arena_run_id"])
+    assert arena.kind == "generate" and len(arena.config["arena_prompt_ids"]) == 2
+    assert arena.config["arena_versions"] == [1, 0]
+    assert ("workers.tasks.generate_responses", [arena.id]) in sent
+    candidate = db.scalar(select(Policy).where(Policy.round_id == round_id))
+    assert candidate.status == "candidate" and live_policy(db).id == base.id
+    # A redelivered round message leaves the waiting round alone.
+    assert execute_round(round_id, session_factory(engine)) == "awaiting_votes"
+
+
 def test_a_round_whose_stored_settings_are_not_a_spec_fails_naming_them(settings, engine, db, tiny_model_dir):
     from app.data.db import session_factory
 
