@@ -13,6 +13,7 @@ from app.config import get_settings
 from app.data.db import session_scope
 from app.services import dispatch
 from app.services.assignment import expire_stale_assignments
+from app.services.human_gate import settle_rounds_awaiting_votes
 from app.services.retention import apply_cleanup, plan_cleanup
 from app.services.rounds import maybe_start_auto_round, resend_queued_rounds
 from app.services.runs import requeue_stale_runs, resend_queued_runs
@@ -26,8 +27,8 @@ log = logging.getLogger(__name__)
 def periodic_maintenance() -> dict[str, int]:
     """Beat: return expired assignments to the pool; re-queue runs whose worker died; send again runs
     and rounds queued long ago whose task never started (PREFLOOP_QUEUED_RESEND_SECONDS); refill the
-    pool; start a round when enough new comparisons arrived (PREFLOOP_AUTO_ROUND_MIN_COMPARISONS,
-    0 = off)."""
+    pool; settle the rounds waiting for arena votes on their candidate; start a round when enough new
+    comparisons arrived (PREFLOOP_AUTO_ROUND_MIN_COMPARISONS, 0 = off)."""
     unsent_after = timedelta(seconds=get_settings().queued_resend_seconds)
     with session_scope() as db:
         expired = expire_stale_assignments(db)
@@ -47,6 +48,10 @@ def periodic_maintenance() -> dict[str, int]:
     if refill_run is not None:
         log.info("task pool is low: generation run %s queued", refill_run)
     with session_scope() as db:
+        settled = {k: v for k, v in settle_rounds_awaiting_votes(db).items() if v != "wait"}
+    if settled:
+        log.info("arena votes settled rounds: %s", settled)
+    with session_scope() as db:
         auto_round = maybe_start_auto_round(db, get_settings().auto_round_min_comparisons)
         auto_round_id = auto_round.id if auto_round is not None else 0
     if auto_round_id:
@@ -57,6 +62,7 @@ def periodic_maintenance() -> dict[str, int]:
         "resent_runs": len(resent_runs),
         "resent_rounds": len(resent_rounds),
         "refill_run": refill_run or 0,
+        "settled_rounds": len(settled),
         "auto_round": auto_round_id,
     }
 
@@ -100,7 +106,7 @@ def train_policy(run_id: int) -> str | None:
 @celery_app.task(name=dispatch.EVALUATE_POLICY)
 def evaluate_policy(run_id: int) -> str | None:
     """Evaluate a candidate against a baseline on held-out prompts and apply the gate."""
-    from workers.runs.training import execute_evaluation_run
+    from workers.runs.gate import execute_evaluation_run
 
     return execute_evaluation_run(run_id)
 

@@ -82,7 +82,7 @@ def round_start(algorithm: str, overrides: tuple[str, ...], no_auto_promote: boo
     click.echo(f"round {round_id} queued ({algorithm})")
     if wait:
         status = follow_round(round_id)
-        if status not in ("succeeded", "awaiting_approval"):
+        if status not in ("succeeded", "awaiting_approval", "awaiting_votes"):
             raise SystemExit(1)
 
 
@@ -119,6 +119,11 @@ def follow_round(round_id: int, poll_seconds: float = 1.0) -> str:
         bar.close()
     if status == "succeeded":
         click.echo(f"round {round_id} succeeded: policy v{version} is live")
+    elif status == "awaiting_votes":
+        click.echo(
+            f"round {round_id}: candidate v{version} passed the judge's checks and waits for arena votes; "
+            f"the admin console's round page shows them coming in"
+        )
     elif status == "awaiting_approval":
         click.echo(
             f"round {round_id}: candidate v{version} passed the gate; promote it with `prefloop round promote {version}`"

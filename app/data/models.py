@@ -44,9 +44,17 @@ TASK_STATUSES = ("open", "done", "closed")
 # released: the annotator gave the task back unjudged; like skipped it counts as seen, so the task
 # goes to someone else, but no annotation is stored.
 ASSIGNMENT_STATUSES = ("active", "submitted", "skipped", "expired", "released")
-RUN_KINDS = ("reward", "ppo", "dpo", "evaluate", "generate", "export")
+RUN_KINDS = ("reward", "judge", "ppo", "dpo", "evaluate", "generate", "export")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ROUND_STATUSES = ("queued", "running", "awaiting_approval", "succeeded", "failed", "cancelled")
+ROUND_STATUSES = (
+    "queued",
+    "running",
+    "awaiting_votes",
+    "awaiting_approval",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
 
 
 def utcnow() -> datetime:
@@ -404,6 +412,9 @@ class Round(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When maintenance last sent its task again; NULL: sent once, when the row was created.
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The promotion gate's verdict: its figures, checks and reasons (the held-out judge), and in
+    # human mode the arena votes and their Bradley-Terry interval; what the admin reads.
+    gate: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, server_default="{}")
 
 
 class Run(Base):

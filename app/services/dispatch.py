@@ -33,6 +33,7 @@ QUEUE_OF = {
 # The task that executes a run row of each kind when it runs on its own (not as a round's stage).
 TASK_FOR_RUN_KIND = {
     "reward": TRAIN_REWARD_MODEL,
+    "judge": TRAIN_REWARD_MODEL,  # the gate's held-out judge is a reward model too
     "ppo": TRAIN_POLICY,
     "dpo": TRAIN_POLICY,
     "evaluate": EVALUATE_POLICY,

@@ -5,7 +5,8 @@ rows and still reports the rest.
 
 The split of a prompt is a pure function of (its content hash, the set's seed, the eval fraction):
 the same file gives the same split in any order, and appending rows never moves an existing prompt
-to the other side.
+to the other side. A row may pin its side with a `split` field (in its metadata or as a column) of
+"train" or "eval": prompts written for evaluation stay held out whatever the fraction.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from app.data.models import Prompt, PromptSet
+from app.data.models import SPLITS, Prompt, PromptSet
 from app.services.prompt_uploads import PromptSetError, RowError, parse_prompt_file
 
 MAX_ERRORS_REPORTED = 200  # a broken file should not produce a megabyte of error text
@@ -83,7 +84,8 @@ def create_prompt_set(
     rows = []
     for p in parsed.prompts:
         h = p.content_hash
-        split = split_for(h, split_seed, eval_fraction)
+        pinned = p.meta.get("split")
+        split = pinned if pinned in SPLITS else split_for(h, split_seed, eval_fraction)
         counts[split] += 1
         rows.append(
             Prompt(

@@ -30,6 +30,7 @@ from pydantic import (
     RootModel,
     Tag,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -177,18 +178,47 @@ class DPOSection(Section):
     lora: LoraSection | None = None
 
 
-class GateSection(Section):
-    """Mirrors GateConfig: the candidate against the live policy on held-out prompts."""
+GATE_MODES = ("judge", "human")
+INTERVALS = ("wilson", "bootstrap")
 
-    prompts: Count = 32
-    sampling: SamplingSection = Field(default_factory=lambda: SamplingSection(max_new_tokens=64))
-    min_win_rate: float = 0.5
+
+class GateSection(Section):
+    """Mirrors GateConfig: the candidate against the live policy on held-out prompts, by a held-out judge."""
+
+    mode: str = "judge"
+    judge_share: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    prompts: int | None = Field(default=None, ge=1)
+    samples_per_prompt: Count = 4
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    at_training_length: bool = True
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    interval: str = "wilson"
+    min_win_rate: float | None = 0.5
     min_score_delta: float | None = None
     max_kl: float | None = 25.0
+    max_kl_to_base: float | None = 40.0
     max_length_ratio: float | None = 2.0
     min_length_ratio: float | None = 0.5
     min_eos_share: float | None = None
+    max_eos_share_drop: float | None = 0.1
     samples: ZeroOrMore = 5
+    arena_prompts: Count = 48
+    arena_min_votes: Count = 20
+    arena_max_votes: Count = 200
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        if value not in GATE_MODES:
+            raise ValueError(f"must be one of {', '.join(GATE_MODES)}")
+        return value
+
+    @field_validator("interval")
+    @classmethod
+    def _known_interval(cls, value: str) -> str:
+        if value not in INTERVALS:
+            raise ValueError(f"must be one of {', '.join(INTERVALS)}")
+        return value
 
 
 class PPORound(Section):

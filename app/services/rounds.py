@@ -16,13 +16,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.data.models import Comparison, Round, Run, utcnow
+from app.data.models import Comparison, Policy, Round, Run, utcnow
 from app.services import dispatch
 from app.services.prompt_sets import reference_answers
 from app.services.registry import live_policy
 from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.round_spec import RoundSpec
 from app.services.runs import request_cancel
+from app.services.tasks_pool import close_open_arena_tasks
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,15 @@ def start_round(
 def cancel_round(db: Session, round_id: int) -> bool:
     """Cancel a queued or running round and ask its running run to stop."""
     round_ = db.get(Round, round_id)
-    if round_ is None or round_.status not in (*ACTIVE_STATUSES, "awaiting_approval"):
+    if round_ is None or round_.status not in (*ACTIVE_STATUSES, "awaiting_votes", "awaiting_approval"):
         return False
     for run_id in db.scalars(
         select(Run.id).where(Run.round_id == round_id, Run.status.in_(("queued", "running")))
     ):
         request_cancel(db, run_id)
+    if round_.status == "awaiting_votes":  # its candidate's arena tasks stop being handed out
+        for policy_id in db.scalars(select(Policy.id).where(Policy.round_id == round_id)):
+            close_open_arena_tasks(db, policy_id)
     finish_round(db, round_, "cancelled", error="cancelled by an admin")
     return True
 

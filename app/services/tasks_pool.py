@@ -72,6 +72,43 @@ def create_arena_task(
     return task
 
 
+def close_open_arena_tasks(db: Session, policy_id: int) -> int:
+    """Close the open arena tasks that show a response of this policy (flushed, not committed): its
+    confirmation is over, so annotators stop being given them. Judgements already made are kept."""
+    shown = (
+        select(TaskResponse.task_id)
+        .join(Response, Response.id == TaskResponse.response_id)
+        .where(Response.policy_id == policy_id)
+    )
+    tasks = db.scalars(
+        select(Task).where(Task.kind == "arena", Task.status == "open", Task.id.in_(shown))
+    ).all()
+    for task in tasks:
+        task.status = "closed"
+    db.flush()
+    return len(tasks)
+
+
+def open_arena_task_count(db: Session, policy_id: int) -> int:
+    """Open arena tasks showing a response of this policy that still have a free slot."""
+    shown = (
+        select(TaskResponse.task_id)
+        .join(Response, Response.id == TaskResponse.response_id)
+        .where(Response.policy_id == policy_id)
+    )
+    return (
+        db.scalar(
+            select(func.count(Task.id)).where(
+                Task.kind == "arena",
+                Task.status == "open",
+                Task.claimed_count < Task.required_annotations,
+                Task.id.in_(shown),
+            )
+        )
+        or 0
+    )
+
+
 def claimable_task_count(db: Session) -> int:
     """Open ordinary tasks with at least one free slot (what annotators can still be given)."""
     return (

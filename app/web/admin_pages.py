@@ -14,9 +14,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.data.models import Policy, PolicyAlias, Round, Run
+from app.services.human_gate import round_verdict
 
 RUN_ENDED = ("succeeded", "failed", "cancelled")
-ROUND_ACTIVE = ("queued", "running")
+ROUND_ACTIVE = ("queued", "running", "awaiting_votes")  # votes still come in while it waits
 # htmx stops polling when a response carries this status (htmx docs, "Polling").
 STOP_POLLING = 286
 
@@ -123,8 +124,21 @@ def samples_of(run: Run | None) -> list[dict[str, str]]:
                 "prompt": str(sample.get("prompt", "")),
                 "live": str(sample.get("live", sample.get("baseline", ""))),
                 "candidate": str(sample.get("candidate", "")),
-                "live_reward": sample.get("live_reward", sample.get("baseline_reward")),
-                "candidate_reward": sample.get("candidate_reward"),
+                "live_reward": sample.get(
+                    "live_score", sample.get("live_reward", sample.get("baseline_reward"))
+                ),
+                "candidate_reward": sample.get("candidate_score", sample.get("candidate_reward")),
             }
         )
     return out
+
+
+def gate_view(db: Session, round_: Round) -> dict[str, Any]:
+    """The round's promotion gate for its page: the held-out judge's figures, checks and reasons, and
+    in human mode the arena votes (counted afresh while the round waits for them)."""
+    gate = dict(round_.gate or {})
+    if round_.status == "awaiting_votes":
+        verdict = round_verdict(db, round_)
+        if verdict is not None:
+            gate["human"] = {**(gate.get("human") or {}), **verdict.as_dict()}
+    return gate

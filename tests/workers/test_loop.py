@@ -28,7 +28,17 @@ QUICK_ROUND = {
     "algorithm": "dpo",
     "reward": {"epochs": 1, "max_pairs_per_batch": 4, "max_length": 64, "learning_rate": 1e-3},
     "policy": {"epochs": 1, "batch_size": 4, "max_length": 64, "learning_rate": 1e-4},
-    "gate": {"min_win_rate": 0.0, "max_kl": None, "max_length_ratio": None, "min_length_ratio": None},
+    "gate": {
+        "samples_per_prompt": 1,
+        "sampling": {"max_new_tokens": 8},
+        "at_training_length": False,
+        "min_win_rate": None,
+        "max_kl": None,
+        "max_kl_to_base": None,
+        "max_length_ratio": None,
+        "min_length_ratio": None,
+        "max_eos_share_drop": None,
+    },
 }
 
 
@@ -118,7 +128,7 @@ def test_a_round_goes_live_without_errors_and_rollback_restores(
             assert started.status_code == 201, started.text
             round_ = _wait_round(client, started.json()["id"])
             assert round_["status"] == "succeeded", round_
-            assert [r["kind"] for r in round_["runs"]] == ["reward", "dpo", "evaluate"]
+            assert [r["kind"] for r in round_["runs"]] == ["reward", "judge", "dpo", "evaluate"]
             db.expire_all()
             new = live_policy(db)
             assert new.version == 1 and new.kind == "dpo" and new.parent_id == base_policy.id

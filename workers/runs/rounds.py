@@ -1,4 +1,9 @@
-"""A round, executed in one gpu-queue task: reward model → policy → evaluation → promote → refill.
+"""A round, executed in one gpu-queue task: reward model → judge → policy → evaluation → promote → refill.
+
+The comparisons are split by prompt into two disjoint sides: the policy's side trains the reward
+model PPO optimises against (and DPO's policy), the judge's side (`gate.judge_share` of the prompts)
+trains the held-out judge the evaluation gate scores with. In human mode a candidate that passed
+the judge's checks then waits for arena votes (app.services.human_gate settles it).
 
 The round's RoundSpec is read back from its row; each stage is a run row of the round (one per kind)
 that carries its section of the spec, executed inline with the usual lifecycle, so a redelivered
@@ -12,18 +17,20 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.common.errors import record_failure
 from app.config import get_settings
 from app.data.db import session_factory
-from app.data.models import Policy, Round, Run, utcnow
+from app.data.models import Comparison, Policy, Response, Round, Run, utcnow
+from app.services.human_gate import open_arena
 from app.services.promotion import promote
 from app.services.round_spec import RoundSpec, describe_problems
 from app.services.rounds import finish_round
 from app.services.runs import create_run, execute
-from workers.runs.training import evaluation_body, policy_body, reward_body
+from workers.runs.gate import evaluation_body
+from workers.runs.training import policy_body, reward_body
 from workers.training.significance import reward_model_problem
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,22 @@ def _stage(sessions: sessionmaker[Session], round_id: int, kind: str, config: di
             detail = run.error.splitlines()[0] if run.error else run.status
             raise StageFailed(f"{kind} run {run_id} {status or run.status}: {detail}")
         return dict(run.result)
+
+
+def answers_length(db: Session, snapshot: int, recent: int = 500) -> int | None:
+    """The longest `max_new_tokens` the latest compared answers were sampled with (None: unknown)."""
+    samplings = db.scalars(
+        select(Response.sampling)
+        .join(
+            Comparison,
+            or_(Comparison.chosen_response_id == Response.id, Comparison.rejected_response_id == Response.id),
+        )
+        .where(Comparison.id <= snapshot)
+        .order_by(Comparison.id.desc())
+        .limit(recent)
+    )
+    lengths = [int(s["max_new_tokens"]) for s in samplings if isinstance(s, dict) and s.get("max_new_tokens")]
+    return max(lengths) if lengths else None
 
 
 def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) -> str:
@@ -124,16 +147,25 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
         if start is None:
             raise StageFailed("the policy the round starts from is no longer registered")
         start_version = start.version
+    # The split changes with the round, so over rounds every prompt also trains a policy.
+    split = {"judge_share": spec.gate.judge_share, "seed": round_id}
+    # The length the policy learnt at: PPO's rollouts, or the task pool's answers DPO learnt from.
+    if algorithm == "ppo":
+        training_length = spec.policy.sampling.max_new_tokens
+    else:
+        with sessions() as db:
+            training_length = answers_length(db, snapshot) or settings.refill_max_new_tokens
+    reward_config = {
+        "comparison_snapshot": snapshot,
+        "policy_version": start_version,
+        "reward": spec.reward.model_dump(mode="json"),
+    }
     try:
         reward = _stage(
             sessions,
             round_id,
             "reward",
-            {
-                "comparison_snapshot": snapshot,
-                "policy_version": start_version,
-                "reward": spec.reward.model_dump(mode="json"),
-            },
+            {**reward_config, "comparison_split": {**split, "side": "policy"}},
             reward_body(sessions, settings),
         )
         if algorithm == "ppo":
@@ -141,6 +173,13 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
             problem = reward_model_problem(reward, spec.reward.above_chance_alpha)
             if problem is not None:
                 raise StageFailed(problem)
+        judge = _stage(
+            sessions,
+            round_id,
+            "judge",
+            {**reward_config, "comparison_split": {**split, "side": "judge"}},
+            reward_body(sessions, settings),
+        )
         trained = _stage(
             sessions,
             round_id,
@@ -149,6 +188,7 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
                 "algorithm": algorithm,
                 "policy_version": start_version,
                 "comparison_snapshot": snapshot,
+                "comparison_split": {**split, "side": "policy"},
                 "reward_model_id": reward["reward_model_id"],
                 "policy": spec.policy.model_dump(mode="json"),
             },
@@ -164,7 +204,9 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
             {
                 "candidate_version": candidate_version,
                 "baseline_version": start_version,
-                "reward_model_id": reward["reward_model_id"],
+                "judge_model_id": judge["reward_model_id"],
+                "judge_comparisons": judge.get("comparisons"),
+                "max_new_tokens": training_length,
                 "gate": spec.gate.model_dump(mode="json"),
             },
             evaluation_body(sessions, settings),
@@ -182,12 +224,40 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
 
     with sessions() as db:
         round_ = db.get(Round, round_id)
+        round_.gate = {
+            **(round_.gate or {}),
+            "mode": spec.gate.mode,
+            "judge": {k: v for k, v in evaluation.items() if k != "samples"},
+            "judge_comparisons": judge.get("comparisons"),
+            "policy_comparisons": reward.get("comparisons"),
+        }
+        db.commit()
         if not evaluation.get("passed"):
             reasons = "; ".join(evaluation.get("reasons", [])) or "gate not passed"
             finish_round(
                 db, round_, "failed", error=f"candidate v{candidate_version} rejected by the gate: {reasons}"
             )
             return "failed"
+        if spec.gate.mode == "human":
+            candidate = db.scalar(select(Policy).where(Policy.version == candidate_version))
+            try:
+                open_arena(
+                    db,
+                    round_,
+                    candidate,
+                    db.get(Policy, round_.base_policy_id),
+                    spec.gate.model_dump(),
+                    training_length,
+                    settings,
+                )
+            except Exception as exc:
+                log.exception("round %s: opening the arena for v%s failed", round_id, candidate_version)
+                db.rollback()
+                error = f"the arena for v{candidate_version} could not be opened: {type(exc).__name__}: {exc}"
+                finish_round(db, db.get(Round, round_id), "failed", error=error)
+                return "failed"
+            log.info("round %s: v%s passed the checks and waits for arena votes", round_id, candidate_version)
+            return "awaiting_votes"
         if not spec.auto_promote:
             round_.stage = "awaiting_approval"
             finish_round(db, round_, "awaiting_approval")

@@ -1,4 +1,4 @@
-"""Training run bodies: what a worker does for a run row of kind reward, ppo/dpo or evaluate.
+"""Training run bodies: what a worker does for a run row of kind reward (or judge) and ppo/dpo.
 
 Each runs under the lifecycle of app.services.runs.execute (claim, heartbeat, progress, cancel,
 finish) and checkpoints under run_dir(run_id), so a retried run resumes. A run row carries its
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from app.services.registry import (
 )
 from app.services.round_spec import (
     DPOSection,
-    GateSection,
     PPOSection,
     RewardSection,
     Section,
@@ -71,7 +69,7 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
     def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
         # Imported when a stage runs, like every trainer below: the trainers and the comparisons loader
         # load torch (and CUDA), and importing this module (the round driver does) must not.
-        from workers.runs.comparisons import load_comparisons
+        from workers.runs.comparisons import comparisons_for_side, load_comparisons
         from workers.training.reward import RewardConfig, train_reward_model
 
         reward_config = trainer_config(config, "reward", RewardSection, RewardConfig)
@@ -81,8 +79,15 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 return {"reward_model_id": existing.id, **existing.metrics}
             policy = _policy_for(db, config.get("policy_version"))
             snapshot = int(config["comparison_snapshot"])
-            comparisons = load_comparisons(db, snapshot)
+            # A round trains its policy's reward model and its held-out judge on disjoint prompts.
+            split = config.get("comparison_split")
+            comparisons = comparisons_for_side(load_comparisons(db, snapshot), split)
         if not comparisons:
+            if split:
+                raise ValueError(
+                    f"no comparisons fall on the {split['side']} side of the judge split: annotators "
+                    "must rank tasks of more prompts (or change gate.judge_share)"
+                )
             raise ValueError(
                 "there are no comparisons to train on yet: annotators must rank some tasks first"
             )
@@ -97,6 +102,8 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
             reporter,
         )
         metrics = dict(result.metrics)
+        if split:
+            metrics["trained_for"] = split["side"]  # the policy's reward model, or the gate's judge
         with sessions() as db:
             if config.get("round_id"):  # the round records exactly the annotations it trained on
                 record_round_annotations(db, config["round_id"], {c.group_id for c in comparisons})
@@ -139,7 +146,7 @@ def _base_policy(db: Session) -> Policy:
 def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
     def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
         # The comparisons loader and the trainers load torch: imported here, as in reward_body.
-        from workers.runs.comparisons import load_comparisons, load_prompts
+        from workers.runs.comparisons import comparisons_for_side, load_comparisons, load_prompts
 
         algorithm = config.get("algorithm", "ppo")
         source = f"run:{run_id}"
@@ -156,7 +163,12 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
             prompts = load_prompts(db, "train")
             ptx = reference_answers(db) if algorithm == "ppo" else []
             comparisons = (
-                load_comparisons(db, int(config["comparison_snapshot"])) if algorithm == "dpo" else []
+                # DPO learns from the comparisons directly: only those the gate's judge does not hold.
+                comparisons_for_side(
+                    load_comparisons(db, int(config["comparison_snapshot"])), config.get("comparison_split")
+                )
+                if algorithm == "dpo"
+                else []
             )
         workdir = run_dir(run_id, settings)
         output = workdir / "policy"
@@ -228,53 +240,3 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
 def execute_policy_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
     sessions = sessions or session_factory()
     return execute(run_id, policy_body(sessions, get_settings()), sessions)
-
-
-# ---------------------------------------------------------------- evaluation gate
-
-
-def evaluation_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
-    def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
-        # The comparisons loader and the evaluation gate load torch: imported here, as in reward_body.
-        from workers.runs.comparisons import load_prompts
-        from workers.training.evaluation import GateConfig, evaluate_candidate
-
-        gate = trainer_config(config, "gate", GateSection, GateConfig)
-        with sessions() as db:
-            candidate = policy_by_version(db, int(config["candidate_version"]))
-            baseline = policy_by_version(db, int(config["baseline_version"]))
-            reward_model = (
-                db.get(RewardModel, config["reward_model_id"]) if config.get("reward_model_id") else None
-            )
-            eval_prompts = load_prompts(db, "eval", limit=gate.prompts)
-            if candidate is None or baseline is None:
-                raise ValueError("candidate or baseline policy is missing from the registry")
-            candidate_id, candidate_path, baseline_path = candidate.id, candidate.path, baseline.path
-        if reward_model is None:
-            raise ValueError("evaluation needs the round's reward model")
-        if not eval_prompts:
-            raise ValueError(
-                "no eval-split prompts: upload a prompt set (a share of it is held out for evaluation)"
-            )
-        reporter.progress(0, 1, "sampling both policies on held-out prompts")
-        report = evaluate_candidate(
-            Path(candidate_path), Path(baseline_path), Path(reward_model.path), eval_prompts, gate
-        )
-        result = asdict(report) if is_dataclass(report) else dict(report)
-        with sessions() as db:
-            policy = db.get(Policy, candidate_id)
-            policy.metrics = {
-                **policy.metrics,
-                "evaluation": {k: v for k, v in result.items() if k != "samples"},
-            }
-            policy.status = "approved" if report.passed else "rejected"
-            db.commit()
-        reporter.progress(1, 1, "passed" if report.passed else "; ".join(report.reasons))
-        return result
-
-    return body
-
-
-def execute_evaluation_run(run_id: int, sessions: sessionmaker[Session] | None = None) -> str | None:
-    sessions = sessions or session_factory()
-    return execute(run_id, evaluation_body(sessions, get_settings()), sessions)

@@ -69,7 +69,8 @@ def install_demo_prompt_set(db: Session) -> str:
         data=DEMO_FILE.read_bytes(),
         filename=DEMO_FILE.name,
         description="Varied prompts written for the prefloop demo: advice, coding, writing, facts, "
-        "reasoning, and requests a model should refuse.",
+        "reasoning, and requests a model should refuse. The rows marked split 'eval' (over a hundred, "
+        "with a tenth of the rest) are held out for the promotion gate and the efficacy benchmark.",
         eval_fraction=0.1,
         split_seed=0,
     )

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.common.win_rate import wilson_bounds
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -87,22 +89,5 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> Es
     """Wilson score interval for a proportion: honest at small counts, unlike the normal approximation."""
     if trials <= 0:
         return NAN
-    z = _z(confidence)
-    p = successes / trials
-    denom = 1.0 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half))
-
-
-def _z(confidence: float) -> float:
-    # Two-sided normal quantile by bisection on erf: avoids a scipy dependency for one number.
-    target = confidence
-    lo, hi = 0.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if math.erf(mid / math.sqrt(2)) < target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    low, high = wilson_bounds(successes, trials, confidence)
+    return Estimate(successes / trials, low, high)

@@ -35,6 +35,7 @@ from app.services.run_metrics import metric_series
 from app.web.admin_pages import (
     STOP_POLLING,
     evaluation_run,
+    gate_view,
     policies_context,
     policy_versions,
     pretty_json,
@@ -136,6 +137,13 @@ def round_page(round_id: int, request: Request, principal: Admin, db: DbSession)
     runs = list(db.scalars(select(Run).where(Run.round_id == round_id).order_by(Run.id)))
     ended = round_ended(round_)
     context: dict[str, Any] = {"round": round_, "runs": runs}
+    if is_htmx(request) and request.query_params.get("part") == "gate":
+        # The gate's votes, polled while the round waits for them.
+        waiting = round_.status == "awaiting_votes"
+        context["gate"] = gate_view(db, round_)
+        return render(
+            request, "admin/round.html", context, block="gate", status_code=200 if waiting else STOP_POLLING
+        )
     if is_htmx(request):
         return render(
             request, "admin/round.html", context, block="progress", status_code=STOP_POLLING if ended else 200
@@ -150,6 +158,7 @@ def round_page(round_id: int, request: Request, principal: Admin, db: DbSession)
         "base_version": versions.get(round_.base_policy_id) if round_.base_policy_id else None,
         "samples": samples_of(evaluation),
         "evaluation": evaluation,
+        "gate": gate_view(db, round_),
         "config_json": pretty_json(round_.config),
         "started_by": db.get(User, round_.started_by) if round_.started_by else None,
     }

@@ -55,6 +55,9 @@ class RoundOut(BaseModel):
     config: dict[str, Any]
     comparison_snapshot: int
     error: str
+    # The promotion gate's verdict: the held-out judge's figures, checks and reasons ("judge"), and
+    # in human mode the arena votes and why the candidate passed, failed or waits ("human").
+    gate: dict[str, Any] = {}
     created_at: datetime
     finished_at: datetime | None
     runs: list[RunOut] = []

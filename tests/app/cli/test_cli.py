@@ -125,9 +125,17 @@ def test_round_settings_lists_every_setting_with_its_default():
     assert "(off unless set)" in listing.output and "gate.sampling.max_new_tokens" in listing.output
 
 
-def test_the_demo_loop_round_specs_are_valid_round_specs():
-    from app.cli.demo_loop import CPU_DEMO_ROUND_SPECS
+def test_the_round_profiles_hold_valid_round_specs_and_the_demo_loop_uses_the_cpu_one():
+    from app.services.round_profiles import PROFILES, profile_for_device
     from app.services.round_spec import RoundSpec
 
-    for algorithm, body in CPU_DEMO_ROUND_SPECS.items():
-        assert RoundSpec.model_validate(body).root.algorithm == algorithm
+    for profile in PROFILES.values():
+        for algorithm in ("ppo", "dpo"):
+            spec = RoundSpec.model_validate(profile.spec(algorithm)).root
+            assert spec.algorithm == algorithm
+        # PPO trains at the task pool's length, so the gate samples where the policy learnt.
+        assert profile.spec("ppo")["policy"]["sampling"]["max_new_tokens"] == profile.max_new_tokens
+    assert profile_for_device("cpu").name == "cpu" and profile_for_device("cuda:1").name == "gpu"
+    assert PROFILES["cpu"].rankings <= 128
+    usage = CliRunner().invoke(cli, ["demo-loop", "--help"])
+    assert usage.exit_code == 0 and "--profile [cpu|gpu]" in usage.output and "[default: cpu]" in usage.output

@@ -176,6 +176,20 @@ def test_create_prompt_set_stores_prompts_with_their_split(db):
     assert (summary.name, summary.prompts, summary.eval) == ("qs", 40, report.eval)
 
 
+def test_a_row_can_pin_its_side_of_the_split(db):
+    rows = [{"prompt": f"Held-out question {i}?", "metadata": {"split": "eval"}} for i in range(5)]
+    rows += [{"prompt": f"Training question {i}?", "split": "train"} for i in range(5)]  # a column
+    rows += [{"prompt": f"Other question {i}?", "metadata": {"split": "test"}} for i in range(20)]
+    report = create_prompt_set(db, name="pinned", data=jsonl(*rows), filename="p.jsonl", eval_fraction=0.5)
+    by_text = dict(db.execute(select(Prompt.text, Prompt.split)).all())
+    assert all(by_text[f"Held-out question {i}?"] == "eval" for i in range(5))
+    assert all(by_text[f"Training question {i}?"] == "train" for i in range(5))
+    # A value that names no side is ordinary metadata: those rows take the hash split.
+    others = [by_text[f"Other question {i}?"] for i in range(20)]
+    assert {"train", "eval"} == set(others)
+    assert report.eval == 5 + others.count("eval")
+
+
 def test_invalid_rows_refuse_the_upload_unless_skipped(db):
     data = jsonl({"prompt": "good"}, "{oops", {"prompt": "also good"})
     with pytest.raises(PromptSetError) as err:
@@ -203,5 +217,9 @@ def test_demo_prompt_set_is_varied_and_installs_once(db):
     categories = {p.meta["category"] for p in prompts}
     assert {"advice", "coding", "writing", "facts", "reasoning", "should_refuse"} <= categories
     assert {p.split for p in prompts} == {"train", "eval"}
+    # Enough held-out prompts for an interval that means something, of every everyday kind.
+    held_out = [p for p in prompts if p.split == "eval"]
+    assert len(held_out) >= 100
+    assert {"advice", "coding", "writing", "facts", "reasoning"} <= {p.meta["category"] for p in held_out}
     assert install_demo_prompt_set(db) == "demo prompt set: already present"
     assert db.scalar(select(func.count(Prompt.id))) == len(prompts)

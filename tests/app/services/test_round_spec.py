@@ -142,7 +142,7 @@ def test_a_stored_spec_reads_back_the_same():
 def test_a_round_without_an_algorithm_is_ppo_with_every_default():
     spec = RoundSpec.model_validate({})
     assert spec.algorithm == "ppo" and spec.root.auto_promote
-    assert spec.root.policy == PPOSection() and spec.root.gate.sampling.max_new_tokens == 64
+    assert spec.root.policy == PPOSection() and spec.root.gate.sampling.max_new_tokens == 128
 
 
 def test_a_setting_given_whole_and_by_parts_is_refused():
@@ -165,7 +165,7 @@ def test_setting_fields_list_every_leaf_setting_of_the_spec(algorithm):
     fields = setting_fields(algorithm)
     assert {f.name for f in fields} == expected
     by_name = {f.name: f for f in fields}
-    assert by_name["gate.sampling.max_new_tokens"].default == "64"
+    assert by_name["gate.sampling.max_new_tokens"].default == "128"
     assert by_name["policy.lora.r"].group_off_by_default and by_name["policy.lora.r"].group == "policy.lora"
     assert by_name["gate.max_kl"].kind == "number or null"
 

@@ -495,7 +495,7 @@ def test_round_form_has_an_input_for_every_setting_of_the_spec(client, admin):
             assert all(f'name="{name}"' in html for name in names)
         assert ("policy.beta" in fragment) == (algorithm == "dpo")
     # The defaults show as placeholders, the gate's own sampling length included.
-    assert 'name="gate.sampling.max_new_tokens" placeholder="64"' in fragment
+    assert 'name="gate.sampling.max_new_tokens" placeholder="128"' in fragment
     # Switching the algorithm keeps the settings typed so far.
     kept = client.get(
         "/admin/rounds/settings",
