@@ -1,7 +1,7 @@
 """rounds record their gate's verdict; a judge run kind; rounds can wait for arena votes
 
-Revision ID: 0011
-Revises: 0008
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-03 12:00:00.000000
 
 The promotion gate judges a candidate with a reward model held out from the policy's training (a
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0011"
-down_revision: str | None = "0008"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
