@@ -18,7 +18,7 @@ from starlette.datastructures import MutableHeaders
 
 from app.broker import install_sender
 from app.config import Settings, get_settings
-from app.data.db import make_engine, session_factory
+from app.data.db import DATABASE_UNAVAILABLE_ERRORS, make_engine, session_factory
 from app.data.statements import open_statements
 from app.services.serving import PolicyHolder
 from app.web.exposure import LoopbackOnlyWithDefaultSecret, refuse_demo_accounts_in_production
@@ -27,6 +27,10 @@ from app.web.security import CSRF_COOKIE, PrincipalCache
 from app.web.templating import render
 
 log = logging.getLogger(__name__)
+DATABASE_DOWN_DETAIL = (
+    "The database is unavailable right now (restarting or unreachable); try again in a few seconds."
+)
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 def _wants_html(request: Request) -> bool:
@@ -105,6 +109,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 status_code=exc.status_code,
             )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def database_unavailable(request: Request, exc: Exception):
+        # A down or restarting database is an outage, not a bug: one log line rather than a traceback,
+        # and a 503 the client can retry (judgements are idempotent, so a retried submit is safe).
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, first_line)
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+        if _wants_html(request):
+            context = {"status": 503, "detail": DATABASE_DOWN_DETAIL}
+            response = render(request, "error.html", context, status_code=503)
+            response.headers.update(headers)
+            return response
+        return JSONResponse({"detail": DATABASE_DOWN_DETAIL}, status_code=503, headers=headers)
+
+    for error_class in DATABASE_UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error_class, database_unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
