@@ -1,9 +1,9 @@
-"""A Postgres and a Redis of a test's own, for tests that stop, restart or starve them.
+"""The web app in a uvicorn subprocess, and a Postgres and a Redis of a test's own, for tests that stop, restart or starve them.
 
 The shared services on 5432/6379 serve every test run on the machine; a fault test must never touch
 them. `PrivatePostgres` runs initdb and pg_ctl on a free port in a temporary folder (as the
 `postgres` system user when the tests run as root, since Postgres refuses to run as root);
-`PrivateRedis` runs redis-server on a free port without persistence. Both can be stopped and
+`PrivateRedis` runs redis-server on a free port. Both can be stopped and
 started again on the same port, so clients configured with their URL see a real outage and a real
 recovery.
 """
@@ -17,9 +17,14 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -118,7 +123,8 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    """A redis-server of our own without persistence: `start()`, `stop()`, `url(db)`."""
+    """A redis-server of our own: `start()`, `stop()`, `url(db)`. Persistent as in production
+    (append-only file in its folder), so queued messages outlive a restart."""
 
     def __init__(self, executable: str):
         self.executable = executable
@@ -138,7 +144,7 @@ class PrivateRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
                 "--dir",
                 str(self.root),
             ],
@@ -161,3 +167,88 @@ class PrivateRedis:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class AppServer:
+    """The web app under uvicorn in a subprocess."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_app_server(env: dict[str, str], log_path: Path, timeout: float = 60) -> AppServer:
+    """Start the web app (uvicorn, one process, a free port on 127.0.0.1) with these environment
+    variables (PREFLOOP_* settings) and wait until it answers; raises with its log if it does not."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.web.main:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        )  # fmt: skip
+    server = AppServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{server.url}/login", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"the web app did not start:\n{server.log()[-3000:]}")
+        time.sleep(0.2)
+
+
+class SmallDisk:
+    """A real, small filesystem (tmpfs) mounted on a temporary folder, which `fill()` brings close to
+    full, so writes fail with ENOSPC as on a full data disk. Needs root (CAP_SYS_ADMIN) to mount."""
+
+    def __init__(self, size_mb: int):
+        self.size_mb = size_mb
+        self.path = Path(tempfile.mkdtemp(prefix="prefloop-disk-"))
+        self.mounted = False
+
+    def mount(self) -> None:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m", "tmpfs", str(self.path)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise OSError(f"mount -t tmpfs failed: {result.stderr.strip()}")
+        self.mounted = True
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.path)
+        return stats.f_bavail * stats.f_frsize
+
+    def fill(self, leave_bytes: int) -> None:
+        """Take all free space but `leave_bytes` with a filler file."""
+        take = self.free_bytes() - leave_bytes
+        if take > 0:
+            with open(self.path / ".filler", "ab") as filler:
+                os.posix_fallocate(filler.fileno(), filler.tell(), take)
+
+    def unfill(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / ".filler").unlink()
+
+    def destroy(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -9,6 +9,7 @@ are deleted once the run has succeeded.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import time
@@ -70,7 +71,33 @@ def finish_run(
 
 def fail_run(db: Session, run_id: int, exc: BaseException) -> None:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    finish_run(db, run_id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{text}")
+    finish_run(db, run_id, "failed", error=f"{failure_summary(exc)}\n\n{text}")
+
+
+def failure_summary(exc: BaseException) -> str:
+    """The first line of a failed run's error: what went wrong, in words an operator acts on."""
+    full = _disk_full_error(exc)
+    if full is not None:
+        where = f" writing {full.filename}" if isinstance(full, OSError) and full.filename else ""
+        return (
+            f"The disk is full (no space left on device{where}): free space under the data directory "
+            "(old exports, checkpoints of failed runs) and start it again."
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _disk_full_error(exc: BaseException) -> BaseException | None:
+    """The ENOSPC in the exception or its causes (libraries such as torch and safetensors wrap it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return current
+        if "No space left on device" in str(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def request_cancel(db: Session, run_id: int) -> bool:

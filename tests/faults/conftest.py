@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import service_unavailable
-from tests.private_services import PrivatePostgres, PrivateRedis, free_port, postgres_bin_dir
+from tests.private_services import (
+    AppServer,
+    PrivatePostgres,
+    PrivateRedis,
+    SmallDisk,
+    postgres_bin_dir,
+    start_app_server,
+)
 from tests.workers.conftest import celery_worker, worker_env  # noqa: F401 - fixtures reused here
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -69,56 +69,43 @@ def redis_url(private_redis) -> str:
     return private_redis.url(0)
 
 
-class AppServer:
-    """The web app under uvicorn in a subprocess, with the test's PREFLOOP_* settings."""
-
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
-        self.process = process
-        self.url = url
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture
 def app_server(settings, tmp_path) -> Iterator[Callable[..., AppServer]]:
-    """Factory: start the web app (uvicorn, one process, a free port) and wait until it answers."""
+    """Factory: start the web app (uvicorn, one process, a free port) with the test's settings."""
     started: list[AppServer] = []
 
     def start(extra_env: dict[str, str] | None = None) -> AppServer:
-        port = free_port()
-        log_path = tmp_path / f"server-{len(started)}.log"
-        env = {**os.environ, **(extra_env or {})}
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.web.main:create_app", "--factory",
-                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-            )  # fmt: skip
-        server = AppServer(process, f"http://127.0.0.1:{port}", log_path)
+        server = start_app_server(
+            {**os.environ, **(extra_env or {})}, tmp_path / f"server-{len(started)}.log"
+        )
         started.append(server)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{server.url}/login", timeout=2).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                pytest.fail(f"the web app did not start:\n{server.log()[-3000:]}")
-            time.sleep(0.2)
+        return server
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def small_disk(settings, monkeypatch) -> Iterator[SmallDisk]:
+    """A 64 MiB tmpfs as the data dir (PREFLOOP_DATA_DIR), for tests that fill it up.
+
+    Mounting needs root: without it the test skips, saying so; as root (CI), a refused mount is a
+    failure under PREFLOOP_REQUIRE_SERVICES=1.
+    """
+    from app.config import reset_settings
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as a full data disk needs root (CAP_SYS_ADMIN)")
+    disk = SmallDisk(size_mb=64)
+    try:
+        try:
+            disk.mount()
+        except OSError as exc:
+            service_unavailable(f"cannot mount a tmpfs for the disk-full tests: {exc}")
+        monkeypatch.setenv("PREFLOOP_DATA_DIR", str(disk.path))
+        reset_settings()
+        yield disk
+    finally:
+        reset_settings()
+        disk.destroy()
