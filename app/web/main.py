@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
 from starlette.datastructures import MutableHeaders
 
 from app.broker import install_sender
@@ -21,6 +22,7 @@ from app.config import Settings, get_settings
 from app.data.db import DATABASE_UNAVAILABLE_ERRORS, make_engine, session_factory
 from app.data.statements import open_statements
 from app.services.serving import PolicyHolder
+from app.web import openapi_errors
 from app.web.exposure import LoopbackOnlyWithDefaultSecret, refuse_demo_accounts_in_production
 from app.web.routes import ROUTERS
 from app.web.security import CSRF_COOKIE, PrincipalCache
@@ -31,6 +33,7 @@ DATABASE_DOWN_DETAIL = (
     "The database is unavailable right now (restarting or unreachable); try again in a few seconds."
 )
 DATABASE_RETRY_AFTER_SECONDS = 5
+DATA_ERROR_DETAIL = "A value in the request is out of range for what it names (an id or a number too large)."
 
 
 def _wants_html(request: Request) -> bool:
@@ -92,6 +95,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
     for router in ROUTERS:
         app.include_router(router)
+    openapi_errors.install(app)
 
     app.add_middleware(CsrfCookieMiddleware)
     if settings.uses_default_secret:
@@ -125,6 +129,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     for error_class in DATABASE_UNAVAILABLE_ERRORS:
         app.add_exception_handler(error_class, database_unavailable)
+
+    @app.exception_handler(DataError)
+    async def value_out_of_range(request: Request, exc: DataError):
+        # The API bounds ids at the edge; this catches a value a form or page passed on unchecked
+        # (a number beyond the column's range): the request's fault, said as such, not a 500.
+        log.info("value refused by the database on %s %s: %s", request.method, request.url.path, exc.orig)
+        return JSONResponse({"detail": DATA_ERROR_DETAIL}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -33,7 +33,7 @@ from app.services.exports.exporter import begin_snapshot
 from app.services.exports.jobs import create_export_run, enqueue_export
 from app.services.exports.writers import json_line
 from app.services.runs import request_cancel
-from app.web.deps import DbSession
+from app.web.deps import DbSession, PathId
 from app.web.security import Researcher
 from app.web.templating import is_htmx, render
 
@@ -102,6 +102,12 @@ def _export_run(db: Session, run_id: int) -> Run:
     if run is None or run.kind != "export":
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"there is no export run {run_id}")
     return run
+
+
+FINISHED_FILE_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"description": "The export has not finished (queued, running, failed or cancelled)."},
+    410: {"description": "The export's file is no longer on disk."},
+}
 
 
 def _finished_file(run: Run) -> Path:
@@ -212,18 +218,33 @@ def list_exports(
 
 
 @router.get("/api/exports/{run_id:int}", summary="One export run")
-def get_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
+def get_export(run_id: PathId, principal: Researcher, db: DbSession) -> ExportRunOut:
     return run_out(_export_run(db, run_id))
 
 
-@router.get("/api/exports/{run_id:int}/download", summary="Download a finished export (zip)")
-def download_export(run_id: int, principal: Researcher, db: DbSession):
+@router.get(
+    "/api/exports/{run_id:int}/download",
+    summary="Download a finished export (zip)",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The zip archive.",
+            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **FINISHED_FILE_ERRORS,
+    },
+)
+def download_export(run_id: PathId, principal: Researcher, db: DbSession):
     path = _finished_file(_export_run(db, run_id))
     return FileResponse(path, media_type="application/zip", filename=path.name)
 
 
-@router.post("/api/exports/{run_id:int}/cancel", summary="Cancel a queued or running export")
-def cancel_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
+@router.post(
+    "/api/exports/{run_id:int}/cancel",
+    summary="Cancel a queued or running export",
+    responses={409: {"description": "The export already ended."}},
+)
+def cancel_export(run_id: PathId, principal: Researcher, db: DbSession) -> ExportRunOut:
     run = _export_run(db, run_id)
     if not request_cancel(db, run_id):
         raise HTTPException(status.HTTP_409_CONFLICT, f"export run {run_id} already ended ({run.status})")
@@ -315,8 +336,19 @@ def _create_from_form(request: Request, form: Any, user_id: int, db: Session):
     return render(request, "research/index.html", context, block="runs")
 
 
-@router.get("/api/exports/{run_id:int}/card", summary="The dataset card (README.md) of a finished export")
-def export_card(run_id: int, principal: Researcher, db: DbSession) -> PlainTextResponse:
+@router.get(
+    "/api/exports/{run_id:int}/card",
+    summary="The dataset card (README.md) of a finished export",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "The card, Markdown.",
+            "content": {"text/markdown": {"schema": {"type": "string"}}},
+        },
+        **FINISHED_FILE_ERRORS,
+    },
+)
+def export_card(run_id: PathId, principal: Researcher, db: DbSession) -> PlainTextResponse:
     with zipfile.ZipFile(_finished_file(_export_run(db, run_id))) as archive:
         card = archive.read("README.md").decode("utf-8")
     return PlainTextResponse(card, media_type="text/markdown; charset=utf-8")
