@@ -36,6 +36,7 @@ def time_limits(settings: Settings) -> dict[str, dict[str, float]]:
     soft_by_task = {name: settings.long_task_time_limit_seconds for name in LONG_TASKS}
     soft_by_task[dispatch.EXPORT_DATASET] = settings.export_task_time_limit_seconds
     soft_by_task[dispatch.PERIODIC_MAINTENANCE] = settings.maintenance_task_time_limit_seconds
+    soft_by_task[dispatch.CLEANUP_DISK] = settings.maintenance_task_time_limit_seconds
     return {
         name: {"soft_time_limit": float(soft), "time_limit": hard_limit(soft)}
         for name, soft in soft_by_task.items()

@@ -19,6 +19,11 @@ SECRET_KEY_ADVICE = (
     "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
 )
 
+PSEUDONYM_KEY_ADVICE = (
+    "set PREFLOOP_PSEUDONYM_KEY to a long random value of its own "
+    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -52,6 +57,12 @@ class Settings(BaseSettings):
         description="How long a web process trusts a verified login or token before reading the user "
         "again; logout elsewhere, role changes and deactivation take effect within this. 0: every request.",
     )
+    api_token_days: int = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        description="Days an API token lives unless issued with another lifetime; then it is refused (401).",
+    )
     gc_freeze: bool = Field(
         default=True,
         description="Web processes move what they loaded at start-up out of the garbage collector's "
@@ -61,6 +72,14 @@ class Settings(BaseSettings):
         default="", description="Redis for policy wake-up messages; empty disables pub/sub (polling only)."
     )
     secret_key: str = DEFAULT_SECRET
+    # Separate from the secret key on purpose: the secret is rotated after a leak, and pseudonyms in
+    # published datasets must survive that. Unset outside production, a key is generated once and
+    # kept in DATA_DIR/pseudonym.key.
+    pseudonym_key: str = Field(
+        default="",
+        description="Keys the annotator pseudonyms in exports; stable for the deployment's lifetime. "
+        "Required in production; otherwise generated once into DATA_DIR/pseudonym.key.",
+    )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N for training and generation.")
     base_model: Path | None = Field(
         default=None, description="Local HF folder used instead of SmolLM2 by `prefloop init`."
@@ -70,6 +89,12 @@ class Settings(BaseSettings):
     )
     # Polling the one-row alias is cheap; it bounds the swap delay when no Redis wake-up arrives.
     policy_poll_seconds: float = 2.0
+    # A version that failed to load is tried again after 2, 4, 8 … polls, up to this.
+    policy_load_backoff_max_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest wait before a web process tries again to load a policy that failed.",
+    )
     session_max_age_seconds: int = 14 * 24 * 3600
     assignment_ttl_seconds: int = 30 * 60
     task_overlap: int = 1
@@ -114,6 +139,60 @@ class Settings(BaseSettings):
     )
     # Gold tasks are shown to every annotator once, so their annotation cap is set this high.
     gold_max_annotations: int = Field(default=100_000, ge=1, description="Annotation cap of a gold task.")
+    # Disk: what maintenance deletes (`prefloop cleanup` shows it first with --dry-run), and the free
+    # space below which no run starts.
+    export_retention_days: float = Field(
+        default=30.0, ge=0, description="Export archives older than this are deleted; 0 keeps them for ever."
+    )
+    failed_checkpoint_retention_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="Checkpoints of failed or cancelled runs are deleted this long after the run ended.",
+    )
+    partial_file_retention_hours: float = Field(
+        default=6.0,
+        ge=0,
+        description="Half-written export archives (.zip-partial) older than this are deleted.",
+    )
+    keep_rejected_candidates: int = Field(
+        default=5,
+        ge=0,
+        description="Folders of the newest N rejected candidate policies are kept, older ones deleted.",
+    )
+    min_free_disk_gb: float = Field(
+        default=2.0,
+        ge=0,
+        description="No run starts while the data dir's disk has less free space; 0: no check.",
+    )
+    # Workers and the embedded supervisor.
+    worker_heartbeat_seconds: float = Field(
+        default=10.0, gt=0, description="How often each Celery worker records that it is alive."
+    )
+    worker_stale_seconds: float = Field(
+        default=45.0,
+        gt=0,
+        description="A worker silent this long counts as dead in /healthz and the console.",
+    )
+    worker_status_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a web process reuses its reading of worker liveness and queues.",
+    )
+    # `prefloop serve` restarts a worker that died, waiting 1, 2, 4 … seconds (up to the maximum);
+    # after several deaths in a row each soon after its start, it stops everything and exits non-zero,
+    # so a process manager (systemd, Docker) restarts the whole stack or a person looks.
+    worker_restart_backoff_seconds: float = Field(
+        default=1.0, gt=0, description="First wait before restarting a dead worker; doubles each time."
+    )
+    worker_restart_backoff_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait before restarting a dead worker."
+    )
+    worker_fast_failure_seconds: float = Field(
+        default=60.0, ge=0, description="A worker that dies sooner than this after its start failed fast."
+    )
+    worker_max_fast_failures: int = Field(
+        default=5, ge=1, description="Fast failures in a row after which `prefloop serve` gives up (exit 1)."
+    )
     templates_dir: Path = TEMPLATES_DIR
     static_dir: Path = STATIC_DIR
 
@@ -126,7 +205,23 @@ class Settings(BaseSettings):
             )
         if self.environment == "production" and len(self.secret_key) < 32:
             raise ValueError("PREFLOOP_SECRET_KEY must be at least 32 characters in production.")
+        if self.environment == "production":
+            self._check_pseudonym_key()
         return self
+
+    def _check_pseudonym_key(self) -> None:
+        if not self.pseudonym_key:
+            raise ValueError(
+                f"PREFLOOP_PSEUDONYM_KEY is unset; {PSEUDONYM_KEY_ADVICE} before running in production. "
+                "Keep it for the deployment's lifetime: a new key changes every annotator pseudonym."
+            )
+        if len(self.pseudonym_key) < 32:
+            raise ValueError("PREFLOOP_PSEUDONYM_KEY must be at least 32 characters in production.")
+        if self.pseudonym_key == self.secret_key:
+            raise ValueError(
+                "PREFLOOP_PSEUDONYM_KEY must differ from PREFLOOP_SECRET_KEY: the secret is rotated after "
+                f"a leak, the pseudonym key must not be; {PSEUDONYM_KEY_ADVICE}."
+            )
 
     @property
     def uses_default_secret(self) -> bool:

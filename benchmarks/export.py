@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SECRET = "benchmark-secret-key-0123456789-0123456789"
+KEY = "benchmark-pseudonym-key-0123456789-0123456789"
 RESPONSES_PER_TASK = 4
 ANNOTATORS_PER_TASK = 2
 COMPARISONS_PER_ANNOTATION = RESPONSES_PER_TASK * (RESPONSES_PER_TASK - 1) // 2
@@ -237,7 +238,7 @@ def child(url: str, method: str, file_format: str, out: Path) -> dict[str, float
     with session_factory(engine)() as db:
         if method == "prefloop":
             spec = ExportSpec(format="pairwise", file_format=file_format, layout="folder", split_mode="none")
-            rows = export_dataset(db, spec, out, secret_key=SECRET).stats.total_rows
+            rows = export_dataset(db, spec, out, pseudonym_key=KEY).stats.total_rows
         else:
             rows = materialise_everything(db, file_format, out)
     seconds = time.perf_counter() - started
@@ -253,7 +254,7 @@ def materialise_everything(db, file_format: str, out: Path) -> int:
     from app.services.exports import ExportSpec, iter_rows
 
     spec = ExportSpec(format="pairwise", split_mode="none")
-    rows = [row for _split, row, _meta in iter_rows(db, spec, secret_key=SECRET, page_size=10**9)]
+    rows = [row for _split, row, _meta in iter_rows(db, spec, pseudonym_key=KEY, page_size=10**9)]
     ds = datasets.Dataset.from_list(rows)
     (out / "data").mkdir(parents=True)
     if file_format == "parquet":

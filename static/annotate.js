@@ -1,6 +1,9 @@
 /* The ranking page: drag (SortableJS) and keyboard ranking, ties, flags, skip, and the payload
  * htmx posts. The DOM order of #ranking is the ranking; a card's data-tied="true" ties it with the
  * card above. htmx swaps in the next task after a submit; init() runs again for it.
+ * A revision page renders the cards in the order judged; #task's data-shown is the order shown then.
+ * window.PrefloopAnnotate lets annotate-desk.js (drafts, sign-in again) read and restore the state;
+ * every change fires "prefloop:changed" on the document.
  * No build step; plain ES2017. */
 (function () {
   "use strict";
@@ -23,7 +26,7 @@
     if (!t) { state = null; return; }
     state = {
       taskId: t.dataset.taskId,
-      shown: ids(cards()),
+      shown: t.dataset.shown ? t.dataset.shown.split(",").map(Number) : ids(cards()),
       placed: 0,
       pendingTie: false,
       pendingFlag: false,
@@ -39,7 +42,8 @@
         filter: "button, input, label",
         preventOnFilter: false,
         forceFallback: true, /* mouse-event dragging: the same in every browser, and scriptable */
-        onEnd: function () { state.warned = false; update(); }
+        // A drag sets the order by hand: keyboard placement starts again from the top.
+        onEnd: function () { state.warned = false; state.placed = 0; update(); }
       });
     }
     var form = $("#rank-form");
@@ -73,7 +77,7 @@
       var tied = c.dataset.tied === "true";
       if (!tied) rank += 1;
       var badge = $(".rank-badge", c);
-      if (badge) badge.textContent = "#" + rank + (tied ? " =" : "");
+      if (badge) badge.textContent = "Rank " + rank + (tied ? " (tie)" : "");
       var toggle = $(".tie-toggle", c);
       if (toggle) { toggle.setAttribute("aria-pressed", tied ? "true" : "false"); toggle.disabled = i === 0; }
       c.classList.toggle("tied", tied);
@@ -84,7 +88,10 @@
     var warning = $("#unchanged-warning");
     if (warning) warning.hidden = !state.warned;
     status();
+    changed();
   }
+
+  function changed() { document.dispatchEvent(new CustomEvent("prefloop:changed")); }
 
   function status(message) {
     var el = $("#kbd-status");
@@ -205,18 +212,56 @@
     return now.every(function (id, i) { return id === state.shown[i]; });
   }
 
-  function onConfirm(event) {
-    if (!state) return;
+  function unplacedLabels() {
+    if (isArena() || state.placed === 0 || state.placed >= cards().length) return [];
+    return cards().slice(state.placed).map(function (c) { return c.dataset.label; });
+  }
+
+  function rationaleExcess() {
+    var box = $("#rank-form textarea[name=rationale]");
+    if (!box) return 0;
+    var max = Number(box.dataset.maxChars || 0);
+    var length = Array.from(box.value).length; /* characters as the server counts them */
+    return max && length > max ? length - max : 0;
+  }
+
+  function refuse(event, message) {
+    event.preventDefault();
     var error = $("#submit-error");
+    error.textContent = "";
+    var p = document.createElement("p");
+    p.className = "error";
+    p.setAttribute("role", "alert");
+    p.textContent = message;
+    error.appendChild(p);
+  }
+
+  function onConfirm(event) {
+    if (!state || event.target !== $("#rank-form")) return; /* a button's own request (Give back) */
+    var error = $("#submit-error");
+    var excess = rationaleExcess();
+    if (excess) {
+      refuse(event, "Your rationale is " + excess + " character" + (excess === 1 ? "" : "s") +
+        " over the limit. Shorten it, then submit again; nothing was cut.");
+      return;
+    }
     if (state.skip) return;
     var allBad = $("#all-bad").checked;
+    var unplaced = unplacedLabels();
+    if (!allBad && unplaced.length) {
+      refuse(event, "Not submitted: response" + (unplaced.length > 1 ? "s " : " ") + unplaced.join(" and ") +
+        (unplaced.length > 1 ? " are" : " is") + " not placed yet. Press " +
+        (unplaced.length > 1 ? "their numbers" : "its number") +
+        " best first, drag the cards, or press R to start over.");
+      return;
+    }
     if (isArena() && !allBad && !$("input[name=verdict]:checked")) {
-      event.preventDefault();
-      error.textContent = "Pick the better response (1 or 2), T for a tie, or B if both are bad.";
+      refuse(event, "Pick the better response (1 or 2), T for a tie, or B if both are bad.");
       return;
     }
     if (!isArena() && !allBad && unchangedOrder() && !state.warned) {
       event.preventDefault();
+      error.textContent = "";
       state.warned = true;
       $("#unchanged-warning").hidden = false;
       return;
@@ -225,8 +270,62 @@
   }
 
   function onConfigRequest(event) {
+    if (event.target !== $("#rank-form")) return;
     event.detail.parameters["payload"] = JSON.stringify(buildPayload());
   }
+
+  // ------------------------------------------------------------ drafts (see annotate-desk.js)
+
+  function snapshot() {
+    if (!state) return null;
+    var verdict = $("input[name=verdict]:checked");
+    return {
+      order: ids(cards()),
+      tied: cards().filter(function (c) { return c.dataset.tied === "true"; }).map(function (c) { return Number(c.dataset.responseId); }),
+      placed: state.placed,
+      warned: state.warned,
+      flags: flags(),
+      flag_note: field("flag_note"),
+      rationale: field("rationale"),
+      all_bad: $("#all-bad").checked,
+      verdict: verdict ? verdict.value : ""
+    };
+  }
+
+  function restore(draft) {
+    if (!state || !draft) return false;
+    var byId = {};
+    cards().forEach(function (c) { byId[c.dataset.responseId] = c; });
+    var order = (draft.order || []).map(String);
+    var same = order.length === cards().length && order.every(function (id) { return byId[id]; });
+    if (same) order.forEach(function (id) { list().appendChild(byId[id]); });
+    var tied = (draft.tied || []).map(String);
+    cards().forEach(function (c) {
+      c.dataset.tied = same && tied.indexOf(c.dataset.responseId) >= 0 ? "true" : "false";
+      var names = (draft.flags || {})[c.dataset.responseId] || [];
+      var any = false;
+      $all("input[name=flag]", c).forEach(function (box) { box.checked = names.indexOf(box.value) >= 0; any = any || box.checked; });
+      if (any) $("fieldset.flags", c).hidden = false;
+    });
+    state.placed = same ? Math.min(draft.placed || 0, cards().length) : 0;
+    state.warned = !!draft.warned;
+    var note = $("#rank-form [name=flag_note]");
+    if (note) note.value = draft.flag_note || "";
+    var rationale = $("#rank-form [name=rationale]");
+    if (rationale) { rationale.value = draft.rationale || ""; rationale.dispatchEvent(new Event("input")); }
+    $("#all-bad").checked = !!draft.all_bad;
+    $all("input[name=verdict]").forEach(function (r) { r.checked = r.value === draft.verdict; });
+    syncFlagNote();
+    update();
+    return true;
+  }
+
+  window.PrefloopAnnotate = {
+    snapshot: snapshot,
+    restore: restore,
+    submit: function () { submit(); },
+    taskKey: function () { var t = task(); return t ? t.dataset.draftKey : null; }
+  };
 
   function submit() {
     var form = $("#rank-form");
@@ -244,7 +343,7 @@
     var reason = ($("input[name=skip_reason]:checked", dialog) || {}).value || "Other";
     var detail = ($("input[name=skip_detail]", dialog).value || "").trim();
     if (reason === "Other" && !detail) {
-      $("#submit-error").textContent = "Say why you skip when you choose 'Other'.";
+      $("#submit-error").textContent = "Not skipped: say why in Details when you choose 'Other', then skip again.";
       return;
     }
     state.skip = detail ? reason + ": " + detail : reason;
@@ -279,6 +378,8 @@
   function onKey(event) {
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     var key = event.key;
+    var signIn = $("#login-dialog");
+    if (signIn && signIn.open) return; /* the sign-in dialog takes the keys */
     var dialog = $("#skip-dialog");
     if (dialog && dialog.open) {
       if (/^[1-9]$/.test(key)) {
@@ -309,6 +410,7 @@
       var box = $("input[name=flag][value=" + FLAG_KEYS[lower] + "]", state.flagCard);
       box.checked = !box.checked;
       syncFlagNote();
+      changed();
       event.preventDefault();
       return;
     }

@@ -138,6 +138,7 @@ def settings(database_url, tmp_path, monkeypatch):
         "PREFLOOP_DATA_DIR": str(tmp_path / "data"),
         "PREFLOOP_DATABASE_URL": database_url,
         "PREFLOOP_SECRET_KEY": "test-secret-key-that-is-long-enough-0123456789",
+        "PREFLOOP_PSEUDONYM_KEY": "test-pseudonym-key-that-is-long-enough-0123456789",
         "PREFLOOP_SERVE_POLICY": "false",
         "PREFLOOP_POLICY_POLL_SECONDS": "0.5",
         "PREFLOOP_DEVICE": "cpu",

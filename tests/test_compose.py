@@ -85,6 +85,9 @@ def test_every_prefloop_service_runs_in_production_with_a_required_secret(servic
     assert environment["PREFLOOP_ENVIRONMENT"] == "production"
     # `${VAR:?message}`: compose stops with the message instead of starting with an empty value.
     assert environment["PREFLOOP_SECRET_KEY"].startswith("${PREFLOOP_SECRET_KEY:?set PREFLOOP_SECRET_KEY")
+    assert environment["PREFLOOP_PSEUDONYM_KEY"].startswith(
+        "${PREFLOOP_PSEUDONYM_KEY:?set PREFLOOP_PSEUDONYM_KEY"
+    )
 
 
 def test_the_image_runs_in_production():

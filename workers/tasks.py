@@ -13,6 +13,7 @@ from app.config import get_settings
 from app.data.db import session_scope
 from app.services import dispatch
 from app.services.assignment import expire_stale_assignments
+from app.services.retention import apply_cleanup, plan_cleanup
 from app.services.rounds import maybe_start_auto_round, resend_queued_rounds
 from app.services.runs import requeue_stale_runs, resend_queued_runs
 from app.services.tasks_pool import refill_if_low
@@ -58,6 +59,15 @@ def periodic_maintenance() -> dict[str, int]:
         "refill_run": refill_run or 0,
         "auto_round": auto_round_id,
     }
+
+
+@celery_app.task(name=dispatch.CLEANUP_DISK)
+def cleanup_disk() -> dict[str, int]:
+    """Beat, hourly: delete what the retention settings allow (app.services.retention)."""
+    with session_scope() as db:
+        plan = plan_cleanup(db, get_settings())
+    result = apply_cleanup(plan)
+    return {"deleted": len(result.deleted), "freed_bytes": result.freed_bytes, "errors": len(result.errors)}
 
 
 # ---------------------------------------------------------------- gpu queue

@@ -10,6 +10,7 @@ import logging
 import click
 
 from app.broker import install_sender
+from app.cli.cleanup import cleanup
 from app.cli.database import init, migrate
 from app.cli.demo_loop import demo_loop
 from app.cli.export import export_command
@@ -41,5 +42,5 @@ def main(verbose: bool) -> None:
     install_sender()  # commands that start rounds, refills or exports enqueue them by name
 
 
-for command in (migrate, init, users, worker, beat, serve, export_command, round_group, demo_loop):
+for command in (migrate, init, users, worker, beat, serve, export_command, round_group, demo_loop, cleanup):
     main.add_command(command)

@@ -1,7 +1,8 @@
 """`prefloop demo-loop`: the whole loop once, on the embedded default, for a newcomer to watch.
 
 1. init: schema, base policy v0, demo users and prompts;
-2. start the embedded stack: the web app in this process, a Celery worker (with beat) beside it;
+2. start the embedded stack: the web app in this process, the gpu and default workers (beat in the
+   latter) beside it, restarted when they die;
 3. fill the task pool with responses of the live policy (a generation run on the worker);
 4. a simulated annotator ranks a batch of tasks through the JSON API, like a person would;
 5. a round runs (reward model → DPO or PPO-max → evaluation gate) and the new policy goes live;
@@ -15,6 +16,7 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ import click
 import httpx
 from tqdm import tqdm
 
-from app.cli.serve import stop_children, worker_command
+from app.cli.serve import embedded_worker_commands
+from app.cli.supervisor import Backoff, Supervisor
 from app.config import Settings, get_settings
 from app.data.db import session_scope
 from app.data.migrate import run_migrations
@@ -61,21 +64,18 @@ def simulated_preference(text: str) -> float:
 
 
 class EmbeddedStack:
-    """The web app on a thread of this process plus a worker subprocess, as `prefloop serve` runs them."""
+    """The web app on a thread of this process plus the supervised workers, as `prefloop serve` runs them."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._web = WebServerThread()
         self.url = self._web.url
-        self._worker: subprocess.Popen | None = None
+        self._workers = Supervisor(
+            embedded_worker_commands(), Backoff.from_settings(settings), output=subprocess.DEVNULL
+        )
 
     def __enter__(self) -> EmbeddedStack:
-        self._worker = subprocess.Popen(
-            worker_command("gpu,default", 1, beat=True, loglevel="WARNING"),
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self._workers.__enter__()
         try:
             self._web.__enter__()
         except RuntimeError as exc:
@@ -85,14 +85,21 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self._web.__exit__()
-        if self._worker is not None:
-            stop_children([self._worker])
+        self._workers.stop()
+
+    def check_workers(self) -> None:
+        """Stop the demo with the supervisor's reason once it gave up on a worker."""
+        if self._workers.gave_up:
+            raise click.ClickException(self._workers.gave_up)
 
 
-def _wait_for_run(client: httpx.Client, run_id: int, label: str, timeout: float) -> dict:
+def _wait_for_run(
+    client: httpx.Client, run_id: int, label: str, timeout: float, check: Callable[[], None]
+) -> dict:
     with tqdm(total=100, desc=label, unit="%") as bar:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            check()
             run = client.get(f"/api/runs/{run_id}").json()
             bar.n = int(run["progress"] * 100)
             bar.set_postfix_str(run["progress_message"][:50])
@@ -141,7 +148,7 @@ def run_demo_loop(tasks: int, algorithm: str, base_model, timeout: float) -> Non
             click.echo(
                 f"3/6 generating responses of policy v{start_version} for {tasks - open_tasks} prompts"
             )
-            run = _wait_for_run(admin, run_id, "generation", timeout)
+            run = _wait_for_run(admin, run_id, "generation", timeout, stack.check_workers)
             if run["status"] != "succeeded":
                 raise click.ClickException(f"generation {run['status']}: {run['error']}")
         else:
@@ -170,6 +177,7 @@ def run_demo_loop(tasks: int, algorithm: str, base_model, timeout: float) -> Non
         deadline = time.monotonic() + timeout
         with tqdm(total=3, desc=f"round {round_id}", unit="stage") as bar:
             while time.monotonic() < deadline:
+                stack.check_workers()
                 round_ = admin.get(f"/api/rounds/{round_id}").json()
                 bar.n = min(3, sum(1 for r in round_["runs"] if r["status"] == "succeeded"))
                 current = next((r for r in round_["runs"] if r["status"] == "running"), None)

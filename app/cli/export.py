@@ -13,7 +13,7 @@ from tqdm import tqdm
 from app.config import get_settings
 from app.data.db import session_scope
 from app.data.models import PromptSet
-from app.services.exports import ExportSpec, export_dataset
+from app.services.exports import ExportSpec, export_dataset, pseudonym_key
 
 
 @click.command("export")
@@ -146,7 +146,12 @@ def export_command(
 
             try:
                 result = export_dataset(
-                    db, spec, output, secret_key=settings.secret_key, progress=progress, overwrite=force
+                    db,
+                    spec,
+                    output,
+                    pseudonym_key=pseudonym_key(settings),
+                    progress=progress,
+                    overwrite=force,
                 )
             except (FileExistsError, ValueError) as exc:
                 raise click.ClickException(str(exc)) from exc

@@ -1,18 +1,18 @@
-"""Running the loop's processes: `prefloop worker`, `beat`, and `serve`, which supervises the web app
-with a worker beside it and stops them all cleanly on Ctrl-C."""
+"""Running the loop's processes: `prefloop worker`, `beat`, and `serve`, which runs the web app with
+its workers beside it (restarted when they die, see app.cli.supervisor) and stops them all cleanly on
+Ctrl-C."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import click
 
 from app.cli.display import redact
+from app.cli.supervisor import Backoff, Supervisor
 from app.config import default_secret_refusal, get_settings, is_loopback
 from app.data.db import session_scope
 from app.data.migrate import run_migrations
@@ -40,6 +40,16 @@ def worker_command(queues: str, concurrency: int, beat: bool, loglevel: str = "I
     if beat:
         command.append("--beat")
     return command
+
+
+def embedded_worker_commands(loglevel: str = "WARNING") -> dict[str, list[str]]:
+    """The embedded stack's workers: training and generation on `gpu`, one task at a time; exports
+    and maintenance on `default` in a process of their own, with beat, so they never wait behind a
+    round that holds the gpu worker for an hour."""
+    return {
+        "gpu worker": worker_command("gpu", 1, beat=False, loglevel=loglevel),
+        "default worker": worker_command("default", 2, beat=True, loglevel=loglevel),
+    }
 
 
 @click.command()
@@ -100,36 +110,42 @@ def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
             demo_accounts = active_demo_accounts(db)
         if demo_accounts:
             raise click.ClickException(demo_accounts_refusal(demo_accounts))
-    children: list[subprocess.Popen] = []
-    if not no_worker:
-        # One worker for both queues with the scheduler inside it: the embedded way to run the loop.
-        command = worker_command("gpu,default", 1, beat=True, loglevel="WARNING")
-        children.append(subprocess.Popen(command, start_new_session=True))
+    # A supervisor that gives up stops the web app as Ctrl-C would; `serve` then exits non-zero.
+    supervisor = Supervisor(
+        {} if no_worker else embedded_worker_commands(),
+        Backoff.from_settings(settings),
+        on_give_up=lambda _reason: os.kill(os.getpid(), signal.SIGTERM),
+    )
     url = f"http://{host}:{port}"
     click.echo(f"prefloop is starting at {url}")
     click.echo(f"  database: {redact(settings.sqlalchemy_url)}")
     click.echo(f"  broker:   {redact(settings.celery_broker_url)}")
+    if not no_worker:
+        click.echo("  workers:  gpu (training, generation) and default (exports, maintenance, beat)")
     if settings.environment == "development":
         logins = ", ".join(f"{u} / {p}" for u, _role, p in DEMO_USERS)
         click.echo(f"  demo logins (after `prefloop init --demo`): {logins}")
-    try:
-        if web_workers > 1:
-            uvicorn.run(
-                "app.web.main:create_app",
-                factory=True,
-                host=host,
-                port=port,
-                workers=web_workers,
-                log_level="warning",
-            )
-        else:
-            config = uvicorn.Config(
-                "app.web.main:create_app", factory=True, host=host, port=port, log_level="warning"
-            )
-            _QuietServer(config).run()
-    finally:
-        stop_children(children)
-        click.echo("prefloop stopped")
+    with supervisor:
+        try:
+            if web_workers > 1:
+                uvicorn.run(
+                    "app.web.main:create_app",
+                    factory=True,
+                    host=host,
+                    port=port,
+                    workers=web_workers,
+                    log_level="warning",
+                )
+            else:
+                config = uvicorn.Config(
+                    "app.web.main:create_app", factory=True, host=host, port=port, log_level="warning"
+                )
+                _QuietServer(config).run()
+        finally:
+            supervisor.stop()
+            click.echo("prefloop stopped")
+    if supervisor.gave_up:
+        raise click.ClickException(supervisor.gave_up)
 
 
 class _QuietServer:
@@ -156,17 +172,3 @@ class _QuietServer:
 
     def run(self) -> None:
         self._server.run()
-
-
-def stop_children(children: list[subprocess.Popen], timeout: float = 20.0) -> None:
-    """Stop child processes: a warm shutdown first, then SIGKILL to their process group after `timeout`."""
-    for child in children:
-        if child.poll() is None:
-            child.terminate()  # Celery's warm shutdown: the current task finishes or is redelivered
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()

@@ -41,7 +41,9 @@ POLICY_KINDS = ("base", "ppo", "dpo")
 POLICY_STATUSES = ("candidate", "approved", "rejected", "retired")
 TASK_KINDS = ("rank", "arena")
 TASK_STATUSES = ("open", "done", "closed")
-ASSIGNMENT_STATUSES = ("active", "submitted", "skipped", "expired")
+# released: the annotator gave the task back unjudged; like skipped it counts as seen, so the task
+# goes to someone else, but no annotation is stored.
+ASSIGNMENT_STATUSES = ("active", "submitted", "skipped", "expired", "released")
 RUN_KINDS = ("reward", "ppo", "dpo", "evaluate", "generate", "export")
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ROUND_STATUSES = ("queued", "running", "awaiting_approval", "succeeded", "failed", "cancelled")
@@ -86,8 +88,31 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = Timestamp()
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # After this moment the token is refused (401 naming the date). NULL: issued before tokens
+    # expired; such tokens live until revoked, and the token list shows them as "never".
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship()
+
+
+class AuditEntry(Base):
+    """Who did what to which account, and when: account management leaves a row here, never edited.
+
+    The actor and target names are copied in, so the record still reads after an account is renamed
+    or deleted; the CLI acts as `cli:<os user>` with no actor id.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_target_user_id_id", "target_user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = Timestamp()
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(32))
+    target_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    target: Mapped[str] = mapped_column(String(100), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
 
 class AppSetting(Base):
@@ -311,6 +336,31 @@ class Annotation(Base):
     shown_order_unchanged: Mapped[bool] = mapped_column(Boolean, default=False)
     payload_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = Timestamp(index=True)
+    # How often the annotator revised it (0: as first submitted); earlier versions are in
+    # annotation_revisions, the row itself always holds the latest.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    revised_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AnnotationRevision(Base):
+    """A version of a judgement its annotator replaced: what the annotation said before revision
+    `revision + 1`. The annotation row and its comparisons hold the latest version."""
+
+    __tablename__ = "annotation_revisions"
+    __table_args__ = (UniqueConstraint("annotation_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(Integer)
+    ranking: Mapped[list[list[int]]] = mapped_column(JSONType, default=list)
+    all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    flags: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    time_spent_ms: Mapped[int] = mapped_column(Integer, default=0)
+    shown_order_unchanged: Mapped[bool] = mapped_column(Boolean, default=False)
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    made_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when this version was submitted
+    replaced_at: Mapped[datetime] = Timestamp()
 
 
 class Comparison(Base):
@@ -410,3 +460,16 @@ class RoundAnnotation(Base):
     annotation_id: Mapped[int] = mapped_column(
         ForeignKey("annotations.id", ondelete="CASCADE"), primary_key=True, index=True
     )
+
+
+class WorkerHeartbeat(Base):
+    """One row per running Celery worker process, touched every few seconds; an old `beat_at` means
+    the worker died without saying goodbye."""
+
+    __tablename__ = "worker_heartbeats"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(255), default="")  # comma-separated
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,4 +1,7 @@
-"""User accounts: creating users, checking passwords at login, and API tokens (both stored hashed)."""
+"""User accounts: creating users, checking passwords at login, and API tokens (both stored hashed).
+
+Changing accounts as an admin (roles, deactivation, resets, revoking tokens, with an audit record)
+is app.services.user_admin; this module holds what logging in and calling the API need."""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.data.models import ApiToken, User
 
 TOKEN_PREFIX = "pfl_"
@@ -24,6 +28,17 @@ _DUMMY_HASH = _hasher.hash("not-a-real-password")
 
 class AccountError(ValueError):
     """A user cannot be created or changed as asked (the name is taken, or there is no such user)."""
+
+
+class TokenExpired(AccountError):
+    """A live token past its expiry: refused, with a message that says when and what to do."""
+
+    def __init__(self, token: ApiToken):
+        expired = _as_utc(token.expires_at)
+        super().__init__(
+            f"API token {token.name!r} ({token.prefix}…) expired on {expired:%Y-%m-%d %H:%M} UTC; "
+            f"ask an admin for a new one (`prefloop users token {token.user.username}`)."
+        )
 
 
 # ---------------------------------------------------------------- passwords and users
@@ -62,24 +77,18 @@ def create_user(db: Session, username: str, role: str, password: str, email: str
 
 
 def deactivate_user(db: Session, username: str) -> User:
-    """Stop a user from logging in or using their tokens (the caller commits); raises if there is none."""
+    """Stop a user from logging in or using their tokens (the caller commits); raises if there is none.
+
+    Their session cookies end too (a new generation), so reactivating the account later does not
+    bring old sessions back."""
     user = user_named(db, username)
     if user is None:
         raise AccountError(f"no user {username!r}")
-    user.is_active = False
+    if user.is_active:
+        user.is_active = False
+        user.session_generation += 1
     db.flush()
     return user
-
-
-def users_with_token_counts(db: Session) -> list[tuple[str, str, bool, int]]:
-    """(username, role, active, live API tokens) for every user, by name."""
-    rows = db.execute(
-        select(User.username, User.role, User.is_active, func.count(ApiToken.id))
-        .outerjoin(ApiToken, (ApiToken.user_id == User.id) & ApiToken.revoked_at.is_(None))
-        .group_by(User.id)
-        .order_by(User.username)
-    ).all()
-    return [(username, role, bool(active), int(tokens)) for username, role, active, tokens in rows]
 
 
 # ---------------------------------------------------------------- API tokens
@@ -90,27 +99,58 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_api_token(db: Session, user: User, name: str) -> str:
-    """Store a new token hashed and return the plain value (shown once)."""
+def create_api_token(db: Session, user: User, name: str, expires_in: timedelta | None = None) -> str:
+    """Store a new token hashed and return the plain value (shown once). It expires after
+    `expires_in` (default: PREFLOOP_API_TOKEN_DAYS days)."""
+    return issue_api_token(db, user, name, expires_in)[0]
+
+
+def issue_api_token(
+    db: Session, user: User, name: str, expires_in: timedelta | None = None
+) -> tuple[str, ApiToken]:
+    """Like create_api_token, also returning the stored row (its id, prefix and expiry)."""
+    if expires_in is None:
+        expires_in = timedelta(days=get_settings().api_token_days)
+    if expires_in <= timedelta(0):
+        raise AccountError("a token's lifetime must be positive")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    db.add(ApiToken(user_id=user.id, name=name, prefix=token[:12], token_hash=hash_token(token)))
+    row = ApiToken(
+        user_id=user.id,
+        name=name,
+        prefix=token[:12],
+        token_hash=hash_token(token),
+        expires_at=datetime.now(UTC) + expires_in,
+    )
+    db.add(row)
     db.flush()
-    return token
+    return token, row
 
 
-def user_for_token(db: Session, token: str) -> User | None:
-    """The active user a live (unrevoked) token belongs to, else None; notes when it was last used."""
+def _as_utc(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:  # SQLite hands back naive UTC
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def token_is_expired(token: ApiToken, now: datetime | None = None) -> bool:
+    expires = _as_utc(token.expires_at)
+    return expires is not None and (now or datetime.now(UTC)) >= expires
+
+
+def user_for_token(db: Session, token: str) -> tuple[User, datetime | None] | None:
+    """The active user a live (unrevoked) token belongs to and when the token expires, else None;
+    notes when it was last used. Raises TokenExpired for a token past its expiry."""
     row = db.scalar(
         select(ApiToken).where(ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None))
     )
     if row is None or not row.user.is_active:
         return None
     now = datetime.now(UTC)
-    last = row.last_used_at
-    if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC
-        last = last.replace(tzinfo=UTC)
+    if token_is_expired(row, now):
+        raise TokenExpired(row)
+    user, expires, last = row.user, _as_utc(row.expires_at), _as_utc(row.last_used_at)
     # "Last used" to the minute is enough; writing it on every request would cost a commit each.
     if last is None or now - last > TOKEN_TOUCH_INTERVAL:
         db.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
         db.commit()
-    return row.user
+    return user, expires

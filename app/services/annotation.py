@@ -14,7 +14,8 @@ Rules:
 
 A judgement is stored by one statement (Statement.STORE_JUDGEMENT) that locks the task row first (the
 order assignment and expiry use too), so counters and the annotation row commit together or not at
-all; it says which rule refused a judgement, and the messages are made here.
+all; it derives the comparisons itself, only once the ranking fits the responses shown, and says which
+rule refused a judgement; the messages are made here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from app.data.models import utcnow
 from app.data.statements import IntegrityConflict, Statement, StatementRunner
+from app.data.statements.pairs import Pair, derive_pairs
 from app.services.schemas import AnnotationIn, AnnotationResult, ranking_problem
 
 
@@ -36,13 +38,6 @@ class AnnotationError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class Pair:
-    chosen: int
-    rejected: int
-    margin: float
 
 
 def normalise(payload: AnnotationIn) -> AnnotationIn:
@@ -78,16 +73,9 @@ def payload_hash(payload: AnnotationIn, normalised: bool = False) -> str:
 
 
 def derive_comparisons(ranking: list[list[int]], all_bad: bool = False) -> list[Pair]:
-    """Pairs (chosen beats rejected) from tie groups best→worst; margin is the group distance."""
-    if all_bad:
-        return []
-    pairs = []
-    for i, better in enumerate(ranking):
-        for j in range(i + 1, len(ranking)):
-            for chosen in better:
-                for rejected in ranking[j]:
-                    pairs.append(Pair(chosen=chosen, rejected=rejected, margin=float(j - i)))
-    return pairs
+    """Pairs (chosen beats rejected) from tie groups best→worst; margin is the group distance.
+    Counting only: the pairs stored are derived by the storing statement, after its checks."""
+    return derive_pairs(ranking, all_bad)
 
 
 async def _check_ranking(statements: StatementRunner, payload: AnnotationIn, shown: list[int]) -> None:
@@ -217,7 +205,6 @@ class _Judgement:
     named: list[int]  # the ranking's response ids, best first
     flagged: list[int]
     no_ties: bool
-    pairs: list[Pair]
 
     @classmethod
     def of(cls, task_id: int, user_id: int, payload: AnnotationIn) -> _Judgement:
@@ -230,7 +217,6 @@ class _Judgement:
             named=[rid for group in payload.ranking for rid in group],
             flagged=sorted(payload.flags),
             no_ties=all(len(group) == 1 for group in payload.ranking),
-            pairs=[] if payload.skip else derive_comparisons(payload.ranking, payload.all_bad),
         )
 
     def key(self) -> dict[str, int]:
@@ -248,14 +234,11 @@ class _Judgement:
             "all_bad": p.all_bad,
             "ranking": json.dumps(p.ranking),
             "skip_reason": p.skip_reason,
-            "flags": json.dumps(_flags_json(p)),
+            "flags": json.dumps(flags_json(p)),
             "rationale": p.rationale,
             "time_spent_ms": p.time_spent_ms,
             "payload_hash": self.digest,
             "now": utcnow(),
-            "chosen": [pair.chosen for pair in self.pairs],
-            "rejected": [pair.rejected for pair in self.pairs],
-            "margin": [pair.margin for pair in self.pairs],
         }
 
 
@@ -272,7 +255,8 @@ class _Outcome:
         return cls(row.outcome, list(row.shown or []), row.new_annotation_id, bool(row.shown_order_unchanged))
 
 
-def _flags_json(payload: AnnotationIn) -> dict:
+def flags_json(payload: AnnotationIn) -> dict:
+    """The flags column of a normalised judgement."""
     flags: dict = {"responses": {str(rid): names for rid, names in payload.flags.items()}}
     if payload.flag_note:
         flags["note"] = payload.flag_note

@@ -1,4 +1,4 @@
-"""Which task an annotator gets next, and returning expired assignments to the pool.
+"""Which task an annotator gets next, and returning expired and released assignments to the pool.
 
 A task asks for `required_annotations` judgements (the overlap). Each one is a slot; a slot is taken
 by an active or submitted assignment and counted in `tasks.claimed_count`. Every change of that
@@ -9,8 +9,8 @@ walk past each other's rows instead of queueing on them; SQLite runs one writer 
 Lock order is always task row first, then assignment rows (here, in submission and in expiry),
 which keeps concurrent submit / assign / expire free of deadlocks.
 
-An annotator is never offered a task they submitted, skipped or currently hold; one they let expire
-may come back to them. Reloading the page gives back the task they hold instead of a new slot.
+An annotator is never offered a task they submitted, skipped, released or currently hold; one they
+let expire may come back to them. Reloading the page gives back the task they hold instead of a new slot.
 """
 
 from __future__ import annotations
@@ -224,3 +224,27 @@ def expire_stale_assignments(db: Session, batch: int = 1000) -> int:
         db.execute(update(Task).where(Task.id == task_id).values(claimed_count=Task.claimed_count - count))
     db.commit()
     return sum(per_task.values())
+
+
+def release_task(db: Session, task_id: int, user_id: int) -> bool:
+    """Give back the caller's active assignment of the task unjudged (committed): its slot returns to
+    the pool and the task goes to someone else. False when they hold no active assignment of it."""
+    # Task row first (the order of assignment, submission and expiry), then the assignment.
+    lock = select(Task.id).where(Task.id == task_id)
+    if is_postgres(db):
+        lock = lock.with_for_update()
+    if db.execute(lock).first() is None:
+        db.rollback()
+        return False
+    released = db.execute(
+        update(Assignment)
+        .where(Assignment.task_id == task_id, Assignment.user_id == user_id, Assignment.status == "active")
+        .values(status="released")
+        .returning(Assignment.id)
+    ).first()
+    if released is None:
+        db.rollback()
+        return False
+    db.execute(update(Task).where(Task.id == task_id).values(claimed_count=Task.claimed_count - 1))
+    db.commit()
+    return True

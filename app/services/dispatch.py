@@ -16,6 +16,7 @@ GENERATE_RESPONSES = "workers.tasks.generate_responses"
 RUN_ROUND = "workers.tasks.run_round"
 EXPORT_DATASET = "workers.tasks.export_dataset"
 PERIODIC_MAINTENANCE = "workers.tasks.periodic_maintenance"
+CLEANUP_DISK = "workers.tasks.cleanup_disk"
 
 # Generation and training hold a GPU; everything else shares the default queue.
 QUEUE_OF = {
@@ -26,6 +27,7 @@ QUEUE_OF = {
     RUN_ROUND: "gpu",
     EXPORT_DATASET: "default",
     PERIODIC_MAINTENANCE: "default",
+    CLEANUP_DISK: "default",
 }
 
 # The task that executes a run row of each kind when it runs on its own (not as a round's stage).

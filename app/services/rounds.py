@@ -15,9 +15,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.config import get_settings
 from app.data.models import Comparison, Round, Run, utcnow
 from app.services import dispatch
 from app.services.registry import live_policy
+from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.round_spec import RoundSpec
 from app.services.runs import request_cancel
 
@@ -53,6 +55,10 @@ def start_round(
     existing = active_round(db)
     if existing is not None:
         raise RoundConflict(existing.id)
+    try:
+        ensure_free_disk(get_settings())
+    except LowDiskSpace as exc:
+        raise RoundError(f"the round was not started: {exc}") from None
     live = live_policy(db)
     if live is None:
         raise RoundError("no live policy: run `prefloop init` first")

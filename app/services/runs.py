@@ -2,18 +2,16 @@
 
 Every run body (workers/runs/) goes through `execute`: claim the row (a redelivered message or a
 second worker does nothing), report progress and metrics through DbReporter, stop on cancel, record
-the result or the full error on the row. Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
+the result, or a short error with an error id on the row (the traceback goes to the log). Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
 a run whose worker died resumes where it stopped when the message is delivered again; the checkpoints
 are deleted once the run has succeeded.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -24,11 +22,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.common.errors import record_failure
 from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.db import session_factory
 from app.data.models import Round, Run, RunMetric, utcnow
 from app.services import dispatch
+from app.services.retention import LowDiskSpace, ensure_free_disk
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +69,12 @@ def finish_run(
     db.commit()
 
 
-def fail_run(db: Session, run_id: int, exc: BaseException) -> None:
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    finish_run(db, run_id, "failed", error=f"{failure_summary(exc)}\n\n{text}")
-
-
-def failure_summary(exc: BaseException) -> str:
-    """The first line of a failed run's error: what went wrong, in words an operator acts on."""
-    full = _disk_full_error(exc)
-    if full is not None:
-        where = f" writing {full.filename}" if isinstance(full, OSError) and full.filename else ""
-        return (
-            f"The disk is full (no space left on device{where}): free space under the data directory "
-            "(old exports, checkpoints of failed runs) and start it again."
-        )
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _disk_full_error(exc: BaseException) -> BaseException | None:
-    """The ENOSPC in the exception or its causes (libraries such as torch and safetensors wrap it)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            return current
-        if "No space left on device" in str(current):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+def fail_run(db: Session, run_id: int, exc: BaseException) -> str:
+    """Fail a run: the traceback goes to the log under an error id, the row keeps a short message
+    with that id (it reaches the API and the pages). Returns the stored message."""
+    error = record_failure(log, exc, f"run {run_id} failed")
+    finish_run(db, run_id, "failed", error=error)
+    return error
 
 
 def request_cancel(db: Session, run_id: int) -> bool:
@@ -290,6 +267,13 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
             log.info("run %s is owned by another delivery or already finished; nothing to do", run_id)
             return None
         config = dict(db.get(Run, run_id).config)
+        try:
+            # Checked when the run starts, not only when it was asked for: the disk may have filled
+            # while it waited, and a run that fills it fails half-way with less clear errors.
+            ensure_free_disk(get_settings())
+        except LowDiskSpace as exc:
+            finish_run(db, run_id, "failed", error=f"not started: {exc}")
+            return "failed"
     reporter = DbReporter(sessions, run_id)
     try:
         with Heartbeat(sessions, run_id):
@@ -300,7 +284,6 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
             finish_run(db, run_id, "cancelled", error="cancelled on request")
         return "cancelled"
     except Exception as exc:
-        log.exception("run %s failed", run_id)
         reporter.flush()
         with sessions() as db:
             fail_run(db, run_id, exc)

@@ -3,6 +3,12 @@
 Requests read `holder.current` once and keep that object for their whole duration, so a swap never
 disturbs a request already running; a failed load keeps the old model and is reported.
 Wake-ups come from Redis pub/sub when configured; polling the alias covers lost messages.
+
+Before loading a version's folder the holder checks its sha256 against the one recorded when it was
+published, so a folder changed or cut short on disk is refused rather than served. A version that
+failed to load is tried again after a wait that doubles with each failure (up to
+PREFLOOP_POLICY_LOAD_BACKOFF_MAX_SECONDS), not at every poll: a broken folder would otherwise be read
+(and hashed) again every few seconds by every web process.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.common.files import sha256_folder
 from app.config import Settings
 from app.data.db import read_session
 from app.data.models import Policy, PolicyAlias
@@ -55,6 +63,17 @@ def load_policy(version: int, path: str, device: str) -> LoadedPolicy:
     return LoadedPolicy(version=version, path=path, model=model, tokenizer=tokenizer, generator=generator)
 
 
+def _verify_folder(version: int, path: str, sha256: str) -> None:
+    """Refuse a folder whose files are not those that were published (changed, truncated, missing)."""
+    found = sha256_folder(Path(path))
+    if found != sha256:
+        raise ValueError(
+            f"the folder of policy v{version} ({path}) does not match the sha256 recorded when it was "
+            f"published ({sha256[:12]}…, found {found[:12]}…): its files changed or are incomplete; "
+            "roll back, or publish the version again"
+        )
+
+
 class PolicyHolder:
     def __init__(self, sessions: sessionmaker[Session], settings: Settings, load_models: bool | None = None):
         self._sessions = sessions
@@ -69,6 +88,7 @@ class PolicyHolder:
         self.loading_version: int | None = None
         self.last_error: str | None = None
         self.swaps = 0
+        self._failed_loads: dict[int, tuple[int, float]] = {}  # version → (failures in a row, retry at)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -92,12 +112,15 @@ class PolicyHolder:
 
     # ------------------------------------------------------------ following the alias
 
-    def read_alias(self) -> tuple[int, str] | None:
+    def read_alias(self) -> tuple[int, str, str] | None:
+        """The live version, its folder and the folder's recorded sha256."""
         with read_session(self._sessions) as db:
             row = db.execute(
-                select(Policy.version, Policy.path).join(PolicyAlias, PolicyAlias.policy_id == Policy.id)
+                select(Policy.version, Policy.path, Policy.sha256).join(
+                    PolicyAlias, PolicyAlias.policy_id == Policy.id
+                )
             ).first()
-        return (row.version, row.path) if row else None
+        return (row.version, row.path, row.sha256) if row else None
 
     def check_now(self) -> None:
         """Read the alias once and load the live version if we do not hold it yet (blocking)."""
@@ -108,13 +131,21 @@ class PolicyHolder:
             return
         if alias is None:
             return
-        version, path = alias
+        version, path, sha256 = alias
         self.live_version = version
         if self.current is not None and self.current.version == version:
             return
-        self._load(version, path)
+        failed = self._failed_loads.get(version)
+        if failed is not None and time.monotonic() < failed[1]:
+            return  # backing off after failed loads of this version
+        self._load(version, path, sha256)
 
-    def _load(self, version: int, path: str) -> None:
+    def retry_in(self, version: int) -> float | None:
+        """Seconds until a version that failed to load is tried again; None when it has not failed."""
+        failed = self._failed_loads.get(version)
+        return None if failed is None else max(0.0, failed[1] - time.monotonic())
+
+    def _load(self, version: int, path: str, sha256: str) -> None:
         with self._lock:
             if self.current is not None and self.current.version == version:
                 return
@@ -122,19 +153,38 @@ class PolicyHolder:
             started = time.perf_counter()
             try:
                 if self._load_models:
+                    _verify_folder(version, path, sha256)
                     loaded = load_policy(version, path, self._settings.torch_device())
                 else:
                     loaded = LoadedPolicy(version=version, path=path)
             except Exception as exc:
-                self.last_error = f"loading policy v{version} failed: {exc}"
-                log.exception("loading policy v%s failed; keeping v%s", version, self.served_version)
+                self._back_off(version, exc)
                 return
             finally:
                 self.loading_version = None
             self.current = loaded  # the swap: one reference assignment
             self.swaps += 1
             self.last_error = None
+            self._failed_loads.pop(version, None)
             log.info("now serving policy v%s (loaded in %.1fs)", version, time.perf_counter() - started)
+
+    def _back_off(self, version: int, exc: Exception) -> None:
+        failures = self._failed_loads.get(version, (0, 0.0))[0] + 1
+        wait = min(
+            self._settings.policy_load_backoff_max_seconds,
+            self._settings.policy_poll_seconds * 2**failures,
+        )
+        self._failed_loads = {version: (failures, time.monotonic() + wait)}  # only the live one matters
+        self.last_error = f"loading policy v{version} failed: {exc}"
+        log.error(
+            "loading policy v%s failed (%d in a row; next try in %.0fs); keeping v%s: %s",
+            version,
+            failures,
+            wait,
+            self.served_version,
+            exc,
+            exc_info=failures == 1,  # the traceback once, not at every retry
+        )
 
     @property
     def served_version(self) -> int | None:

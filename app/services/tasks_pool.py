@@ -28,6 +28,7 @@ from app.config import Settings, get_settings
 from app.data.models import Policy, PolicyAlias, Prompt, Response, Run, Task, TaskResponse
 from app.services import dispatch
 from app.services.registry import live_policy, policy_by_version
+from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.serving import load_policy
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,12 @@ def refill_if_low(db: Session, settings: Settings | None = None, enqueue: bool =
         return None
     alias = db.get(PolicyAlias, "live")
     if alias is None:
+        db.rollback()
+        return None
+    try:
+        ensure_free_disk(settings)
+    except LowDiskSpace as exc:  # a run queued now would only fail: say so once per beat instead
+        log.warning("task pool is low but no generation run is queued: %s", exc)
         db.rollback()
         return None
     previous = db.get(Policy, alias.previous_policy_id) if alias.previous_policy_id else None

@@ -22,6 +22,7 @@ from app.config import Settings, get_settings
 from app.data.db import DATABASE_UNAVAILABLE_ERRORS, make_engine, session_factory
 from app.data.statements import open_statements
 from app.services.serving import PolicyHolder
+from app.services.worker_status import WorkerReportCache
 from app.web import openapi_errors
 from app.web.exposure import LoopbackOnlyWithDefaultSecret, refuse_demo_accounts_in_production
 from app.web.routes import ROUTERS
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
     app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
+    app.state.worker_reports = WorkerReportCache(settings.worker_status_cache_seconds)
     app.state.policy_holder = None
     app.state.statements = None  # opened by the lifespan
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")

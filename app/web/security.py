@@ -11,6 +11,7 @@ import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -21,7 +22,7 @@ from app.common.expiring import ExpiringMap
 from app.config import Settings, get_settings
 from app.data.db import read_session
 from app.data.models import ROLES, User
-from app.services.accounts import user_for_token
+from app.services.accounts import TokenExpired, user_for_token
 
 SESSION_COOKIE = "prefloop_session"
 CSRF_COOKIE = "prefloop_csrf"
@@ -115,6 +116,11 @@ class Principal:
     username: str
     role: str
     via_token: bool
+    # When the bearer token used expires: a cached principal is not trusted past it.
+    expires_at: datetime | None = None
+
+    def expired(self) -> bool:
+        return self.expires_at is not None and datetime.now(UTC) >= self.expires_at
 
 
 class LoginRequired(HTTPException):
@@ -133,9 +139,10 @@ class PrincipalCache(ExpiringMap[Principal]):
 
     Every API call and page load needs its caller's user row (active? logged out since? which role?);
     reading it each time costs a pooled connection and a round trip before the handler starts. Within
-    `ttl` a credential seen before is answered from memory. Logout in this process drops the user's
-    entries at once; another process, or a change made outside the web app (CLI, SQL), takes effect
-    within `ttl` seconds. ttl 0 turns the cache off.
+    `ttl` (PREFLOOP_AUTH_CACHE_SECONDS) a credential seen before is answered from memory. Logout and
+    the admin users page drop the user's entries in this process at once; another process, or a
+    change made outside the web app (`prefloop users ...`, SQL), takes effect within `ttl` seconds.
+    A token's expiry is checked on every hit. ttl 0 turns the cache off.
     """
 
     def __init__(self, ttl: float, max_entries: int = 50_000):
@@ -155,16 +162,29 @@ def _principal_from_db(
 ) -> Principal | None:
     """The principal of a credential, read from the database (in a short session of its own)."""
     with read_session(request.app.state.sessionmaker) as db:
+        expires_at = None
         if kind == "token":
-            user = user_for_token(db, credential)
-            if user is None:
+            try:
+                found = user_for_token(db, credential)
+            except TokenExpired as exc:
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}
+                ) from None
+            if found is None:
                 raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Invalid or revoked API token.")
+            user, expires_at = found
         else:
             user_id, generation = identity
             user = db.get(User, user_id)
             if user is None or not user.is_active or user.session_generation != generation:
                 return None
-        return Principal(id=user.id, username=user.username, role=user.role, via_token=kind == "token")
+        return Principal(
+            id=user.id,
+            username=user.username,
+            role=user.role,
+            via_token=kind == "token",
+            expires_at=expires_at,
+        )
 
 
 async def current_principal(request: Request) -> Principal | None:
@@ -180,6 +200,8 @@ async def current_principal(request: Request) -> Principal | None:
     cache = principal_cache(request)
     # Keyed by the credential itself: a cookie found here had its signature checked when it was put.
     principal = cache.get((kind, credential))
+    if principal is not None and principal.expired():
+        principal = None  # read again: the token's owner gets the 401 that says it expired
     if principal is None:
         identity = None
         if kind == "session":

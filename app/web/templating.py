@@ -11,6 +11,7 @@ from jinja2 import pass_context
 from jinja2.runtime import Context
 from markupsafe import Markup
 
+from app.common.errors import public_error
 from app.config import get_settings
 from app.web.markdown import render_markdown
 from app.web.security import CSRF_FIELD, CSRF_HEADER, csrf_token_for
@@ -26,6 +27,8 @@ ADMIN_NAV = (
     ("/admin/playground", "Playground"),
     ("/admin/prompts", "Prompts"),
     ("/admin/quality", "Quality"),
+    ("/admin/users", "Users"),
+    ("/admin/audit", "Audit log"),
 )
 
 
@@ -33,8 +36,21 @@ ADMIN_NAV = (
 def admin_nav_links(context: Context) -> list[tuple[str, str]]:
     """The admin sub-navigation links whose pages the app serving this request has installed."""
     request: Request = context["request"]
-    paths = {getattr(route, "path", None) for route in request.app.routes}
+    paths = _route_paths(request.app.routes)
     return [(href, label) for href, label in ADMIN_NAV if href in paths]
+
+
+def _route_paths(routes: list[Any]) -> set[str]:
+    """Paths of these routes and of the routers included among them (FastAPI keeps an included
+    router as one entry holding the original; create_app includes them without a prefix)."""
+    paths: set[str] = set()
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            paths |= _route_paths(included.routes)
+        elif (path := getattr(route, "path", None)) is not None:
+            paths.add(path)
+    return paths
 
 
 def templates() -> Jinja2Templates:
@@ -48,6 +64,8 @@ def templates() -> Jinja2Templates:
         # templates/admin/_nav.html calls this, so any admin page can include the navigation.
         env.globals["admin_nav_links"] = admin_nav_links
         env.filters["markdown"] = lambda text: Markup(render_markdown(text or ""))
+        # Run, round and export errors: the first line (message and error id), never a traceback.
+        env.filters["public_error"] = public_error
     return _templates
 
 
@@ -74,4 +92,8 @@ def render(
     else:
         response = templates().TemplateResponse(request, name, ctx, status_code=status_code)
     response.headers["Vary"] = "HX-Request"
+    if ctx["principal"] is not None:
+        # A signed-in page names its user and shows their work: never kept by the browser, so Back
+        # after logging out asks the server again (and meets the login form).
+        response.headers["Cache-Control"] = "no-store"
     return response

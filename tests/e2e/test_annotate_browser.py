@@ -72,15 +72,17 @@ def test_rank_by_drag_and_the_unchanged_order_warning(page, server, server_db, a
     page.wait_for_selector(f"#task[data-task-id='{first}']")
     ids = label_to_id(page)
 
-    # Drag the fourth card above the first one (SortableJS in mouse-event mode).
-    source = page.locator("li.response[data-label='4'] .response-head .label").bounding_box()
+    # Drag the fourth card onto the first one (SortableJS in mouse-event mode; the cards stand side
+    # by side on this wide window, so the path goes up and across).
+    source = page.locator("li.response[data-label='4'] .response-head .key").bounding_box()
     target = page.locator("li.response[data-label='1'] .response-head").bounding_box()
     page.mouse.move(source["x"] + 5, source["y"] + 5)
     page.mouse.down()
     steps = 12
     for i in range(1, steps + 1):
+        x = source["x"] + 5 + (target["x"] + 20 - source["x"] - 5) * i / steps
         y = source["y"] + (target["y"] + 4 - source["y"]) * i / steps
-        page.mouse.move(source["x"] + 5, y)
+        page.mouse.move(x, y)
         page.wait_for_timeout(20)
     page.mouse.up()
     page.wait_for_timeout(200)

@@ -11,6 +11,7 @@ from app.config import Settings, get_settings
 from app.data.db import session_factory
 from app.services.exports.exporter import ExportCancelled, export_dataset
 from app.services.exports.jobs import export_file_for
+from app.services.exports.pseudonym import pseudonym_key
 from app.services.exports.spec import ExportSpec
 from app.services.runs import execute
 
@@ -24,7 +25,7 @@ def export_body(sessions: sessionmaker[Session], settings: Settings):
                     db,
                     spec,
                     export_file_for(settings, run_id, spec),
-                    secret_key=settings.secret_key,
+                    pseudonym_key=pseudonym_key(settings),
                     progress=reporter.progress,
                     should_stop=reporter.should_stop,
                     overwrite=True,  # a redelivered run rewrites its own file

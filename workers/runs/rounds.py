@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.common.errors import record_failure
 from app.config import get_settings
 from app.data.db import session_factory
-from app.data.models import Policy, Round, Run
+from app.data.models import Policy, Round, Run, utcnow
 from app.services.promotion import promote
 from app.services.round_spec import RoundSpec, describe_problems
 from app.services.rounds import finish_round
@@ -63,8 +64,40 @@ def _stage(sessions: sessionmaker[Session], round_id: int, kind: str, config: di
 
 
 def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) -> str:
-    """Drive one round to its end; returns the round's final status."""
+    """Drive one round to its end; returns the round's final status.
+
+    Whatever a stage raises ends the round with the reason recorded: a round left active would make
+    every later round wait for it (409) until a person edited the database.
+    """
     sessions = sessions or session_factory()
+    try:
+        return _drive_round(round_id, sessions)
+    except Exception as exc:
+        log.exception("round %s stopped by an unexpected error", round_id)
+        return _end_after_unexpected_error(sessions, round_id, exc)
+
+
+def _end_after_unexpected_error(sessions: sessionmaker[Session], round_id: int, exc: Exception) -> str:
+    """Fail the round (unless it already ended) and the runs of it still queued or running."""
+    with sessions() as db:
+        db.rollback()
+        round_ = db.get(Round, round_id)
+        if round_ is None:
+            return "missing"
+        if round_.status not in ("queued", "running"):
+            return round_.status
+        where = "before its first stage" if round_.stage in ("queued", "running") else f"at {round_.stage}"
+        error = f"the round stopped {where}: {type(exc).__name__}: {exc}"
+        for run in db.scalars(
+            select(Run).where(Run.round_id == round_id, Run.status.in_(("queued", "running")))
+        ):
+            run.status, run.finished_at = "failed", utcnow()
+            run.error = f"its round ended: {error}"
+        finish_round(db, round_, "failed", error=error)
+        return "failed"
+
+
+def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
     settings = get_settings()
     with sessions() as db:
         round_ = db.get(Round, round_id)
@@ -86,7 +119,9 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
         if round_.status != "running":
             return round_.status
         algorithm, snapshot = spec.algorithm, round_.comparison_snapshot
-        start = db.get(Policy, round_.base_policy_id)
+        start = db.get(Policy, round_.base_policy_id) if round_.base_policy_id is not None else None
+        if start is None:
+            raise StageFailed("the policy the round starts from is no longer registered")
         start_version = start.version
     try:
         reward = _stage(
@@ -157,9 +192,9 @@ def execute_round(round_id: int, sessions: sessionmaker[Session] | None = None) 
             promote(db, candidate_version, settings)  # refills the task pool with the new version too
         except Exception as exc:
             # Left active, the round would refuse every later one; it ends, naming the failure.
-            log.exception("round %s: promoting v%s failed", round_id, candidate_version)
             db.rollback()
-            error = f"promoting v{candidate_version} failed: {type(exc).__name__}: {exc}"
+            failure = record_failure(log, exc, f"round {round_id}: promoting v{candidate_version} failed")
+            error = f"promoting v{candidate_version} failed: {failure}"
             finish_round(db, db.get(Round, round_id), "failed", error=error)
             return "failed"
         finish_round(db, round_, "succeeded")

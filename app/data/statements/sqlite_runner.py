@@ -5,7 +5,7 @@ takes a few here: a statement that writes starts with BEGIN IMMEDIATE, which tak
 that SQLite grants one connection at a time, runs its steps and commits. Holding the lock from the
 first step, every read sees what the writes after it will change; no row locks are needed. The
 steps mirror the Postgres statements (postgres/*.sql and prefloop_submit_annotation in
-migrations/sql/submit_annotation_v2.sql) and return rows of the same columns. They run in a worker
+migrations/sql/submit_annotation_v3.sql) and return rows of the same columns. They run in a worker
 thread on a connection of the engine's pool.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 from sqlalchemy import DateTime, Engine
 
+from app.data.statements.pairs import derive_pairs
 from app.data.statements.runner import IntegrityConflict, Statement
 
 SQL_DIR = Path(__file__).resolve().parent / "sqlite"
@@ -117,7 +118,7 @@ _Outcome = namedtuple(
 
 
 def store_judgement(steps: _Steps, p: Mapping[str, Any]) -> list[Any]:
-    """prefloop_submit_annotation (migrations/sql/submit_annotation_v2.sql), step by step."""
+    """prefloop_submit_annotation (migrations/sql/submit_annotation_v3.sql), step by step."""
     state = steps.first("judgement_state", p)
     if state is None:
         return [_Outcome("no_task", [], None, None)]
@@ -142,13 +143,14 @@ def store_judgement(steps: _Steps, p: Mapping[str, Any]) -> list[Any]:
         return [_Outcome("closed", shown, None, None)]
     unchanged = not p["skip"] and not p["all_bad"] and p["order"] is not None and p["order"] == shown
     annotation_id = steps.value("insert_annotation", {**p, "shown_order_unchanged": unchanged})
-    pairs = zip(p["chosen"], p["rejected"], p["margin"], strict=True)
+    # Derived only now, from a ranking that names each shown response once.
+    pairs = [] if p["skip"] else derive_pairs(json.loads(p["ranking"]), p["all_bad"])
     comparison = {"annotation_id": annotation_id, "prompt_id": state.prompt_id, "now": p["now"]}
     steps.run_many(
         "insert_comparison",
         [
-            {**comparison, "chosen": chosen, "rejected": rejected, "margin": margin}
-            for chosen, rejected, margin in pairs
+            {**comparison, "chosen": pair.chosen, "rejected": pair.rejected, "margin": pair.margin}
+            for pair in pairs
         ],
     )
     steps.run("mark_assignment_judged", {"skip": p["skip"], "assignment_id": state.assignment_id})

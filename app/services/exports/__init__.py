@@ -1,7 +1,7 @@
 """Researcher exports: preference data in the formats TRL, HH-RLHF and arena tools read.
 
     spec = ExportSpec(format="pairwise", file_format="parquet", layout="folder", min_annotators=2)
-    result = export_dataset(db, spec, Path("out/prefs"), secret_key=settings.secret_key)
+    result = export_dataset(db, spec, Path("out/prefs"), pseudonym_key=pseudonym_key(settings))
     datasets.load_dataset("out/prefs")  # train / test splits, README.md dataset card
 
 Modules: spec (what to export), source (keyset-paged reading), agreement, formats (the formats by
@@ -12,7 +12,7 @@ arena), split, pseudonym, writers (JSONL / Parquet shards), stats and card (READ
 
 from app.services.exports.exporter import ExportCancelled, ExportResult, export_dataset, iter_rows
 from app.services.exports.formats import FORMATS, get_format
-from app.services.exports.pseudonym import Pseudonymizer, pseudonym
+from app.services.exports.pseudonym import Pseudonymizer, pseudonym, pseudonym_key
 from app.services.exports.spec import ExportSpec
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "get_format",
     "iter_rows",
     "pseudonym",
+    "pseudonym_key",
 ]

@@ -78,6 +78,7 @@ def render_card(
     prompt_set_names: dict[int, str],
     generated_at: datetime,
     leaderboard: dict | None = None,
+    pseudonym_key_id: str = "",
 ) -> str:
     summary = stats.as_dict()
     out = [front_matter(spec, fmt, splits, stats.total_rows)]
@@ -163,10 +164,15 @@ def render_card(
 
     out.append("## Annotators and privacy\n")
     out.append(
-        "Annotators appear only as pseudonyms (`annotator-…`): an HMAC-SHA256 of the internal user id under a "
-        "key derived from the deployment's secret, so they are stable across exports of one deployment and "
-        "cannot be linked to usernames, emails or other deployments. No usernames, emails or addresses are "
-        "exported. Rationales and skip reasons are free text typed by annotators.\n"
+        "Annotators appear only as pseudonyms (`annotator-…`): an HMAC-SHA256 of the internal user id under the "
+        "deployment's pseudonym key (a key of its own, never the one that signs logins), so they are stable "
+        "across exports of one deployment and cannot be linked to usernames, emails or other deployments. "
+        "No usernames, emails or addresses are exported. Rationales and skip reasons are free text typed by "
+        "annotators.\n"
+    )
+    out.append(
+        f"**Pseudonym key id: `{pseudonym_key_id or 'unknown'}`.** Two exports whose key ids match name each "
+        "annotator alike; different ids mean their pseudonyms cannot be compared.\n"
     )
     if stats.excluded_annotators:
         out.append(

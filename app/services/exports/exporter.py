@@ -22,7 +22,7 @@ from app.data.db import is_postgres
 from app.data.models import Policy, PromptSet
 from app.services.exports.card import PolicyNote, render_card
 from app.services.exports.formats import get_format
-from app.services.exports.pseudonym import Pseudonymizer
+from app.services.exports.pseudonym import Pseudonymizer, key_id
 from app.services.exports.rows import BuildContext, Format, RowMeta
 from app.services.exports.source import DEFAULT_PAGE_SIZE, as_utc, count_tasks, iter_task_bundles
 from app.services.exports.spec import ExportSpec
@@ -48,6 +48,7 @@ class ExportResult:
     splits: list[str]
     files: list[str] = field(default_factory=list)
     bytes: int = 0
+    pseudonym_key_id: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class ExportResult:
             "bytes": self.bytes,
             "filters": self.spec.filter_summary(),
             "split": self.spec.split_summary(),
+            "pseudonym_key_id": self.pseudonym_key_id,
             **self.stats.as_dict(),
         }
 
@@ -100,14 +102,14 @@ def iter_rows(
     db: Session,
     spec: ExportSpec,
     *,
-    secret_key: str,
+    pseudonym_key: str,
     page_size: int = DEFAULT_PAGE_SIZE,
     on_task: Callable[[], None] | None = None,
     excluded_users: set[int] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any], RowMeta]]:
     """(split, row, meta) for every row of the export, streamed page by page."""
     fmt = get_format(spec.format)
-    ctx = BuildContext(spec, Pseudonymizer(secret_key), text_prompt_renderer(db, spec))
+    ctx = BuildContext(spec, Pseudonymizer(pseudonym_key), text_prompt_renderer(db, spec))
     split_of = splitter(spec)
     if excluded_users is None:
         excluded_users = excluded_annotators(db)
@@ -127,7 +129,7 @@ def export_dataset(
     spec: ExportSpec,
     dest: Path,
     *,
-    secret_key: str,
+    pseudonym_key: str,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
@@ -147,7 +149,17 @@ def export_dataset(
     try:
         stats = ExportStats(excluded_annotators=len(excluded))
         writers = _stream_into(
-            db, spec, fmt, work / "data", stats, total, secret_key, progress, should_stop, page_size, excluded
+            db,
+            spec,
+            fmt,
+            work / "data",
+            stats,
+            total,
+            pseudonym_key,
+            progress,
+            should_stop,
+            page_size,
+            excluded,
         )
         splits, files = [], []
         for split in SPLIT_ORDER:
@@ -169,9 +181,11 @@ def export_dataset(
             prompt_set_names=_prompt_set_names(db, spec),
             generated_at=datetime.now(UTC),
             leaderboard=board,
+            pseudonym_key_id=key_id(pseudonym_key),
         )
         (work / "README.md").write_text(card, encoding="utf-8")
         result = ExportResult(dest, spec, stats, splits, ["README.md", "leaderboard.json", *files])
+        result.pseudonym_key_id = key_id(pseudonym_key)
         if progress:
             progress(total, total, "packing" if spec.layout == "zip" else "finishing")
         _publish(work, dest, spec, overwrite)
@@ -188,7 +202,7 @@ def _stream_into(
     data_dir: Path,
     stats: ExportStats,
     total: int,
-    secret_key: str,
+    pseudonym_key: str,
     progress: Progress | None,
     should_stop: Callable[[], bool] | None,
     page_size: int,
@@ -207,7 +221,12 @@ def _stream_into(
 
     try:
         for split, row, meta in iter_rows(
-            db, spec, secret_key=secret_key, page_size=page_size, on_task=on_task, excluded_users=excluded
+            db,
+            spec,
+            pseudonym_key=pseudonym_key,
+            page_size=page_size,
+            on_task=on_task,
+            excluded_users=excluded,
         ):
             writer = writers.get(split)
             if writer is None:

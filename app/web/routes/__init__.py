@@ -5,6 +5,7 @@ from app.web.routes import (
     admin_policies,
     admin_prompts,
     admin_rounds,
+    admin_users,
     annotate,
     api,
     api_rounds,
@@ -29,5 +30,6 @@ ROUTERS = [
     admin_policies.router,
     playground.router,
     admin_prompts.router,
+    admin_users.router,
     export.router,
 ]

@@ -1,4 +1,4 @@
-"""The admin dashboard: the live version, recent rounds and runs, queue depths and annotation counts.
+"""The admin dashboard: the live version, recent rounds and runs, workers and queues, annotation counts.
 
 The live-version panel is polled by htmx, which gets only that block of the page.
 """
@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.data.models import Annotation, Comparison, Run, Task, User
-from app.services.queue_status import queue_depths
 from app.services.rounds import comparisons_since_last_round
 from app.web.admin_pages import live_state, recent_rounds, runs_of
 from app.web.deps import DbSession
@@ -49,6 +48,7 @@ def dashboard(request: Request, principal: Admin, db: DbSession):
     live = live_state(request, db)
     if is_htmx(request):  # the polled live-version panel only
         return render(request, "admin/dashboard.html", {"live": live}, block="live")
+    settings = request.app.state.settings
     rounds = recent_rounds(db, 5)
     runs = list(db.scalars(select(Run).order_by(Run.id.desc()).limit(10)))
     context = {
@@ -56,7 +56,8 @@ def dashboard(request: Request, principal: Admin, db: DbSession):
         "rounds": rounds,
         "round_runs": runs_of(db, [r.id for r in rounds]),
         "runs": runs,
-        "queues": queue_depths(request.app.state.settings.celery_broker_url),
+        "workers": request.app.state.worker_reports.get(request.app.state.sessionmaker, settings),
+        "stale_seconds": settings.worker_stale_seconds,
         "counts": annotator_counts(db),
         "since_last_round": comparisons_since_last_round(db),
         "form": None,

@@ -4,6 +4,8 @@ The page shows the prompt and its responses (escaped text through safe Markdown)
 controls (drag, keyboard, ties, all bad, flags, skip, rationale), the admin-edited guidelines, the
 annotator's progress and the live policy version. The submit endpoint answers with the next task's
 block; a refused submission answers with a message swapped into the task's error area instead.
+A held task can be given back (release); an empty pool says what is on its way and polls.
+The history page lists the annotator's recent judgements; one still open can be revised.
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ from sqlalchemy.orm import Session
 
 from app.data.models import Annotation, utcnow
 from app.services.annotation import AnnotationError, submit_annotation
-from app.services.assignment import TaskView
+from app.services.assignment import TaskView, release_task
 from app.services.guidelines import load_guidelines
+from app.services.pool_outlook import pool_outlook
 from app.services.registry import live_policy
-from app.services.schemas import FLAG_LABELS, AnnotationIn
+from app.services.revisions import (
+    judged_task_view,
+    own_annotation,
+    recent_judgements,
+    revise_annotation,
+    revision_blocker,
+)
+from app.services.schemas import FLAG_LABELS, MAX_RATIONALE_CHARS, AnnotationIn
 from app.web.deps import DbSession
 from app.web.next_task import next_view
 from app.web.security import Annotator
@@ -37,6 +47,9 @@ SKIP_REASONS = (
     "The responses are unreadable",
     "Other",
 )
+# The empty-pool page polls this often: soon while tasks are being written, lazily otherwise.
+POLL_SECONDS_GENERATING = 5
+POLL_SECONDS_IDLE = 30
 
 
 def annotator_progress(db: Session, user_id: int) -> dict[str, int]:
@@ -70,7 +83,13 @@ def _task_context(
         "flag_labels": FLAG_LABELS,
         "skip_reasons": SKIP_REASONS,
         "flash": flash,
+        "max_rationale": MAX_RATIONALE_CHARS,
+        "revise": None,
     }
+    if view is None:
+        outlook = pool_outlook(db)
+        context["outlook"] = outlook
+        context["poll_seconds"] = POLL_SECONDS_GENERATING if outlook.generating else POLL_SECONDS_IDLE
     return context
 
 
@@ -98,6 +117,21 @@ async def annotate_next(request: Request, principal: Annotator, db: DbSession):
     return await annotate_page(request, principal, db)
 
 
+def _parse_judgement(payload: str) -> AnnotationIn | str:
+    """The posted judgement, or what is wrong with it in words."""
+    try:
+        return AnnotationIn.model_validate_json(payload)
+    except ValidationError as exc:
+        return "; ".join(_problem(err) for err in exc.errors())
+
+
+def _problem(err: dict[str, Any]) -> str:
+    field = err.get("loc", ("",))[0] if err.get("loc") else ""
+    if field == "rationale" and err.get("type") == "string_too_long":
+        return f"The rationale is too long: at most {MAX_RATIONALE_CHARS:,} characters. Shorten it and submit again."
+    return err["msg"].removeprefix("Value error, ")
+
+
 def _refusal(request: Request, message: str, status_code: int) -> HTMLResponse:
     """Show a refused submission inside the task's error area; the task stays on screen."""
     response = render(
@@ -120,11 +154,9 @@ async def annotate_submit(
     the next task's block."""
     if not is_htmx(request):
         return RedirectResponse("/annotate", status_code=303)
-    try:
-        body = AnnotationIn.model_validate_json(payload)
-    except ValidationError as exc:
-        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in exc.errors())
-        return _refusal(request, problems, 422)
+    body = _parse_judgement(payload)
+    if isinstance(body, str):
+        return _refusal(request, body, 422)
     try:
         result, _created = await submit_annotation(request.app.state.statements, task_id, principal.id, body)
     except AnnotationError as exc:
@@ -137,3 +169,92 @@ async def annotate_submit(
         flash = f"Saved task #{task_id}: {result.comparisons} comparisons."
     view = await next_view(request, principal.id)
     return await run_in_threadpool(_render_page, request, db, principal.id, view, flash)
+
+
+@router.post("/annotate/tasks/{task_id}/release")
+async def annotate_release(request: Request, task_id: int, principal: Annotator, db: DbSession):
+    """Give the held task back unjudged and show the next one (never the one given back)."""
+    if not is_htmx(request):
+        return RedirectResponse("/annotate", status_code=303)
+    released = await run_in_threadpool(release_task, db, task_id, principal.id)
+    if released:
+        flash = f"Gave task #{task_id} back: someone else will judge it."
+    else:
+        flash = f"Task #{task_id} was no longer yours to give back."
+    view = await next_view(request, principal.id)
+    return await run_in_threadpool(_render_page, request, db, principal.id, view, flash)
+
+
+# ---------------------------------------------------------------- history and revisions
+
+
+def _history_page(request: Request, db: Session, user_id: int, flash: str | None):
+    context = {"judgements": recent_judgements(db, user_id), "flash": flash}
+    db.commit()
+    return render(request, "annotate/history.html", context)
+
+
+@router.get("/annotate/history")
+async def annotate_history(request: Request, principal: Annotator, db: DbSession, revised: int | None = None):
+    """The annotator's recent judgements, newest first, each with a Revise link while it is open."""
+    flash = (
+        f"Saved your revision of judgement #{revised}; exports and rounds use it from now on."
+        if revised
+        else None
+    )
+    return await run_in_threadpool(_history_page, request, db, principal.id, flash)
+
+
+def _revise_page(request: Request, db: Session, user_id: int, annotation_id: int):
+    try:
+        annotation = own_annotation(db, annotation_id, user_id)
+    except AnnotationError as exc:
+        return render(
+            request, "error.html", {"status": exc.status, "detail": exc.message}, status_code=exc.status
+        )
+    blocker = revision_blocker(db, annotation)
+    if blocker:
+        detail = f"Judgement #{annotation_id} cannot be revised: {blocker}."
+        return render(request, "error.html", {"status": 409, "detail": detail}, status_code=409)
+    judged = judged_task_view(db, annotation)
+    context = _task_context(request, db, user_id, judged.view)
+    context["revise"] = {
+        "annotation": annotation,
+        "tied": set(judged.tied),
+        "verdict": judged.verdict,
+        "flags": annotation.flags.get("responses", {}),
+        "flag_note": annotation.flags.get("note", ""),
+        "shown": [r.id for r in sorted(judged.view.responses, key=lambda r: r.position)],
+    }
+    context["guidelines"] = load_guidelines(db)
+    db.commit()
+    return render(request, "annotate/index.html", context)
+
+
+@router.get("/annotate/history/{annotation_id}")
+async def annotate_revise_page(request: Request, annotation_id: int, principal: Annotator, db: DbSession):
+    """A judged task laid out as it was judged, to change and save as a revision."""
+    return await run_in_threadpool(_revise_page, request, db, principal.id, annotation_id)
+
+
+@router.post("/annotate/history/{annotation_id}")
+def annotate_revise(
+    request: Request,
+    annotation_id: int,
+    principal: Annotator,
+    db: DbSession,
+    payload: Annotated[str, Form(max_length=200_000)],
+):
+    """Store the revised judgement (the replaced version is kept) and go back to the history."""
+    if not is_htmx(request):
+        return RedirectResponse(f"/annotate/history/{annotation_id}", status_code=303)
+    body = _parse_judgement(payload)
+    if isinstance(body, str):
+        return _refusal(request, body, 422)
+    try:
+        revise_annotation(db, annotation_id, principal.id, body)
+    except AnnotationError as exc:
+        return _refusal(request, exc.message, exc.status)
+    response = HTMLResponse("")
+    response.headers["HX-Redirect"] = f"/annotate/history?revised={annotation_id}"
+    return response

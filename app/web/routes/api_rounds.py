@@ -7,9 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import select
 
+from app.common.errors import public_error
 from app.data.models import Policy, Round, Run
 from app.services.cancellation import CancelRefused, cancel_round_on_request
 from app.services.promotion import promote, rollback
@@ -34,6 +35,9 @@ class RunOut(BaseModel):
     progress_message: str
     error: str
     attempts: int
+
+    # A short message and its error id; the traceback is in the server's log.
+    _short_error = field_validator("error", mode="before")(public_error)
     result: dict[str, Any]
     created_at: datetime
     started_at: datetime | None
@@ -54,6 +58,8 @@ class RoundOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     runs: list[RunOut] = []
+
+    _short_error = field_validator("error", mode="before")(public_error)
 
 
 class PolicyOut(BaseModel):

@@ -43,7 +43,7 @@ def landing(principal: OptionalPrincipal) -> RedirectResponse:
 
 @router.get("/login", dependencies=[Depends(public)], include_in_schema=False)
 def login_form(request: Request, next: str | None = None):
-    return render(request, "login.html", {"next": _safe_next(next) or "", "error": None})
+    return render(request, "login.html", {"next": _safe_next(next) or "", "error": None, "username": ""})
 
 
 @router.post("/login", dependencies=[Depends(public), Depends(check_csrf)], include_in_schema=False)
@@ -56,7 +56,12 @@ def login(
 ):
     user = authenticate(db, username.strip(), password)
     if user is None:
-        context = {"next": _safe_next(next) or "", "error": "Unknown user or wrong password."}
+        # The username stays in the form: a mistyped password should not cost retyping both.
+        context = {
+            "next": _safe_next(next) or "",
+            "error": "Unknown user or wrong password.",
+            "username": username.strip(),
+        }
         return render(request, "login.html", context, status_code=400)
     response = RedirectResponse(_safe_next(next) or HOME_BY_ROLE[user.role], status_code=303)
     response.set_cookie(

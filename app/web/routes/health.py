@@ -1,4 +1,10 @@
-"""GET /healthz: database, broker and live policy; 503 when a dependency is down."""
+"""GET /healthz: database, broker, workers and queues, live policy.
+
+503 when the database or the broker is down: this web process cannot do its work. "degraded" with
+200 when no worker is alive: pages and annotation work, but rounds, generation and exports wait (a
+load balancer must not take the web app out for that; `prefloop serve` restarts its workers).
+Workers and queue depths are read at most every PREFLOOP_WORKER_STATUS_CACHE_SECONDS per process.
+"""
 
 from __future__ import annotations
 
@@ -44,5 +50,7 @@ def healthz(request: Request) -> JSONResponse:
     body["served_policy_version"] = holder.served_version if holder else None
     body["policy_loading_version"] = holder.loading_version if holder else None
     body["policy_error"] = holder.last_error if holder else None
-    body["status"] = "ok" if healthy else "degraded"
+    workers = request.app.state.worker_reports.get(request.app.state.sessionmaker, settings)
+    body["workers"] = workers.public()
+    body["status"] = "ok" if healthy and workers.any_alive else "degraded"
     return JSONResponse(body, status_code=200 if healthy else 503)

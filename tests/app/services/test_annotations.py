@@ -239,3 +239,39 @@ def test_a_late_submission_is_refused_when_others_filled_the_task(db, make_user)
         submit_annotation(db, task_id, slow.id, AnnotationIn(ranking=[[i] for i in reversed(ids)]))
     assert err.value.status == 409 and "no longer takes judgements" in err.value.message
     assert db.scalar(select(func.count(Annotation.id))) == 1
+
+
+def _store_params(task_id: int, user_id: int, payload: AnnotationIn) -> dict:
+    return annotation._Judgement.of(task_id, user_id, payload).params()
+
+
+def test_the_storing_statement_derives_the_pairs_after_checking_the_ranking(db, make_user):
+    """No pairs travel with the judgement: the statement derives them from the ranking, only after the
+    ranking named each shown response once (Postgres in its function, SQLite at the same step), and by
+    the same rule as app.data.statements.pairs."""
+    from app.data.statements import Statement
+    from app.data.statements.pairs import derive_pairs
+    from tests.annotating import with_statements
+
+    task_id, user, ids = assigned_task(db, make_user, name="mine")
+    (other_task,) = seed(db, name="theirs")
+    foreign = shown_response_ids(db, other_task)[0]
+    a, b, c, d = ids
+    params = _store_params(task_id, user.id, AnnotationIn(ranking=[[a], [b], [c], [foreign]]))
+    assert not {"chosen", "rejected", "margin"} & set(params)
+
+    def store(p):
+        return with_statements(db, lambda statements: statements.rows(Statement.STORE_JUDGEMENT, p))
+
+    assert store(params)[0].outcome == "invalid"
+    assert db.scalar(select(func.count(Comparison.id))) == 0
+
+    ranking = [[c], sorted([a, d]), [b]]
+    (row,) = store(_store_params(task_id, user.id, AnnotationIn(ranking=ranking)))
+    assert row.outcome == "stored"
+    stored = db.execute(
+        select(Comparison.chosen_response_id, Comparison.rejected_response_id, Comparison.margin)
+        .where(Comparison.annotation_id == row.new_annotation_id)
+        .order_by(Comparison.id)
+    ).all()
+    assert stored == [(p.chosen, p.rejected, p.margin) for p in derive_pairs(ranking)]

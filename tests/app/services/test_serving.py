@@ -41,3 +41,45 @@ def test_holder_without_models_tracks_the_version_only(settings, engine, db, tin
     holder = PolicyHolder(session_factory(engine), settings, load_models=False)
     holder.check_now()
     assert holder.served_version == 0 and holder.current.model is None
+
+
+def test_holder_refuses_a_folder_changed_since_publishing_and_backs_off(
+    settings, engine, db, tiny_model_dir, caplog
+):
+    import logging
+    import time
+    from pathlib import Path
+
+    from app.data.db import session_factory
+
+    base, _ = init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    holder = PolicyHolder(session_factory(engine), settings, load_models=True)
+    holder.check_now()
+    v1 = publish_policy(
+        db, lambda d: shutil.copytree(base.path, d, dirs_exist_ok=True), kind="ppo", settings=settings
+    )
+    set_live(db, v1.version, settings)
+    weights = next(Path(v1.path).glob("*.safetensors"))
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # cut short on disk after it was published
+
+    caplog.set_level(logging.ERROR, logger="app.services.serving")
+    holder.check_now()
+    assert holder.served_version == 0  # the changed folder is not served
+    assert "does not match the sha256 recorded when it was published" in holder.last_error
+    failures = [r.getMessage() for r in caplog.records if "loading policy v1 failed" in r.getMessage()]
+    assert len(failures) == 1 and "(1 in a row; next try in 1s)" in failures[0]
+
+    holder.check_now()  # within the backoff: not read again
+    holder.check_now()
+    assert sum("loading policy v1 failed" in r.getMessage() for r in caplog.records) == 1
+
+    time.sleep(holder.retry_in(1) + 0.05)
+    holder.check_now()
+    failures = [r.getMessage() for r in caplog.records if "loading policy v1 failed" in r.getMessage()]
+    assert len(failures) == 2 and "(2 in a row; next try in 2s)" in failures[1]
+
+    weights.write_bytes(intact)  # repaired: loaded at the next try after the wait
+    time.sleep(holder.retry_in(1) + 0.05)
+    holder.check_now()
+    assert holder.served_version == 1 and holder.last_error is None and holder.retry_in(1) is None

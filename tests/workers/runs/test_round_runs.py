@@ -116,3 +116,43 @@ def test_a_second_delivery_leaves_a_stage_held_by_a_live_worker_alone(settings, 
     db.expire_all()
     assert active_round(db).id == round_.id and db.get(Round, round_.id).error == ""
     assert db.get(Run, run.id).status == "running"
+
+
+def test_a_stage_whose_recorded_result_is_corrupt_ends_the_round_with_the_reason(
+    settings, engine, db, tiny_model_dir
+):
+    """A reward run of the round recorded as succeeded but without its reward model (written by a
+    broken earlier delivery): the policy stage cannot start, and the round ends instead of staying
+    active and refusing every later round."""
+    from app.data.db import session_factory
+
+    init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=3, eval_prompts=0)
+    spec = RoundSpec.model_validate(QUICK_DPO_ROUND)
+    round_ = start_round(db, spec, enqueue=False)
+    reward = create_run(db, "reward", {}, round_id=round_.id)
+    reward.status, reward.result = "succeeded", {"comparisons": 3}
+    db.commit()
+
+    assert execute_round(round_.id, session_factory(engine)) == "failed"
+    db.expire_all()
+    failed = db.get(Round, round_.id)
+    assert failed.status == "failed" and failed.active is None
+    assert failed.error == "the round stopped at reward: KeyError: 'reward_model_id'"
+    assert start_round(db, spec, enqueue=False).id != round_.id  # the next round is not refused
+
+
+def test_a_round_whose_start_policy_was_removed_ends_failed(settings, engine, db, tiny_model_dir):
+    from app.data.db import session_factory
+
+    init_base_policy(db, base_model=tiny_model_dir, settings=settings)
+    marker_preferences(World(db), n_prompts=3, eval_prompts=0)
+    round_ = start_round(db, RoundSpec.model_validate(QUICK_DPO_ROUND), enqueue=False)
+    round_.base_policy_id = None  # what ON DELETE SET NULL leaves when the policy row goes
+    db.commit()
+
+    assert execute_round(round_.id, session_factory(engine)) == "failed"
+    db.expire_all()
+    failed = db.get(Round, round_.id)
+    assert failed.active is None
+    assert "the policy the round starts from is no longer registered" in failed.error

@@ -25,11 +25,11 @@ from app.services.exports.split import hash_unit
 from app.services.exports.writers import SplitWriter
 from tests.world import DAY1, DAY2, DAY3, USERNAMES, World, export_history
 
-SECRET = "test-secret-key-that-is-long-enough-0123456789"
+KEY = "test-pseudonym-key-that-is-long-enough-0123456789"
 
 
 def rows(db, **spec) -> list[tuple[str, dict]]:
-    return [(split, row) for split, row, _ in iter_rows(db, ExportSpec(**spec), secret_key=SECRET)]
+    return [(split, row) for split, row, _ in iter_rows(db, ExportSpec(**spec), pseudonym_key=KEY)]
 
 
 def load(folder: Path, tmp_path: Path):
@@ -66,10 +66,10 @@ def test_outcomes_agreement_and_scores_match_hand_computation():
 
 
 def test_pseudonyms_are_keyed_stable_and_reveal_nothing():
-    first = pseudonym(42, SECRET)
-    assert first == pseudonym(42, SECRET)
-    assert first != pseudonym(43, SECRET)
-    assert first != pseudonym(42, SECRET + "-other-deployment")
+    first = pseudonym(42, KEY)
+    assert first == pseudonym(42, KEY)
+    assert first != pseudonym(43, KEY)
+    assert first != pseudonym(42, KEY + "-other-deployment")
     assert first.startswith("annotator-") and len(first) == len("annotator-") + 16
 
 
@@ -99,7 +99,7 @@ def test_pairwise_rows_are_trl_conversational_with_hand_computed_figures(db, see
     assert (row["agreement"], row["num_annotators"]) == (0.5, 2)
     assert row["score_chosen"] == pytest.approx(5 / 6) and row["score_rejected"] == pytest.approx(0.75)
     assert (row["chosen_policy_version"], row["rejected_policy_version"]) == (1, 0)
-    assert row["annotator"] == pseudonym(seeded.users["alice"], SECRET)
+    assert row["annotator"] == pseudonym(seeded.users["alice"], KEY)
     assert by_pair[(seeded.annotations["t1_alice"], r["r13"], r["r14"])]["margin"] == 2.0
     # alice's T2 preference against bob's all-bad: half agreement.
     t2 = by_pair[(seeded.annotations["t2_alice"], r["r21"], r["r22"])]
@@ -210,8 +210,8 @@ def test_split_is_by_prompt_and_reproducible(db, seeded):
 
 def test_paging_does_not_change_the_rows(db, seeded):
     spec = ExportSpec(format="rankings", exclude_skipped=False)
-    whole = list(iter_rows(db, spec, secret_key=SECRET))
-    paged = list(iter_rows(db, spec, secret_key=SECRET, page_size=1))
+    whole = list(iter_rows(db, spec, pseudonym_key=KEY))
+    paged = list(iter_rows(db, spec, pseudonym_key=KEY, page_size=1))
     assert [r for _, r, _ in paged] == [r for _, r, _ in whole] and len(whole) == 6
 
 
@@ -222,7 +222,7 @@ def test_paging_does_not_change_the_rows(db, seeded):
 def test_every_format_loads_with_datasets(db, seeded, tmp_path, file_format):
     for name, fmt in FORMATS.items():
         spec = ExportSpec(format=name, file_format=file_format, layout="folder", split_mode="stored")
-        result = export_dataset(db, spec, tmp_path / name, secret_key=SECRET)
+        result = export_dataset(db, spec, tmp_path / name, pseudonym_key=KEY)
         ds = load(tmp_path / name, tmp_path)
         assert set(ds) == set(result.splits) == {"train", "test"}, name
         for split in ds:
@@ -244,7 +244,7 @@ def test_zip_layout_card_and_no_personal_data(db, seeded, tmp_path):
         license="cc-by-4.0",
         name="demo prefs",
     )
-    result = export_dataset(db, spec, tmp_path / "prefs.zip", secret_key=SECRET)
+    result = export_dataset(db, spec, tmp_path / "prefs.zip", pseudonym_key=KEY)
     with zipfile.ZipFile(tmp_path / "prefs.zip") as archive:
         names = archive.namelist()
         archive.extractall(tmp_path / "unzipped")
@@ -272,12 +272,12 @@ def test_zip_layout_card_and_no_personal_data(db, seeded, tmp_path):
                 db,
                 ExportSpec(format=name, file_format=file_format, layout="folder", exclude_skipped=False),
                 out,
-                secret_key=SECRET,
+                pseudonym_key=KEY,
             )
             blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
             for username in USERNAMES:
                 assert username.encode() not in blob and b"example.org" not in blob
-            assert pseudonym(seeded.users["alice"], SECRET).encode() in blob
+            assert pseudonym(seeded.users["alice"], KEY).encode() in blob
 
 
 def test_shards_are_named_for_the_hub(tmp_path):
@@ -300,7 +300,7 @@ def test_empty_export_keeps_the_schema(db, seeded, tmp_path):
     spec = ExportSpec(
         format="pairwise", layout="folder", since=DAY3, until=DAY3.replace(hour=11), exclude_flagged=True
     )
-    result = export_dataset(db, spec, tmp_path / "empty", secret_key=SECRET)
+    result = export_dataset(db, spec, tmp_path / "empty", pseudonym_key=KEY)
     assert result.stats.total_rows == 0 and result.splits == ["train"]
     table = pq.read_table(tmp_path / "empty" / "data" / "train-00000-of-00001.parquet")
     assert table.num_rows == 0 and table.column_names == get_format("pairwise").columns
@@ -313,7 +313,7 @@ def test_cancel_leaves_nothing_behind(db, seeded, tmp_path):
             db,
             ExportSpec(format="pairwise"),
             tmp_path / "out" / "x.zip",
-            secret_key=SECRET,
+            pseudonym_key=KEY,
             should_stop=lambda: True,
         )
     assert list((tmp_path / "out").iterdir()) == []
@@ -343,11 +343,11 @@ def test_annotators_excluded_by_the_gold_gate_leave_exports(db, seeded, tmp_path
         world.judge(task, db.get(User, bob), [[0], [1]], at=DAY2)
 
     out = [row for _, row in rows(db, format="pairwise", split_mode="none")]
-    assert pseudonym(bob, SECRET) not in {row["annotator"] for row in out}
+    assert pseudonym(bob, KEY) not in {row["annotator"] for row in out}
     assert len(out) == 7  # 13 minus bob's 6: alice's T1 5 and T2 1, carol's T3 1
     assert {
         (row["agreement"], row["num_annotators"]) for row in out if row["task_id"] == seeded.tasks["t1"]
     } == {(1.0, 1)}  # bob's judgements no longer count in agreement either
-    result = export_dataset(db, ExportSpec(layout="folder"), tmp_path / "gated", secret_key=SECRET)
+    result = export_dataset(db, ExportSpec(layout="folder"), tmp_path / "gated", pseudonym_key=KEY)
     assert result.stats.excluded_annotators == 1
     assert "1 annotator(s) whose gold-task accuracy" in (tmp_path / "gated" / "README.md").read_text()

@@ -10,7 +10,7 @@ import torch
 from app.services.exports import ExportSpec, export_dataset
 from tests.world import World, export_history
 
-SECRET = "test-secret-key-that-is-long-enough-0123456789"
+KEY = "test-pseudonym-key-that-is-long-enough-0123456789"
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def exported(sqlite_template, tmp_path):
         export_history(World(db, Settings(data_dir=tmp_path / "data")))
         for name in ("pairwise", "pairwise_text"):
             spec = ExportSpec(format=name, layout="folder", split_mode="none")
-            export_dataset(db, spec, tmp_path / name, secret_key=SECRET)
+            export_dataset(db, spec, tmp_path / name, pseudonym_key=KEY)
             folders[name] = tmp_path / name
     engine.dispose()
     return {
@@ -122,7 +122,7 @@ def test_pairwise_text_can_use_a_policy_chat_template(sqlite_template, tiny_mode
         db.execute(update(Policy).where(Policy.version == 1).values(path=str(tiny_model_dir)))
         db.commit()
         spec = ExportSpec(format="pairwise_text", text_template="chat_template", chat_template_version=1)
-        rows = {row["prompt_id"]: row for _, row, _ in iter_rows(db, spec, secret_key=SECRET)}
+        rows = {row["prompt_id"]: row for _, row, _ in iter_rows(db, spec, pseudonym_key=KEY)}
     engine.dispose()
     row = rows[seeded.prompts["p2"]]
     # SmolLM2's ChatML template: the system turn, both user turns and the open assistant turn.

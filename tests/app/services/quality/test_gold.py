@@ -212,7 +212,7 @@ def test_exclusion_reaches_the_training_loader_and_the_exports(db, settings, mon
 
     def exported_users() -> set[int]:
         spec = ExportSpec(format="pairwise", split_mode="none")
-        return {meta.user_id for _, _, meta in iter_rows(db, spec, secret_key=settings.secret_key)}
+        return {meta.user_id for _, _, meta in iter_rows(db, spec, pseudonym_key=settings.pseudonym_key)}
 
     assert good.id in trained_users() and sloppy.id not in trained_users()
     assert good.id in exported_users() and sloppy.id not in exported_users()
