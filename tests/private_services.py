@@ -190,14 +190,16 @@ class AppServer:
                 self.process.wait()
 
 
-def start_app_server(env: dict[str, str], log_path: Path, timeout: float = 60) -> AppServer:
+def start_app_server(
+    env: dict[str, str], log_path: Path, timeout: float = 60, uvicorn_args: tuple[str, ...] = ()
+) -> AppServer:
     """Start the web app (uvicorn, one process, a free port on 127.0.0.1) with these environment
     variables (PREFLOOP_* settings) and wait until it answers; raises with its log if it does not."""
     port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.web.main:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *uvicorn_args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
         )  # fmt: skip
     server = AppServer(process, f"http://127.0.0.1:{port}", log_path)

@@ -74,10 +74,9 @@ def app_server(settings, tmp_path) -> Iterator[Callable[..., AppServer]]:
     """Factory: start the web app (uvicorn, one process, a free port) with the test's settings."""
     started: list[AppServer] = []
 
-    def start(extra_env: dict[str, str] | None = None) -> AppServer:
-        server = start_app_server(
-            {**os.environ, **(extra_env or {})}, tmp_path / f"server-{len(started)}.log"
-        )
+    def start(extra_env: dict[str, str] | None = None, uvicorn_args: tuple[str, ...] = ()) -> AppServer:
+        log_path = tmp_path / f"server-{len(started)}.log"
+        server = start_app_server({**os.environ, **(extra_env or {})}, log_path, uvicorn_args=uvicorn_args)
         started.append(server)
         return server
 

@@ -75,6 +75,7 @@ def test_the_document_gives_every_operation_its_error_answers(client):
     assert validation["properties"]["detail"]["type"] == "string"  # one sentence, as the app sends it
     download = document["paths"]["/api/exports/{run_id}/download"]["get"]["responses"]["200"]
     assert set(download["content"]) == {"application/zip"}
+    assert "404" in document["paths"]["/api/audit"]["get"]["responses"]  # an unknown `user` filter
     card = document["paths"]["/api/exports/{run_id}/card"]["get"]["responses"]["200"]
     assert "text/markdown" in card["content"]
 
