@@ -9,6 +9,7 @@ an operator finds the traceback by searching the log for the id.
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 
@@ -27,9 +28,31 @@ def short_message(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """`<Type>: <first line of the message>`, short, never a traceback."""
+    """`<Type>: <first line of the message>`, short, never a traceback; a full disk in words an
+    operator acts on."""
+    full = disk_full_error(exc)
+    if full is not None:
+        where = f" writing {full.filename}" if isinstance(full, OSError) and full.filename else ""
+        return short_message(
+            f"The disk is full (no space left on device{where}): free space under the data directory "
+            "(old exports, checkpoints of failed runs) and start it again."
+        )
     detail = short_message(str(exc))
     return short_message(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
+
+
+def disk_full_error(exc: BaseException) -> BaseException | None:
+    """The ENOSPC in the exception or its causes (torch, safetensors and zipfile wrap it), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return current
+        if "No space left on device" in str(current):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def record_failure(logger: logging.Logger, exc: BaseException, what: str) -> str:

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, MetaData, create_engine, event, exc
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -20,6 +21,19 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# Errors that mean "the database cannot be reached or is going away" rather than "this request is wrong":
+# a refused or dropped connection (server down, restarting, shutting down), a closed connection, or
+# no pooled connection within the pool timeout. The web app answers them with 503, and a client
+# that tries again after the restart succeeds; the next checkout opens a fresh connection.
+DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.TimeoutError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 
 
 class Base(DeclarativeBase):

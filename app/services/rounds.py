@@ -92,7 +92,15 @@ def start_round(
         winner = active_round(db)
         raise RoundConflict(winner.id if winner else -1) from None
     if enqueue:
-        dispatch.enqueue(dispatch.RUN_ROUND, round_.id)
+        try:
+            dispatch.enqueue(dispatch.RUN_ROUND, round_.id)
+        except dispatch.NoSender:
+            raise
+        except Exception as exc:
+            # The broker is unreachable (Redis down or restarting). The round is stored as queued,
+            # and maintenance sends queued rounds again (PREFLOOP_QUEUED_RESEND_SECONDS): it waits
+            # for the broker instead of failing the request after the row was written.
+            log.warning("round %s is queued, but its task could not be sent yet (%s)", round_.id, exc)
     return round_
 
 

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.services.row_ids import RowId
+
 # ---------------------------------------------------------------- annotation
 
 FlagName = Literal["harmful", "nonsense", "private_data", "other"]
@@ -56,7 +58,7 @@ class AnnotationIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ranking: list[list[int]] = Field(
+    ranking: list[list[RowId]] = Field(
         default_factory=list,
         description="Tie groups of response ids, best first. Every response of the task exactly once "
         "(may be empty only when skipping or when all_bad is set).",

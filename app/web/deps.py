@@ -1,13 +1,15 @@
-"""The database session each request gets, as a typed dependency (`DbSession`)."""
+"""The database session each request gets, as a typed dependency (`DbSession`), and path ids."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
+
+from app.services.row_ids import MAX_ROW_ID
 
 
 async def get_db(request: Request) -> AsyncIterator[Session]:
@@ -29,3 +31,7 @@ async def get_db(request: Request) -> AsyncIterator[Session]:
 
 
 DbSession = Annotated[Session, Depends(get_db)]
+
+# An id in the path names a row: bounded as the database column is (app.services.row_ids).
+PathId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+PathVersion = Annotated[int, Path(ge=0, le=MAX_ROW_ID)]

@@ -14,14 +14,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from sqlalchemy.exc import DataError
 from starlette.datastructures import MutableHeaders
 
 from app.broker import install_sender
 from app.config import Settings, get_settings
-from app.data.db import make_engine, session_factory
+from app.data.db import DATABASE_UNAVAILABLE_ERRORS, make_engine, session_factory
 from app.data.statements import open_statements
 from app.services.serving import PolicyHolder
 from app.services.worker_status import WorkerReportCache
+from app.web import openapi_errors
 from app.web.body_limits import BodyLimits, BodySizeLimit
 from app.web.exposure import LoopbackOnlyWithDefaultSecret, refuse_demo_accounts_in_production
 from app.web.rate_limits import RateLimits
@@ -31,6 +33,11 @@ from app.web.security_headers import SecurityHeaders
 from app.web.templating import render
 
 log = logging.getLogger(__name__)
+DATABASE_DOWN_DETAIL = (
+    "The database is unavailable right now (restarting or unreachable); try again in a few seconds."
+)
+DATABASE_RETRY_AFTER_SECONDS = 5
+DATA_ERROR_DETAIL = "A value in the request is out of range for what it names (an id or a number too large)."
 
 
 def _wants_html(request: Request) -> bool:
@@ -94,6 +101,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.mount("/static", StaticFiles(directory=str(settings.static_dir)), name="static")
     for router in ROUTERS:
         app.include_router(router)
+    openapi_errors.install(app)
 
     # Added innermost first: the security headers wrap every answer, refusals included.
     production = settings.environment == "production"
@@ -117,6 +125,29 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             page.headers.update(exc.headers or {})  # Retry-After of a 429
             return page
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    async def database_unavailable(request: Request, exc: Exception):
+        # A down or restarting database is an outage, not a bug: one log line rather than a traceback,
+        # and a 503 the client can retry (judgements are idempotent, so a retried submit is safe).
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, first_line)
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+        if _wants_html(request):
+            context = {"status": 503, "detail": DATABASE_DOWN_DETAIL}
+            response = render(request, "error.html", context, status_code=503)
+            response.headers.update(headers)
+            return response
+        return JSONResponse({"detail": DATABASE_DOWN_DETAIL}, status_code=503, headers=headers)
+
+    for error_class in DATABASE_UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error_class, database_unavailable)
+
+    @app.exception_handler(DataError)
+    async def value_out_of_range(request: Request, exc: DataError):
+        # The API bounds ids at the edge; this catches a value a form or page passed on unchecked
+        # (a number beyond the column's range): the request's fault, said as such, not a 500.
+        log.info("value refused by the database on %s %s: %s", request.method, request.url.path, exc.orig)
+        return JSONResponse({"detail": DATA_ERROR_DETAIL}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -173,6 +173,8 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
         workdir = run_dir(run_id, settings)
         output = workdir / "policy"
         metrics: dict[str, Any]
+        # How training went, for the run's result: a resumed run names the checkpoint it resumed from.
+        schedule: dict[str, Any] = {}
         if (output / "config.json").exists():
             metrics = json.loads((workdir / "policy-metrics.json").read_text())
         elif algorithm == "ppo":
@@ -202,6 +204,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
             if result.rejected_reason:
                 return {"rejected_reason": result.rejected_reason, **result.final_metrics}
             metrics = dict(result.final_metrics)
+            schedule = {"steps": result.steps_done, "resumed_from_step": result.resumed_from_step}
         else:
             from workers.training.dpo import DPOConfig, train_dpo
 
@@ -215,6 +218,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 reference_path=reference_path,  # the base: drift stays bounded across rounds
             )
             metrics = dict(getattr(result, "final_metrics", None) or getattr(result, "metrics", {}) or {})
+            schedule = {"steps": result.steps_done, "resumed_from_step": result.resumed_from_step}
         (workdir / "policy-metrics.json").write_text(json.dumps(metrics))
         with sessions() as db:
             parent = db.get(Policy, start_id)
@@ -232,7 +236,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 source=source,
                 settings=settings,
             )
-            return {"policy_version": policy.version, **metrics}
+            return {"policy_version": policy.version, **schedule, **metrics}
 
     return body
 

@@ -254,11 +254,17 @@ def _publish(work: Path, dest: Path, spec: ExportSpec, overwrite: bool) -> None:
     # Parquet is compressed already; JSONL shrinks a lot with deflate.
     compression = zipfile.ZIP_STORED if spec.file_format == "parquet" else zipfile.ZIP_DEFLATED
     partial = dest.parent / f".{dest.name}.zip-partial"
-    with zipfile.ZipFile(partial, "w", compression=compression) as archive:
-        for path in sorted(work.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(work).as_posix())
-    partial.rename(dest)
+    try:
+        with zipfile.ZipFile(partial, "w", compression=compression) as archive:
+            for path in sorted(work.rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(work).as_posix())
+        partial.rename(dest)
+    except BaseException:
+        # A full disk or a cancelled worker: a half-written archive is of no use to anyone, and on
+        # a full disk it holds the space the next attempt needs.
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _size(path: Path) -> int:

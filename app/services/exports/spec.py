@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.services.row_ids import PolicyVersion, RowId
+
 FormatName = Literal["pairwise", "pairwise_text", "rankings", "hh_rlhf", "arena"]
 FileFormat = Literal["parquet", "jsonl"]
 Layout = Literal["folder", "zip"]
@@ -38,12 +40,12 @@ class ExportSpec(BaseModel):
     layout: Layout = Field("zip", description="A Hugging Face dataset folder, or the same folder zipped.")
 
     # ---- filters
-    prompt_set_ids: list[int] = Field(
+    prompt_set_ids: list[RowId] = Field(
         default_factory=list, description="Only these prompt sets (empty: all)."
     )
     since: datetime | None = Field(None, description="Annotations submitted at or after this time (UTC).")
     until: datetime | None = Field(None, description="Annotations submitted before this time (UTC).")
-    policy_versions: list[int] = Field(
+    policy_versions: list[PolicyVersion] = Field(
         default_factory=list,
         description="Only responses of these policy versions (empty: all); rankings keep the others out.",
     )
@@ -71,7 +73,7 @@ class ExportSpec(BaseModel):
         description="pairwise_text prompt rendering: hh ('\\n\\nHuman: …\\n\\nAssistant:') or chat_template "
         "(the tokenizer of chat_template_version).",
     )
-    chat_template_version: int | None = Field(
+    chat_template_version: PolicyVersion | None = Field(
         None, description="Policy version whose tokenizer chat template renders pairwise_text prompts."
     )
     license: str = Field(

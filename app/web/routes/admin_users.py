@@ -178,6 +178,7 @@ AuditBefore = Annotated[
     summary="The audit log of account changes, newest first",
     description="Who deactivated, reactivated, changed the role or password of which user, and who "
     "issued or revoked which API token, with when. Admins only.",
+    responses={404: {"description": "No user has the name given in `user`."}},
 )
 def audit_api(
     principal: Admin,

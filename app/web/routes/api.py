@@ -25,7 +25,7 @@ from app.services.schemas import (
     RowErrorOut,
     TaskOut,
 )
-from app.web.deps import DbSession
+from app.web.deps import DbSession, PathId
 from app.web.next_task import next_view
 from app.web.rate_limits import rate_limits
 from app.web.security import Admin, Annotator, Researcher
@@ -91,7 +91,7 @@ async def api_next_task(
 )
 async def api_submit_annotation(
     request: Request,
-    task_id: int,
+    task_id: PathId,
     payload: AnnotationIn,
     principal: Annotator,
     next: Annotated[bool, Query(description="Also assign and return the next task (`next_task`).")] = False,

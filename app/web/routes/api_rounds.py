@@ -18,7 +18,7 @@ from app.services.registry import RegistryError, live_policy
 from app.services.round_spec import RoundSpec
 from app.services.rounds import RoundConflict, RoundError, start_round
 from app.services.run_metrics import Series, metric_series
-from app.web.deps import DbSession
+from app.web.deps import DbSession, PathId, PathVersion
 from app.web.policy_holder import wake_local_policy_holder
 from app.web.security import EXPORT_ROLES, Admin, require_role
 
@@ -95,7 +95,13 @@ def _policy_out(policy: Policy, live_id: int | None) -> PolicyOut:
     return out
 
 
-@router.post("/api/rounds", status_code=201, response_model=RoundOut, summary="Start a round")
+@router.post(
+    "/api/rounds",
+    status_code=201,
+    response_model=RoundOut,
+    summary="Start a round",
+    responses={409: {"description": "Another round is still active; `round_id` names it."}},
+)
 def create_round(spec: RoundSpec, principal: Admin, db: DbSession):
     """Start a round: reward model → policy → evaluation → register → promote → refill. 409 while one
     runs. Settings left out keep their defaults; a setting the trainers do not have is a 422 naming it
@@ -116,15 +122,20 @@ def list_rounds(principal: Admin, db: DbSession, limit: int = 20):
 
 
 @router.get("/api/rounds/{round_id}", response_model=RoundOut, summary="One round with its runs")
-def get_round(round_id: int, principal: Admin, db: DbSession):
+def get_round(round_id: PathId, principal: Admin, db: DbSession):
     round_ = db.get(Round, round_id)
     if round_ is None:
         raise HTTPException(404, f"no round {round_id}")
     return _round_out(db, round_)
 
 
-@router.post("/api/rounds/{round_id}/cancel", response_model=RoundOut, summary="Cancel a round")
-def cancel(round_id: int, principal: Admin, db: DbSession):
+@router.post(
+    "/api/rounds/{round_id}/cancel",
+    response_model=RoundOut,
+    summary="Cancel a round",
+    responses={409: {"description": "The round already ended."}},
+)
+def cancel(round_id: PathId, principal: Admin, db: DbSession):
     try:
         round_ = cancel_round_on_request(db, round_id)
     except CancelRefused as exc:
@@ -133,7 +144,7 @@ def cancel(round_id: int, principal: Admin, db: DbSession):
 
 
 @router.get("/api/runs/{run_id}", response_model=RunOut, summary="One run")
-def get_run(run_id: int, principal: Admin, db: DbSession):
+def get_run(run_id: PathId, principal: Admin, db: DbSession):
     run = db.get(Run, run_id)
     if run is None:
         raise HTTPException(404, f"no run {run_id}")
@@ -141,7 +152,7 @@ def get_run(run_id: int, principal: Admin, db: DbSession):
 
 
 @router.get("/api/runs/{run_id}/metrics", summary="A run's metrics as series by name")
-def run_metrics(run_id: int, principal: Admin, db: DbSession) -> Series:
+def run_metrics(run_id: PathId, principal: Admin, db: DbSession) -> Series:
     """Each metric as [[step, value], ...] in step order; a value that was not finite is null."""
     if db.get(Run, run_id) is None:
         raise HTTPException(404, f"no run {run_id}")
@@ -160,8 +171,13 @@ def list_policies(db: DbSession):
     return [_policy_out(p, live.id if live else None) for p in policies]
 
 
-@router.post("/api/policies/{version}/promote", response_model=PolicyOut, summary="Make a version live")
-def promote_version(version: int, request: Request, principal: Admin, db: DbSession):
+@router.post(
+    "/api/policies/{version}/promote",
+    response_model=PolicyOut,
+    summary="Make a version live",
+    responses={409: {"description": "The version was rejected by its evaluation gate."}},
+)
+def promote_version(version: PathVersion, request: Request, principal: Admin, db: DbSession):
     try:
         policy = promote(db, version).policy
     except RegistryError as exc:
@@ -170,7 +186,12 @@ def promote_version(version: int, request: Request, principal: Admin, db: DbSess
     return _policy_out(policy, policy.id)
 
 
-@router.post("/api/policies/rollback", response_model=PolicyOut, summary="Put the previous live version back")
+@router.post(
+    "/api/policies/rollback",
+    response_model=PolicyOut,
+    summary="Put the previous live version back",
+    responses={409: {"description": "There is no previous live version to go back to."}},
+)
 def rollback_version(request: Request, principal: Admin, db: DbSession):
     try:
         policy = rollback(db).policy

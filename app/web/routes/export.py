@@ -42,7 +42,7 @@ from app.services.exports.waiting import ExportWait, describe_wait, export_waits
 from app.services.exports.writers import json_line
 from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.runs import request_cancel
-from app.web.deps import DbSession
+from app.web.deps import DbSession, PathId
 from app.web.security import Principal, Researcher
 from app.web.templating import is_htmx, render
 
@@ -133,6 +133,12 @@ def _export_run(db: Session, run_id: int, principal: Principal) -> Run:
     if run is None or run.kind != "export" or not may_see_export(run, principal.id, principal.role):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"there is no export run {run_id} that you can see")
     return run
+
+
+FINISHED_FILE_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"description": "The export has not finished (queued, running, failed or cancelled)."},
+    410: {"description": "The export's file is no longer on disk."},
+}
 
 
 def _visible_runs(db: Session, principal: Principal, limit: int) -> list[tuple[Run, str | None]]:
@@ -267,14 +273,25 @@ def list_exports(
 
 
 @router.get("/api/exports/{run_id:int}", summary="One export run")
-def get_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
+def get_export(run_id: PathId, principal: Researcher, db: DbSession) -> ExportRunOut:
     run = _export_run(db, run_id, principal)
     wait = export_waits(db).get(run.id) if run.status in ACTIVE else None
     return run_out(run, _requester(db, run), wait)
 
 
-@router.get("/api/exports/{run_id:int}/download", summary="Download a finished export (zip)")
-def download_export(run_id: int, principal: Researcher, db: DbSession):
+@router.get(
+    "/api/exports/{run_id:int}/download",
+    summary="Download a finished export (zip)",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The zip archive.",
+            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **FINISHED_FILE_ERRORS,
+    },
+)
+def download_export(run_id: PathId, principal: Researcher, db: DbSession):
     path = _finished_file(_export_run(db, run_id, principal))
     return FileResponse(path, media_type="application/zip", filename=path.name)
 
@@ -283,8 +300,9 @@ def download_export(run_id: int, principal: Researcher, db: DbSession):
     "/api/exports/{run_id:int}/cancel",
     summary="Cancel a queued or running export",
     description="Only the researcher who asked for the export, or an admin, may cancel it.",
+    responses={409: {"description": "The export already ended."}},
 )
-def cancel_export(run_id: int, principal: Researcher, db: DbSession) -> ExportRunOut:
+def cancel_export(run_id: PathId, principal: Researcher, db: DbSession) -> ExportRunOut:
     run = _export_run(db, run_id, principal)
     if not may_cancel_export(run, principal.id, principal.role):
         raise HTTPException(
@@ -386,8 +404,19 @@ def _create_from_form(request: Request, form: Any, principal: Principal, db: Ses
     return render(request, "research/index.html", context, block="runs")
 
 
-@router.get("/api/exports/{run_id:int}/card", summary="The dataset card (README.md) of a finished export")
-def export_card(run_id: int, principal: Researcher, db: DbSession) -> PlainTextResponse:
+@router.get(
+    "/api/exports/{run_id:int}/card",
+    summary="The dataset card (README.md) of a finished export",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "The card, Markdown.",
+            "content": {"text/markdown": {"schema": {"type": "string"}}},
+        },
+        **FINISHED_FILE_ERRORS,
+    },
+)
+def export_card(run_id: PathId, principal: Researcher, db: DbSession) -> PlainTextResponse:
     with zipfile.ZipFile(_finished_file(_export_run(db, run_id, principal))) as archive:
         card = archive.read("README.md").decode("utf-8")
     return PlainTextResponse(card, media_type="text/markdown; charset=utf-8")
