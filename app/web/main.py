@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         description="Human-feedback loop: rank responses, train a reward model, run PPO-max, hot-load the policy.",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs and /redoc are app.web.routes.api_docs: vendored files instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine

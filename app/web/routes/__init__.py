@@ -7,6 +7,7 @@ from app.web.routes import (
     admin_rounds,
     annotate,
     api,
+    api_docs,
     api_rounds,
     auth,
     export,
@@ -30,4 +31,5 @@ ROUTERS = [
     playground.router,
     admin_prompts.router,
     export.router,
+    api_docs.router,
 ]
