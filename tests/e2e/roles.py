@@ -20,7 +20,9 @@ def make_account(db, role: str) -> str:
     from app.data.models import User
     from app.services.accounts import hash_password
 
-    user = User(username=f"{role[:3]}-{uuid.uuid4().hex[:8]}", role=role, password_hash=hash_password(PASSWORD))
+    user = User(
+        username=f"{role[:3]}-{uuid.uuid4().hex[:8]}", role=role, password_hash=hash_password(PASSWORD)
+    )
     db.add(user)
     db.commit()
     return user.username

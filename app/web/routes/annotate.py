@@ -8,18 +8,16 @@ block; a refused submission answers with a message swapped into the task's error
 
 from __future__ import annotations
 
-from datetime import datetime, time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
-from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from app.data.models import Annotation, utcnow
 from app.services.annotation import AnnotationError, submit_annotation
+from app.services.annotator_progress import judgement_counts
 from app.services.assignment import TaskView
 from app.services.guidelines import load_guidelines
 from app.services.registry import live_policy
@@ -40,16 +38,8 @@ SKIP_REASONS = (
 
 
 def annotator_progress(db: Session, user_id: int) -> dict[str, int]:
-    """Judgements (skips not counted) today (UTC) and in total."""
-    start_of_day = datetime.combine(utcnow().date(), time.min, tzinfo=utcnow().tzinfo)
-    judged = Annotation.skipped.is_(False)
-    today, total = db.execute(
-        select(
-            func.coalesce(func.sum(case((judged & (Annotation.created_at >= start_of_day), 1), else_=0)), 0),
-            func.coalesce(func.sum(case((judged, 1), else_=0)), 0),
-        ).where(Annotation.user_id == user_id)
-    ).one()
-    return {"today": int(today), "total": int(total)}
+    """Judgements (skips not counted) today (UTC) and in total: one row, however long the history."""
+    return judgement_counts(db, user_id)
 
 
 def live_version(request: Request, db: Session) -> int | None:

@@ -21,7 +21,9 @@ REDOC = "vendor/redoc-2.5.4"
 
 @router.get("/docs")
 def swagger_ui(request: Request):
-    return render(request, "docs/swagger.html", {"openapi_url": request.app.openapi_url, "vendor": SWAGGER_UI})
+    return render(
+        request, "docs/swagger.html", {"openapi_url": request.app.openapi_url, "vendor": SWAGGER_UI}
+    )
 
 
 @router.get("/redoc")
