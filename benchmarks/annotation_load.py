@@ -22,6 +22,10 @@ Flat out, latency says little: with N annotators and no pause, Little's law fixe
 at N / throughput (100 annotators at 300/s wait 333 ms on average whatever the server does), so a
 latency target only means something at a given load below capacity.
 
+`--history 10,10000` measures every run once per level: before each level the annotators are given
+that many stored judgements each (old tasks, dated yesterday, inserted in bulk), so the rows show
+whether a request costs more for an annotator with a long history.
+
 For scale, the issue quotes Label Studio 1.23.2 (gunicorn, 4 workers, same Postgres, a pairwise
 project) at about 10 submits/s with p99 near 10 s at 100 clients on this 2-core machine; that figure
 is a reference, not re-measured here.
@@ -29,6 +33,7 @@ is a reference, not re-measured here.
     python benchmarks/annotation_load.py                         # 100 annotators, 20 s, 2 workers
     python benchmarks/annotation_load.py --rates 0,200,300,400 --modes piggyback
     python benchmarks/annotation_load.py --modes browser --rates 0,200
+    python benchmarks/annotation_load.py --modes browser --history 10,10000
     python benchmarks/annotation_load.py --annotators 20 --duration 10
     python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
 """
@@ -197,6 +202,52 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
         conn.exec_driver_sql("ANALYZE users, prompt_sets, prompts, responses, tasks, task_responses")
     engine.dispose()
     return user_ids
+
+
+def add_history(url: str, user_ids: list[int], per_annotator: int) -> None:
+    """Give every annotator `per_annotator` stored judgements in all (old tasks, dated yesterday).
+
+    Bulk rows straight into the tables, with triggers off for speed; the annotators' progress rows
+    (where the schema keeps them) are then recounted from what is stored.
+    """
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        have = conn.exec_driver_sql(
+            "SELECT count(*) FROM annotations WHERE user_id = %(u)s AND created_at < now() - interval '12 hours'",
+            {"u": user_ids[0]},
+        ).scalar()
+        more = per_annotator - have
+        if more <= 0:
+            return
+        prompt_id = conn.exec_driver_sql("SELECT min(id) FROM prompts").scalar()
+        conn.exec_driver_sql("SET LOCAL session_replication_role = replica")  # no triggers, no FK checks
+        task_ids = list(
+            conn.exec_driver_sql(
+                "INSERT INTO tasks (prompt_id, kind, status, required_annotations, annotation_count, "
+                "claimed_count, is_gold, created_at) SELECT %(p)s, 'rank', 'done', 1, 0, 0, false, "
+                "now() - interval '1 day' FROM generate_series(1, %(n)s) RETURNING id",
+                {"p": prompt_id, "n": more},
+            ).scalars()
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO annotations (task_id, user_id, ranking, all_bad, skipped, skip_reason, flags, "
+            "rationale, time_spent_ms, shown_order_unchanged, payload_hash, created_at) "
+            "SELECT t, u, '[]', false, false, '', '{}', '', 5000, false, md5(t::text || '-' || u::text), "
+            "now() - interval '1 day' FROM unnest(%(t)s::bigint[]) t CROSS JOIN unnest(%(u)s::bigint[]) u",
+            {"t": task_ids, "u": user_ids},
+        )
+        if conn.exec_driver_sql("SELECT to_regclass('annotator_progress') IS NOT NULL").scalar():
+            conn.exec_driver_sql("DELETE FROM annotator_progress")
+            conn.exec_driver_sql(
+                "INSERT INTO annotator_progress (user_id, judged_total, judged_day, judged_on_day) "
+                "SELECT user_id, count(*), max((created_at AT TIME ZONE 'UTC')::date), "
+                "count(*) FILTER (WHERE created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') "
+                "FROM annotations WHERE NOT skipped GROUP BY user_id"
+            )
+    engine.dispose()
+    vacuum(url)
 
 
 def session_credentials(user_ids: list[int]) -> list[dict[str, str]]:
@@ -568,6 +619,12 @@ def main() -> None:
         help="rank tasks seeded; default: enough for every run at up to 600 submits/s (or its rate)",
     )  # fmt: skip
     parser.add_argument("--overlap", type=int, default=1, help="annotations each seeded task asks for")
+    parser.add_argument(
+        "--history",
+        default="",
+        help="stored judgements each annotator has before the runs, comma-separated levels (e.g. 10,10000): "
+        "every run is measured once per level, in increasing order",
+    )
     parser.add_argument("--auth", choices=("session", "token"), default="session",
                         help="browser-session cookies (as the UI) or API bearer tokens")  # fmt: skip
     parser.add_argument(
@@ -604,8 +661,12 @@ def main() -> None:
         raise SystemExit("--rates takes numbers, e.g. 0,300") from None
     if any(r < 0 for r in rates):
         raise SystemExit("--rates must be 0 (flat out) or positive")
+    try:
+        histories = sorted({int(h) for h in args.history.split(",") if h.strip()}) or [None]
+    except ValueError:
+        raise SystemExit("--history takes whole numbers, e.g. 10,10000") from None
     runs = [(mode, rate) for rate in rates for mode in modes]
-    tasks = args.tasks or tasks_needed(runs, duration + args.warmup, args.overlap)
+    tasks = args.tasks or tasks_needed(runs * len(histories), duration + args.warmup, args.overlap)
 
     try:
         import uvloop
@@ -640,8 +701,13 @@ def main() -> None:
             server, base = start_server(url, args.workers, Path(data_dir))
             print(f"server at {base} ({args.workers} uvicorn workers); load average {load_average()}")
             results = {}
-            for i, (mode, rate) in enumerate(runs):
-                if i:  # (not before the first: see seed() on analyzing still-empty tables)
+            planned = [(history, mode, rate) for history in histories for mode, rate in runs]
+            for i, (history, mode, rate) in enumerate(planned):
+                if history is not None and (i == 0 or planned[i - 1][0] != history):
+                    t = time.perf_counter()
+                    add_history(url, user_ids, history)
+                    print(f"{history} stored judgements per annotator ({time.perf_counter() - t:.1f}s)")
+                elif i:  # (not before the first: see seed() on analyzing still-empty tables)
                     vacuum(url)
                 before = (
                     process_tree_cpu(server.pid),
@@ -654,7 +720,8 @@ def main() -> None:
                 stats.machine_cpu = machine_cpu() - before[1]
                 stats.client_cpu = time.process_time() - before[2]
                 stats.wall = time.perf_counter() - before[3]
-                results[run_label(mode, rate)] = stats
+                label = run_label(mode, rate)
+                results[label if history is None else f"{label}, history {history}"] = stats
             stop_server(server)
             server = None
             server_log = (Path(data_dir) / "server.log").read_text(errors="replace")

@@ -27,6 +27,7 @@ from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.models import Policy, PolicyAlias, Prompt, Response, Run, Task, TaskResponse
 from app.services import dispatch
+from app.services.pool_settings import task_overlap
 from app.services.registry import live_policy, policy_by_version
 from app.services.serving import load_policy
 
@@ -154,7 +155,7 @@ def request_refill(
         "arena_prompt_ids": prompt_ids[:n_arena],
         "arena_versions": [policy.version, other.version] if n_arena else [],
         "responses_per_task": settings.responses_per_task,
-        "required_annotations": settings.task_overlap,
+        "required_annotations": task_overlap(db, settings),
         "sampling": {"max_new_tokens": max_new_tokens or settings.refill_max_new_tokens},
         "seed": seed if seed is not None else random.SystemRandom().randrange(2**31),
     }

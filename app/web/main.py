@@ -9,12 +9,13 @@ from http.cookies import SimpleCookie
 from urllib.parse import quote
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.broker import install_sender
 from app.config import Settings, get_settings
@@ -96,15 +97,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if settings.uses_default_secret:
         app.add_middleware(LoopbackOnlyWithDefaultSecret)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    # Starlette's class: also the 404 of a path no route matches, which a person gets as a page too.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 401 and _wants_html(request):
             return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
         if _wants_html(request) and exc.status_code in (403, 404, 409):
+            detail = "There is no page at this address." if exc.detail == "Not Found" else exc.detail
             return render(
                 request,
                 "error.html",
-                {"status": exc.status_code, "detail": exc.detail},
+                {"status": exc.status_code, "detail": detail},
                 status_code=exc.status_code,
             )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)

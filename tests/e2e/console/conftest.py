@@ -1,5 +1,5 @@
-"""Browser sessions for any role, and the axe-core accessibility check, for the browser tests of the
-admin console, research pages and API reference (tests/e2e/test_console_*.py)."""
+"""Browser tests of the admin console, the research page and the API reference: sessions for any
+role, and the axe-core accessibility check."""
 
 from __future__ import annotations
 
@@ -64,3 +64,19 @@ def serious_violations(page, exclude: tuple[str, ...] = ()) -> list[str]:
         list(exclude),
     )
     return result
+
+
+@pytest.fixture
+def no_active_round(server):
+    """No round active before or after the test (one may be active at a time; tests make their own)."""
+    from sqlalchemy import text
+
+    def clear():
+        with server.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE rounds SET active = NULL, status = 'cancelled' WHERE active IS NOT NULL")
+            )
+
+    clear()
+    yield
+    clear()

@@ -8,7 +8,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 
 from tests.e2e.conftest import shot
-from tests.e2e.roles import log_in_as, researcher  # noqa: F401 - fixture
+from tests.e2e.console.conftest import log_in_as
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def test_swagger_ui_and_redoc_work_offline(page, server):
     assert page.errors == []
 
 
-def test_the_research_page_links_to_the_reference_and_every_page_has_an_icon(page, server, researcher):  # noqa: F811
+def test_the_research_page_links_to_the_reference_and_every_page_has_an_icon(page, server, researcher):
     log_in_as(page, server, researcher, "researcher")
     assert page.locator("a[href^='/docs']").count() >= 1 and page.locator("a[href='/redoc']").count() == 1
     icon = page.locator("link[rel=icon]").get_attribute("href")
