@@ -96,3 +96,14 @@ def test_annotation_page_and_its_overlays_have_no_serious_violations(page, serve
     page.wait_for_selector("#skip-dialog[open]")
     problems += [f"skip dialog: {v}" for v in serious_violations(page)]
     assert problems == []
+
+
+def test_the_api_reference_pages_have_no_serious_violations_of_ours(page, server):
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+    # Swagger UI nests its copy-link button inside each operation's summary button: its own markup.
+    problems = [f"/docs: {v}" for v in serious_violations(page, skip_rules=("nested-interactive",))]
+    page.goto(f"{server.url}/redoc")
+    page.wait_for_selector("[data-section-id]", timeout=20_000)
+    problems += [f"/redoc: {v}" for v in serious_violations(page)]
+    assert problems == []
