@@ -26,14 +26,18 @@ latency target only means something at a given load below capacity.
 that many stored judgements each (old tasks, dated yesterday, inserted in bulk), so the rows show
 whether a request costs more for an annotator with a long history.
 
-For scale, the issue quotes Label Studio 1.23.2 (gunicorn, 4 workers, same Postgres, a pairwise
-project) at about 10 submits/s with p99 near 10 s at 100 clients on this 2-core machine; that figure
-is a reference, not re-measured here.
+`--peer label-studio` measures Label Studio 1.23.2 side by side in the same run: installed in its own
+virtual environment (once, cached), gunicorn with 4 workers, a scratch database of the same Postgres,
+a pairwise project of as many tasks, one account per simulated annotator, driven through its
+next-task + submit loop by the same clients at the same rates (benchmarks/label_studio_peer.py);
+the table prints both and each prefloop row's ratio to it. Without it the table quotes the figure
+measured on this 2-core machine earlier: about 10 submits/s with p99 near 10 s at 100 clients.
 
     python benchmarks/annotation_load.py                         # 100 annotators, 20 s, 2 workers
     python benchmarks/annotation_load.py --rates 0,200,300,400 --modes piggyback
     python benchmarks/annotation_load.py --modes browser --rates 0,200
     python benchmarks/annotation_load.py --modes browser --history 10,10000
+    python benchmarks/annotation_load.py --modes browser --peer label-studio
     python benchmarks/annotation_load.py --annotators 20 --duration 10
     python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
 """
@@ -63,9 +67,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import load_average, print_table  # noqa: E402
+from benchmarks.label_studio_peer import choice_body  # noqa: E402
 
 SECRET = "annotation-load-benchmark-secret-0123456789"
 PEER = ("Label Studio 1.23.2 (quoted in the issue)", 10.0)
+LABEL_STUDIO = "label-studio"  # the peer measured here (--peer label-studio)
 K = 4
 
 
@@ -487,6 +493,7 @@ async def annotator(
     stats: Stats,
     mode: str,
     interval: float,
+    project: int = 0,
 ):
     """next → submit until the time is up. With piggyback the submit also returns the next task
     (`?next=true`), so a loop is one request instead of two. browser does what the annotation page
@@ -500,6 +507,7 @@ async def annotator(
     """
     rng = random.Random(seed)
     browser, piggyback = mode == "browser", mode in ("piggyback", "browser")
+    label_studio = mode == LABEL_STUDIO  # the peer's labeling stream (benchmarks/label_studio_peer.py)
     task = None
     due = time.perf_counter() + (rng.expovariate(1 / interval) if interval else 0.0)
     while True:
@@ -523,7 +531,9 @@ async def annotator(
                     task = task_of_html(body)
                     status = 204 if status == 200 and task is None else status
                 else:
-                    status, body = await conn.request("GET", "/api/tasks/next")
+                    path = f"/api/projects/{project}/next" if label_studio else "/api/tasks/next"
+                    status, body = await conn.request("GET", path)
+                    status = 204 if label_studio and status == 404 else status  # its empty queue
             except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
                 stats.error(f"next: {type(exc).__name__}: {exc}")
                 await conn.close()
@@ -544,6 +554,9 @@ async def annotator(
                 status, body = await conn.request(
                     "POST", f"/annotate/tasks/{task['id']}", form, form=True, htmx=True
                 )
+            elif label_studio:
+                path = f"/api/tasks/{task['id']}/annotations/?project={project}"
+                status, body = await conn.request("POST", path, choice_body(task, rng))
             else:
                 path = f"/api/tasks/{task['id']}/annotation" + ("?next=true" if piggyback else "")
                 status, body = await conn.request("POST", path, judgement(task, rng))
@@ -557,7 +570,7 @@ async def annotator(
             stats.error(f"submit: HTTP {status}: {body[:200]!r}")
             task = None
             continue
-        task = next_task_of(body, browser, piggyback)
+        task = None if label_studio else next_task_of(body, browser, piggyback)
         if counted and t2 <= stop_at:
             stats.submits += 1
             if fetched:
@@ -575,6 +588,7 @@ async def run_load(
     warmup: float,
     mode: str = "two-requests",
     rate: float = 0.0,
+    project: int = 0,
 ) -> Stats:
     """Drive the server with one simulated annotator per credential; rate: total loops/s (0: flat out)."""
     parts = urlsplit(base)
@@ -588,7 +602,7 @@ async def run_load(
     start = time.perf_counter()
     warm_until, stop_at = start + warmup, start + warmup + duration
     await asyncio.gather(
-        *(annotator(c, i, warm_until, stop_at, stats, mode, interval) for i, c in enumerate(conns))
+        *(annotator(c, i, warm_until, stop_at, stats, mode, interval, project) for i, c in enumerate(conns))
     )
     await asyncio.gather(*(c.close() for c in conns))
     return stats
@@ -619,6 +633,15 @@ def main() -> None:
         help="rank tasks seeded; default: enough for every run at up to 600 submits/s (or its rate)",
     )  # fmt: skip
     parser.add_argument("--overlap", type=int, default=1, help="annotations each seeded task asks for")
+    parser.add_argument(
+        "--peer",
+        choices=("quoted", "label-studio"),
+        default="quoted",
+        help="quoted: print the peer's figure from the issue; label-studio: install Label Studio in its own "
+        "environment (cached), serve it with gunicorn on a scratch database of the same Postgres with a "
+        "pairwise project of as many tasks, and drive it at the same rates with the same clients",
+    )
+    parser.add_argument("--peer-workers", type=int, default=4, help="gunicorn workers of Label Studio")
     parser.add_argument(
         "--history",
         default="",
@@ -690,6 +713,7 @@ def main() -> None:
 
     url = create_database(args.pg_admin_url)
     server = None
+    peer_results: dict[str, Stats] = {}
     try:
         t = time.perf_counter()
         user_ids = seed(url, args.annotators, tasks, args.overlap)
@@ -725,16 +749,53 @@ def main() -> None:
             stop_server(server)
             server = None
             server_log = (Path(data_dir) / "server.log").read_text(errors="replace")
+            if args.peer == LABEL_STUDIO:
+                peer_results = measure_label_studio(args, tasks, rates, duration, Path(data_dir))
         failures = server_log.count("Traceback")
         if failures:
             last = [line for line in server_log.splitlines() if line.strip()][-1]
             print(f"the server logged {failures} exceptions; the last: {last}")
-        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
+        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth", peer_results)
     finally:
         if server is not None:
             stop_server(server)
         if not args.keep_database:
             drop_database(args.pg_admin_url, url)
+
+
+def measure_label_studio(
+    args, tasks: int, rates: list[float], duration: float, data_dir: Path
+) -> dict[str, Stats]:
+    """Label Studio driven at the same rates by as many clients, after prefloop's server has stopped."""
+    from benchmarks import label_studio_peer
+
+    ls = label_studio_peer.start(
+        args.pg_admin_url, args.annotators, tasks, args.peer_workers, data_dir, free_port()
+    )
+    results = {}
+    try:
+        credentials = [{"Authorization": f"Token {token}"} for token in ls.tokens]
+        print(
+            f"Label Studio at {ls.url} ({args.peer_workers} gunicorn workers); load average {load_average()}"
+        )
+        for rate in rates:
+            before = (
+                process_tree_cpu(ls.process.pid),
+                machine_cpu(),
+                time.process_time(),
+                time.perf_counter(),
+            )
+            stats = asyncio.run(
+                run_load(ls.url, credentials, duration, args.warmup, LABEL_STUDIO, rate, ls.project)
+            )
+            stats.server_cpu = process_tree_cpu(ls.process.pid) - before[0]
+            stats.machine_cpu = machine_cpu() - before[1]
+            stats.client_cpu = time.process_time() - before[2]
+            stats.wall = time.perf_counter() - before[3]
+            results[run_label(LABEL_STUDIO, rate)] = stats
+    finally:
+        label_studio_peer.stop(ls, args.pg_admin_url, args.keep_database)
+    return results
 
 
 def tasks_needed(runs: list[tuple[str, float]], seconds: float, overlap: int) -> int:
@@ -763,25 +824,43 @@ def run_label(mode: str, rate: float) -> str:
     return f"{mode}, {'flat out' if rate <= 0 else f'{rate:.0f}/s offered'}"
 
 
-def report(args, results: dict[str, Stats], duration: float, setup: str) -> None:
+def report(
+    args, results: dict[str, Stats], duration: float, setup: str, peer: dict[str, Stats] | None = None
+) -> None:
+    """The table: every prefloop run, then Label Studio's (measured here, or the quoted figure), and
+    the ratio of each prefloop run to the peer at the same offered rate."""
     print()
     print(f"{args.annotators} annotators, {duration:.0f}s measured per run after {args.warmup:.0f}s warm-up, "
           f"{setup}; load average {load_average()}")  # fmt: skip
     rows = []
-    for mode, stats in results.items():
+    measured = {f"prefloop {label}": stats for label, stats in results.items()}
+    measured |= {
+        f"Label Studio {label_studio_version()} {label}": stats for label, stats in (peer or {}).items()
+    }
+    for system, stats in measured.items():
         cpu = f"{stats.server_cpu * 1000 / stats.requests:.2f}" if stats.server_cpu and stats.requests else ""
         rows.append(
-            [f"prefloop {mode}", f"{stats.submits / duration:.0f}", percentiles(stats.next_ms),
+            [system, f"{stats.submits / duration:.0f}", percentiles(stats.next_ms),
              percentiles(stats.submit_ms), percentiles(stats.loop_ms), stats.errors, cpu]
         )  # fmt: skip
-    rows.append([PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", "", ""])
+    if not peer:
+        rows.append([PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", "", ""])
     print_table(
         ["system", "submits/s", "next p50/p95/p99 ms", "submit p50/p95/p99 ms", "loop p50/p95/p99 ms",
          "errors", "server CPU ms/request"],
         rows,
     )  # fmt: skip
     for mode, stats in results.items():
-        print(f"ratio prefloop {mode} / peer: {stats.submits / duration / PEER[1]:.0f}x submits/s")
+        rate_part = mode.split(", ")[1]
+        peer_stats = next((s for label, s in (peer or {}).items() if label.endswith(rate_part)), None)
+        if peer_stats is not None and peer_stats.submits:
+            ratio = stats.submits / peer_stats.submits
+            print(f"ratio prefloop {mode} / Label Studio at {rate_part}: {ratio:.1f}x submits/s")
+        elif not peer:
+            print(
+                f"ratio prefloop {mode} / peer (quoted): {stats.submits / duration / PEER[1]:.0f}x submits/s"
+            )
+    for mode, stats in measured.items():
         if stats.empty:
             print(f"note ({mode}): {stats.empty} times the pool was empty (seed more --tasks)")
         if stats.wall:
@@ -793,6 +872,12 @@ def report(args, results: dict[str, Stats], duration: float, setup: str) -> None
             )
         for sample in stats.error_samples:
             print(f"error ({mode}): {sample}")
+
+
+def label_studio_version() -> str:
+    from benchmarks.label_studio_peer import VERSION
+
+    return VERSION
 
 
 if __name__ == "__main__":
