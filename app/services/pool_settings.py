@@ -2,9 +2,12 @@
 
 The task overlap (how many annotators judge each new task) starts from PREFLOOP_TASK_OVERLAP; a
 value saved from the console replaces it until it is reset. Tasks already made keep their overlap.
+The automatic refill draws from every prompt set but those an admin paused.
 """
 
 from __future__ import annotations
+
+import json
 
 from sqlalchemy.orm import Session
 
@@ -45,5 +48,35 @@ def save_task_overlap(db: Session, value: int | None) -> None:
         db.add(AppSetting(key=TASK_OVERLAP_KEY, value=str(value), updated_at=utcnow()))
     else:
         row.value = str(value)
+        row.updated_at = utcnow()
+    db.commit()
+
+
+# ---------------------------------------------------------------- prompt sets the refill draws from
+
+PAUSED_SETS_KEY = "refill_paused_prompt_sets"
+
+
+def paused_prompt_sets(db: Session) -> set[int]:
+    """Prompt sets the automatic refill leaves alone (an admin paused them); new sets take part."""
+    row = db.get(AppSetting, PAUSED_SETS_KEY)
+    if row is None or not row.value.strip():
+        return set()
+    try:
+        return {int(i) for i in json.loads(row.value)}
+    except (ValueError, TypeError):
+        return set()
+
+
+def set_prompt_set_in_refill(db: Session, prompt_set_id: int, included: bool) -> None:
+    """Let the automatic refill draw from this prompt set again, or pause it; commits."""
+    paused = paused_prompt_sets(db)
+    paused = paused - {prompt_set_id} if included else paused | {prompt_set_id}
+    value = json.dumps(sorted(paused))
+    row = db.get(AppSetting, PAUSED_SETS_KEY)
+    if row is None:
+        db.add(AppSetting(key=PAUSED_SETS_KEY, value=value, updated_at=utcnow()))
+    else:
+        row.value = value
         row.updated_at = utcnow()
     db.commit()

@@ -27,7 +27,7 @@ from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.models import Policy, PolicyAlias, Prompt, Response, Run, Task, TaskResponse
 from app.services import dispatch
-from app.services.pool_settings import task_overlap
+from app.services.pool_settings import paused_prompt_sets, task_overlap
 from app.services.registry import live_policy, policy_by_version
 from app.services.serving import load_policy
 
@@ -89,7 +89,8 @@ def claimable_task_count(db: Session) -> int:
 def choose_prompts(
     db: Session, n: int, policy_id: int, prompt_set_id: int | None = None, exclude: Sequence[int] = ()
 ) -> list[int]:
-    """Train-split prompts that this policy has answered least, in random order among equals."""
+    """Train-split prompts that this policy has answered least, in random order among equals: of
+    `prompt_set_id`, or else of every prompt set the refill is not paused for."""
     answered = (
         select(Response.prompt_id, func.count(Response.id).label("n"))
         .where(Response.policy_id == policy_id)
@@ -105,6 +106,8 @@ def choose_prompts(
     )
     if prompt_set_id is not None:
         query = query.where(Prompt.prompt_set_id == prompt_set_id)
+    elif paused := paused_prompt_sets(db):
+        query = query.where(Prompt.prompt_set_id.not_in(sorted(paused)))
     if exclude:
         query = query.where(Prompt.id.not_in(list(exclude)))
     return list(db.scalars(query).all())

@@ -16,8 +16,10 @@ from app.services.guidelines import DEFAULT_GUIDELINES, load_guidelines, save_gu
 from app.services.pool_settings import (
     MAX_TASK_OVERLAP,
     PoolSettingError,
+    paused_prompt_sets,
     save_task_overlap,
     saved_task_overlap,
+    set_prompt_set_in_refill,
     task_overlap,
 )
 from app.services.prompt_sets import create_prompt_set, list_prompt_sets
@@ -64,6 +66,7 @@ def _page(request: Request, db: Session, status_code: int = 200, **extra: Any) -
         "overlap_saved": saved_task_overlap(db) is not None,
         "max_overlap": MAX_TASK_OVERLAP,
         "overlap_error": None,
+        "paused_sets": paused_prompt_sets(db),
         "notice": None,
     }
     context.update(extra)
@@ -122,6 +125,21 @@ def prompts_upload(
         db.rollback()
         return _page(request, db, exc.status, form=form, upload_error=str(exc), upload_errors=exc.errors)
     return _page(request, db, report=report)
+
+
+@router.post("/admin/prompts/{prompt_set_id}/refill")
+def prompts_refill_toggle(
+    request: Request,
+    prompt_set_id: int,
+    principal: Admin,
+    db: DbSession,
+    included: Annotated[bool, Form()],
+):
+    """Let the automatic refill draw from this prompt set, or pause it (its tasks stay)."""
+    if db.get(PromptSet, prompt_set_id) is None:
+        return _page(request, db, 404, message=f"There is no prompt set {prompt_set_id}.")
+    set_prompt_set_in_refill(db, prompt_set_id, included)
+    return RedirectResponse("/admin/prompts", status_code=303)
 
 
 @router.post("/admin/prompts/{prompt_set_id}/generate")

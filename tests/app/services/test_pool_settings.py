@@ -51,3 +51,20 @@ def test_gold_choices_list_ordinary_tasks_and_search_their_prompts(db):
     assert [c.task_id for c in gold_choices(db, "tides")] == [tides.id]
     assert [c.task_id for c in gold_choices(db, "100%")] == [tides.id]  # % is text, not a wildcard
     assert gold_choices(db, "_") == []
+
+
+def test_the_refill_leaves_paused_prompt_sets_alone(db, settings):
+    from app.services.pool_settings import paused_prompt_sets, set_prompt_set_in_refill
+    from app.services.tasks_pool import choose_prompts
+
+    world = World(db, settings)
+    policy = world.policy(0)
+    kept = world.prompt_set("kept", [f"kept {i}" for i in range(3)])
+    paused = world.prompt_set("paused", [f"paused {i}" for i in range(3)])
+    set_prompt_set_in_refill(db, paused[0].prompt_set_id, included=False)
+    assert paused_prompt_sets(db) == {paused[0].prompt_set_id}
+    assert set(choose_prompts(db, 10, policy.id)) == {p.id for p in kept}
+    # Asked for by name, a paused set still answers (the console's "Generate tasks").
+    assert set(choose_prompts(db, 10, policy.id, paused[0].prompt_set_id)) == {p.id for p in paused}
+    set_prompt_set_in_refill(db, paused[0].prompt_set_id, included=True)
+    assert len(choose_prompts(db, 10, policy.id)) == 6

@@ -102,3 +102,16 @@ def test_the_api_reference_loads_only_our_files(client, path):
     assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", page.text) == []  # no inline script
     for src in re.findall(r'(?:src|href)="([^"]+)"', page.text):
         assert client.get(src).status_code == 200, src
+
+
+def test_the_admin_pauses_and_resumes_the_refill_from_a_prompt_set(client, admin, db):
+    (prompt,) = World(db).prompt_set("refill-toggle", ["a prompt"])
+    set_id = prompt.prompt_set_id
+    page = client.get("/admin/prompts").text
+    assert re.search(rf'id="refill-{set_id}">.*?draws from it.*?Pause', page, re.S)
+    client.post(f"/admin/prompts/{set_id}/refill", data={"included": "false"})
+    page = client.get("/admin/prompts").text
+    assert re.search(rf'id="refill-{set_id}">.*?paused.*?Resume', page, re.S)
+    db.expire_all()
+    assert str(set_id) in db.get(AppSetting, "refill_paused_prompt_sets").value
+    assert client.post("/admin/prompts/999999/refill", data={"included": "true"}).status_code == 404

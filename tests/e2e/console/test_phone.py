@@ -74,4 +74,5 @@ def test_keyboard_hints_are_hidden_on_a_touch_screen(phone, server, server_db, a
     phone.wait_for_selector("#task")
     assert phone.locator("kbd").count() > 0
     assert phone.evaluate("[...document.querySelectorAll('kbd')].every((k) => k.offsetParent === null)")
+    assert phone.is_hidden(".meta-actions [data-action=help]")  # the keyboard help button too
     assert overflow(phone) == 0 and topbar_rows(phone) <= 2
