@@ -519,7 +519,9 @@ async def annotator(
             due += rng.expovariate(1 / interval)
         else:
             t0 = time.perf_counter()
-        if t0 >= stop_at:
+        # A server far behind the offered rate leaves loops due inside the window still unsent when it
+        # closes; they could not finish inside it (so never count) and would keep the run going.
+        if t0 >= stop_at or time.perf_counter() >= stop_at:
             break
         counted = t0 >= warm_until
         fetched = task is None

@@ -112,14 +112,14 @@ def _package_dir(folder: Path) -> Path:
     return found[0]
 
 
-def _env(database: str, pg_url: str, data_dir: Path, package: Path) -> dict[str, str]:
+def _env(database: str, pg_url: str, data_dir: Path) -> dict[str, str]:
     from sqlalchemy.engine import make_url
 
     url = make_url(pg_url)
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PREFLOOP_", "PYTHON"))},
+        # Its modules are found from the package folder, the working directory of every command.
         "DJANGO_SETTINGS_MODULE": "core.settings.label_studio",
-        "PYTHONPATH": str(package),
         "DJANGO_DB": "default",
         "POSTGRE_NAME": database,
         "POSTGRE_USER": url.username or "postgres",
@@ -149,11 +149,14 @@ def start(
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{database}"'))
     admin.dispose()
-    env = _env(database, pg_admin_url, data_dir, package)
+    env = _env(database, pg_admin_url, data_dir)
     python = str(folder / "bin" / "python")
     t = time.perf_counter()
     subprocess.run(
-        [python, str(package / "manage.py"), "migrate", "--noinput", "-v", "0"], env=env, check=True
+        [python, str(package / "manage.py"), "migrate", "--noinput", "-v", "0"],
+        env=env,
+        cwd=package,
+        check=True,
     )
     made = subprocess.run(
         [python, "-c", SETUP, str(annotators), str(tasks), LABEL_CONFIG],
