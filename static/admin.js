@@ -21,12 +21,12 @@
   const charts = new Map();
   let live = root.dataset.live === "true";
 
-  // 0.000011 → "1.1e-5", 12345678 → "1.2e+7", 0.1234 → "0.123", 41 → "41".
+  // 0.000011 → "1.1e-5", 0.0000112 → "1.12e-5", 12345678 → "1.23e+7", 0.1234 → "0.123", 41 → "41".
   function readable(value) {
     if (typeof value !== "number" || !Number.isFinite(value)) return String(value);
     if (value === 0) return "0";
     const size = Math.abs(value);
-    if (size < 1e-3 || size >= 1e6) return value.toExponential(1).replace(".0e", "e");
+    if (size < 1e-3 || size >= 1e6) return value.toExponential(2).replace(/\.?0+e/, "e");
     return String(Number(value.toPrecision(3)));
   }
 
@@ -49,7 +49,7 @@
   function options(group, body) {
     const twoAxes = Object.values(group.axes).includes("y1");
     const scales = {
-      x: { type: "linear", title: { display: true, text: "step" } },
+      x: { type: "linear", title: { display: true, text: "step" }, ticks: { precision: 0 } },
       y: { ticks: { callback: readable }, title: { display: twoAxes, text: axisTitle(group, body, "y") } },
     };
     if (twoAxes) {

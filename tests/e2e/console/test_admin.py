@@ -65,6 +65,12 @@ def test_a_run_page_left_open_follows_the_run_to_its_end(page, server, server_db
                  .scales.y.ticks.map((t) => t.label)"""
     )
     assert any("e-5" in t for t in ticks) and not any("E-5" in t or "0000" in t for t in ticks)
+    assert len(set(ticks)) == len(ticks)  # close values stay apart (1.08e-5, 1.1e-5, 1.12e-5)
+    steps = page.evaluate(
+        """() => window.Chart.getChart(document.querySelector("figure[data-chart=lr] canvas"))
+                 .scales.x.ticks.map((t) => t.value)"""
+    )
+    assert all(float(s).is_integer() for s in steps)  # training steps are whole numbers
     shot(page, "run-page-running")
 
     finish(server_db, round_, run)
