@@ -847,7 +847,8 @@ def report(
     rows = []
     measured = {f"prefloop {label}": stats for label, stats in results.items()}
     measured |= {
-        f"Label Studio {label_studio_version()} {label}": stats for label, stats in (peer or {}).items()
+        f"Label Studio {label_studio_version()}, {label.split(', ', 1)[1]}": stats
+        for label, stats in (peer or {}).items()
     }
     for system, stats in measured.items():
         cpu = f"{stats.server_cpu * 1000 / stats.requests:.2f}" if stats.server_cpu and stats.requests else ""
