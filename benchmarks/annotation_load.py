@@ -844,6 +844,9 @@ def report(
     print()
     print(f"{args.annotators} annotators, {duration:.0f}s measured per run after {args.warmup:.0f}s warm-up, "
           f"{setup}; load average {load_average()}")  # fmt: skip
+    if peer:
+        print(f"Label Studio {label_studio_version()}: {args.peer_duration:.0f}s measured per run after "
+              f"{args.peer_warmup:.0f}s warm-up, {args.peer_workers} gunicorn workers, same Postgres")  # fmt: skip
     rows = []
     measured = {f"prefloop {label}": stats for label, stats in results.items()}
     measured |= {
