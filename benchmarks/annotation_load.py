@@ -22,13 +22,22 @@ Flat out, latency says little: with N annotators and no pause, Little's law fixe
 at N / throughput (100 annotators at 300/s wait 333 ms on average whatever the server does), so a
 latency target only means something at a given load below capacity.
 
-For scale, the issue quotes Label Studio 1.23.2 (gunicorn, 4 workers, same Postgres, a pairwise
-project) at about 10 submits/s with p99 near 10 s at 100 clients on this 2-core machine; that figure
-is a reference, not re-measured here.
+`--history 10,10000` measures every run once per level: before each level the annotators are given
+that many stored judgements each (old tasks, dated yesterday, inserted in bulk), so the rows show
+whether a request costs more for an annotator with a long history.
+
+`--peer label-studio` measures Label Studio 1.23.2 side by side in the same run: installed in its own
+virtual environment (once, cached), gunicorn with 4 workers, a scratch database of the same Postgres,
+a pairwise project of as many tasks, one account per simulated annotator, driven through its
+next-task + submit loop by the same clients at the same rates (benchmarks/label_studio_peer.py);
+the table prints both and each prefloop row's ratio to it. Without it the table quotes the figure
+measured on this 2-core machine earlier: about 10 submits/s with p99 near 10 s at 100 clients.
 
     python benchmarks/annotation_load.py                         # 100 annotators, 20 s, 2 workers
     python benchmarks/annotation_load.py --rates 0,200,300,400 --modes piggyback
     python benchmarks/annotation_load.py --modes browser --rates 0,200
+    python benchmarks/annotation_load.py --modes browser --history 10,10000
+    python benchmarks/annotation_load.py --modes browser --peer label-studio
     python benchmarks/annotation_load.py --annotators 20 --duration 10
     python benchmarks/annotation_load.py --url http://127.0.0.1:8000 --tokens tokens.txt
 
@@ -62,9 +71,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import load_average, print_table  # noqa: E402
+from benchmarks.label_studio_peer import choice_body  # noqa: E402
 
 SECRET = "annotation-load-benchmark-secret-0123456789"
 PEER = ("Label Studio 1.23.2 (quoted in the issue)", 10.0)
+LABEL_STUDIO = "label-studio"  # the peer measured here (--peer label-studio)
 K = 4
 
 
@@ -203,6 +214,52 @@ def seed(url: str, annotators: int, tasks: int, overlap: int) -> list[int]:
     return user_ids
 
 
+def add_history(url: str, user_ids: list[int], per_annotator: int) -> None:
+    """Give every annotator `per_annotator` stored judgements in all (old tasks, dated yesterday).
+
+    Bulk rows straight into the tables, with triggers off for speed; the annotators' progress rows
+    (where the schema keeps them) are then recounted from what is stored.
+    """
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        have = conn.exec_driver_sql(
+            "SELECT count(*) FROM annotations WHERE user_id = %(u)s AND created_at < now() - interval '12 hours'",
+            {"u": user_ids[0]},
+        ).scalar()
+        more = per_annotator - have
+        if more <= 0:
+            return
+        prompt_id = conn.exec_driver_sql("SELECT min(id) FROM prompts").scalar()
+        conn.exec_driver_sql("SET LOCAL session_replication_role = replica")  # no triggers, no FK checks
+        task_ids = list(
+            conn.exec_driver_sql(
+                "INSERT INTO tasks (prompt_id, kind, status, required_annotations, annotation_count, "
+                "claimed_count, is_gold, created_at) SELECT %(p)s, 'rank', 'done', 1, 0, 0, false, "
+                "now() - interval '1 day' FROM generate_series(1, %(n)s) RETURNING id",
+                {"p": prompt_id, "n": more},
+            ).scalars()
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO annotations (task_id, user_id, ranking, all_bad, skipped, skip_reason, flags, "
+            "rationale, time_spent_ms, shown_order_unchanged, payload_hash, created_at) "
+            "SELECT t, u, '[]', false, false, '', '{}', '', 5000, false, md5(t::text || '-' || u::text), "
+            "now() - interval '1 day' FROM unnest(%(t)s::bigint[]) t CROSS JOIN unnest(%(u)s::bigint[]) u",
+            {"t": task_ids, "u": user_ids},
+        )
+        if conn.exec_driver_sql("SELECT to_regclass('annotator_progress') IS NOT NULL").scalar():
+            conn.exec_driver_sql("DELETE FROM annotator_progress")
+            conn.exec_driver_sql(
+                "INSERT INTO annotator_progress (user_id, judged_total, judged_day, judged_on_day) "
+                "SELECT user_id, count(*), max((created_at AT TIME ZONE 'UTC')::date), "
+                "count(*) FILTER (WHERE created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') "
+                "FROM annotations WHERE NOT skipped GROUP BY user_id"
+            )
+    engine.dispose()
+    vacuum(url)
+
+
 def session_credentials(user_ids: list[int]) -> list[dict[str, str]]:
     """Browser-session cookies and CSRF headers, minted with the server's secret (no login round trip)."""
     from app.config import Settings
@@ -332,6 +389,7 @@ class Stats:
     machine_cpu: float = 0.0  # of the whole machine (Postgres, kernel networking, anything else)
     client_cpu: float = 0.0  # of this load generator
     wall: float = 0.0
+    window: float = 0.0  # the measured seconds (after the warm-up)
     requests: int = 0
     error_samples: list[str] = field(default_factory=list)
 
@@ -444,6 +502,7 @@ async def annotator(
     stats: Stats,
     mode: str,
     interval: float,
+    project: int = 0,
 ):
     """next → submit until the time is up. With piggyback the submit also returns the next task
     (`?next=true`), so a loop is one request instead of two. browser does what the annotation page
@@ -457,6 +516,7 @@ async def annotator(
     """
     rng = random.Random(seed)
     browser, piggyback = mode == "browser", mode in ("piggyback", "browser")
+    label_studio = mode == LABEL_STUDIO  # the peer's labeling stream (benchmarks/label_studio_peer.py)
     task = None
     due = time.perf_counter() + (rng.expovariate(1 / interval) if interval else 0.0)
     while True:
@@ -468,7 +528,9 @@ async def annotator(
             due += rng.expovariate(1 / interval)
         else:
             t0 = time.perf_counter()
-        if t0 >= stop_at:
+        # A server far behind the offered rate leaves loops due inside the window still unsent when it
+        # closes; they could not finish inside it (so never count) and would keep the run going.
+        if t0 >= stop_at or time.perf_counter() >= stop_at:
             break
         counted = t0 >= warm_until
         fetched = task is None
@@ -480,7 +542,9 @@ async def annotator(
                     task = task_of_html(body)
                     status = 204 if status == 200 and task is None else status
                 else:
-                    status, body = await conn.request("GET", "/api/tasks/next")
+                    path = f"/api/projects/{project}/next" if label_studio else "/api/tasks/next"
+                    status, body = await conn.request("GET", path)
+                    status = 204 if label_studio and status == 404 else status  # its empty queue
             except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
                 stats.error(f"next: {type(exc).__name__}: {exc}")
                 await conn.close()
@@ -501,6 +565,9 @@ async def annotator(
                 status, body = await conn.request(
                     "POST", f"/annotate/tasks/{task['id']}", form, form=True, htmx=True
                 )
+            elif label_studio:
+                path = f"/api/tasks/{task['id']}/annotations/?project={project}"
+                status, body = await conn.request("POST", path, choice_body(task, rng))
             else:
                 path = f"/api/tasks/{task['id']}/annotation" + ("?next=true" if piggyback else "")
                 status, body = await conn.request("POST", path, judgement(task, rng))
@@ -514,7 +581,7 @@ async def annotator(
             stats.error(f"submit: HTTP {status}: {body[:200]!r}")
             task = None
             continue
-        task = next_task_of(body, browser, piggyback)
+        task = None if label_studio else next_task_of(body, browser, piggyback)
         if counted and t2 <= stop_at:
             stats.submits += 1
             if fetched:
@@ -532,6 +599,7 @@ async def run_load(
     warmup: float,
     mode: str = "two-requests",
     rate: float = 0.0,
+    project: int = 0,
 ) -> Stats:
     """Drive the server with one simulated annotator per credential; rate: total loops/s (0: flat out)."""
     parts = urlsplit(base)
@@ -540,12 +608,12 @@ async def run_load(
         raise SystemExit("this benchmark only drives a server on this machine (127.0.0.1)")
     conns = [Connection(host, port, headers) for headers in credentials]
     await asyncio.gather(*(c.open() for c in conns))
-    stats = Stats()
+    stats = Stats(window=duration)
     interval = len(conns) / rate if rate > 0 else 0.0
     start = time.perf_counter()
     warm_until, stop_at = start + warmup, start + warmup + duration
     await asyncio.gather(
-        *(annotator(c, i, warm_until, stop_at, stats, mode, interval) for i, c in enumerate(conns))
+        *(annotator(c, i, warm_until, stop_at, stats, mode, interval, project) for i, c in enumerate(conns))
     )
     await asyncio.gather(*(c.close() for c in conns))
     return stats
@@ -576,6 +644,29 @@ def main() -> None:
         help="rank tasks seeded; default: enough for every run at up to 600 submits/s (or its rate)",
     )  # fmt: skip
     parser.add_argument("--overlap", type=int, default=1, help="annotations each seeded task asks for")
+    parser.add_argument(
+        "--peer",
+        choices=("quoted", "label-studio"),
+        default="quoted",
+        help="quoted: print the peer's figure from the issue; label-studio: install Label Studio in its own "
+        "environment (cached), serve it with gunicorn on a scratch database of the same Postgres with a "
+        "pairwise project of as many tasks, and drive it at the same rates with the same clients",
+    )
+    parser.add_argument("--peer-workers", type=int, default=4, help="gunicorn workers of Label Studio")
+    parser.add_argument(
+        "--peer-duration",
+        type=float,
+        default=60.0,
+        help="measured seconds per Label Studio run: its loops take seconds each under load, and only "
+        "those finished inside the window count",
+    )
+    parser.add_argument("--peer-warmup", type=float, default=15.0, help="Label Studio's warm-up seconds")
+    parser.add_argument(
+        "--history",
+        default="",
+        help="stored judgements each annotator has before the runs, comma-separated levels (e.g. 10,10000): "
+        "every run is measured once per level, in increasing order",
+    )
     parser.add_argument("--auth", choices=("session", "token"), default="session",
                         help="browser-session cookies (as the UI) or API bearer tokens")  # fmt: skip
     parser.add_argument(
@@ -612,8 +703,12 @@ def main() -> None:
         raise SystemExit("--rates takes numbers, e.g. 0,300") from None
     if any(r < 0 for r in rates):
         raise SystemExit("--rates must be 0 (flat out) or positive")
+    try:
+        histories = sorted({int(h) for h in args.history.split(",") if h.strip()}) or [None]
+    except ValueError:
+        raise SystemExit("--history takes whole numbers, e.g. 10,10000") from None
     runs = [(mode, rate) for rate in rates for mode in modes]
-    tasks = args.tasks or tasks_needed(runs, duration + args.warmup, args.overlap)
+    tasks = args.tasks or tasks_needed(runs * len(histories), duration + args.warmup, args.overlap)
 
     try:
         import uvloop
@@ -637,6 +732,7 @@ def main() -> None:
 
     url = create_database(args.pg_admin_url)
     server = None
+    peer_results: dict[str, Stats] = {}
     try:
         t = time.perf_counter()
         user_ids = seed(url, args.annotators, tasks, args.overlap)
@@ -648,8 +744,13 @@ def main() -> None:
             server, base = start_server(url, args.workers, Path(data_dir))
             print(f"server at {base} ({args.workers} uvicorn workers); load average {load_average()}")
             results = {}
-            for i, (mode, rate) in enumerate(runs):
-                if i:  # (not before the first: see seed() on analyzing still-empty tables)
+            planned = [(history, mode, rate) for history in histories for mode, rate in runs]
+            for i, (history, mode, rate) in enumerate(planned):
+                if history is not None and (i == 0 or planned[i - 1][0] != history):
+                    t = time.perf_counter()
+                    add_history(url, user_ids, history)
+                    print(f"{history} stored judgements per annotator ({time.perf_counter() - t:.1f}s)")
+                elif i:  # (not before the first: see seed() on analyzing still-empty tables)
                     vacuum(url)
                 before = (
                     process_tree_cpu(server.pid),
@@ -662,20 +763,59 @@ def main() -> None:
                 stats.machine_cpu = machine_cpu() - before[1]
                 stats.client_cpu = time.process_time() - before[2]
                 stats.wall = time.perf_counter() - before[3]
-                results[run_label(mode, rate)] = stats
+                label = run_label(mode, rate)
+                results[label if history is None else f"{label}, history {history}"] = stats
             stop_server(server)
             server = None
             server_log = (Path(data_dir) / "server.log").read_text(errors="replace")
+            if args.peer == LABEL_STUDIO:
+                peer_results = measure_label_studio(args, tasks, rates, Path(data_dir))
         failures = server_log.count("Traceback")
         if failures:
             last = [line for line in server_log.splitlines() if line.strip()][-1]
             print(f"the server logged {failures} exceptions; the last: {last}")
-        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth")
+        report(args, results, duration, f"{args.workers} uvicorn workers, {args.auth} auth", peer_results)
     finally:
         if server is not None:
             stop_server(server)
         if not args.keep_database:
             drop_database(args.pg_admin_url, url)
+
+
+def measure_label_studio(args, tasks: int, rates: list[float], data_dir: Path) -> dict[str, Stats]:
+    """Label Studio driven at the same rates by as many clients, after prefloop's server has stopped
+    (for --peer-duration seconds each: its loops are slow, and only those ending in the window count)."""
+    from benchmarks import label_studio_peer
+
+    ls = label_studio_peer.start(
+        args.pg_admin_url, args.annotators, tasks, args.peer_workers, data_dir, free_port()
+    )
+    results = {}
+    try:
+        credentials = [{"Authorization": f"Token {token}"} for token in ls.tokens]
+        print(
+            f"Label Studio at {ls.url} ({args.peer_workers} gunicorn workers); load average {load_average()}"
+        )
+        for rate in rates:
+            before = (
+                process_tree_cpu(ls.process.pid),
+                machine_cpu(),
+                time.process_time(),
+                time.perf_counter(),
+            )
+            stats = asyncio.run(
+                run_load(
+                    ls.url, credentials, args.peer_duration, args.peer_warmup, LABEL_STUDIO, rate, ls.project
+                )
+            )
+            stats.server_cpu = process_tree_cpu(ls.process.pid) - before[0]
+            stats.machine_cpu = machine_cpu() - before[1]
+            stats.client_cpu = time.process_time() - before[2]
+            stats.wall = time.perf_counter() - before[3]
+            results[run_label(LABEL_STUDIO, rate)] = stats
+    finally:
+        label_studio_peer.stop(ls, args.pg_admin_url, args.keep_database)
+    return results
 
 
 def tasks_needed(runs: list[tuple[str, float]], seconds: float, overlap: int) -> int:
@@ -704,25 +844,47 @@ def run_label(mode: str, rate: float) -> str:
     return f"{mode}, {'flat out' if rate <= 0 else f'{rate:.0f}/s offered'}"
 
 
-def report(args, results: dict[str, Stats], duration: float, setup: str) -> None:
+def report(
+    args, results: dict[str, Stats], duration: float, setup: str, peer: dict[str, Stats] | None = None
+) -> None:
+    """The table: every prefloop run, then Label Studio's (measured here, or the quoted figure), and
+    the ratio of each prefloop run to the peer at the same offered rate."""
     print()
     print(f"{args.annotators} annotators, {duration:.0f}s measured per run after {args.warmup:.0f}s warm-up, "
           f"{setup}; load average {load_average()}")  # fmt: skip
+    if peer:
+        print(f"Label Studio {label_studio_version()}: {args.peer_duration:.0f}s measured per run after "
+              f"{args.peer_warmup:.0f}s warm-up, {args.peer_workers} gunicorn workers, same Postgres")  # fmt: skip
     rows = []
-    for mode, stats in results.items():
+    measured = {f"prefloop {label}": stats for label, stats in results.items()}
+    measured |= {
+        f"Label Studio {label_studio_version()}, {label.split(', ', 1)[1]}": stats
+        for label, stats in (peer or {}).items()
+    }
+    for system, stats in measured.items():
         cpu = f"{stats.server_cpu * 1000 / stats.requests:.2f}" if stats.server_cpu and stats.requests else ""
         rows.append(
-            [f"prefloop {mode}", f"{stats.submits / duration:.0f}", percentiles(stats.next_ms),
+            [system, f"{stats.submits / (stats.window or duration):.1f}", percentiles(stats.next_ms),
              percentiles(stats.submit_ms), percentiles(stats.loop_ms), stats.errors, cpu]
         )  # fmt: skip
-    rows.append([PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", "", ""])
+    if not peer:
+        rows.append([PEER[0], f"{PEER[1]:.0f}", "", "", "p99 ~10000", "", ""])
     print_table(
         ["system", "submits/s", "next p50/p95/p99 ms", "submit p50/p95/p99 ms", "loop p50/p95/p99 ms",
          "errors", "server CPU ms/request"],
         rows,
     )  # fmt: skip
     for mode, stats in results.items():
-        print(f"ratio prefloop {mode} / peer: {stats.submits / duration / PEER[1]:.0f}x submits/s")
+        rate_part = mode.split(", ")[1]
+        peer_stats = next((s for label, s in (peer or {}).items() if label.endswith(rate_part)), None)
+        if peer_stats is not None and peer_stats.submits:
+            ratio = (stats.submits / stats.window) / (peer_stats.submits / peer_stats.window)
+            print(f"ratio prefloop {mode} / Label Studio at {rate_part}: {ratio:.1f}x submits/s")
+        elif not peer:
+            print(
+                f"ratio prefloop {mode} / peer (quoted): {stats.submits / duration / PEER[1]:.0f}x submits/s"
+            )
+    for mode, stats in measured.items():
         if stats.empty:
             print(f"note ({mode}): {stats.empty} times the pool was empty (seed more --tasks)")
         if stats.wall:
@@ -734,6 +896,12 @@ def report(args, results: dict[str, Stats], duration: float, setup: str) -> None
             )
         for sample in stats.error_samples:
             print(f"error ({mode}): {sample}")
+
+
+def label_studio_version() -> str:
+    from benchmarks.label_studio_peer import VERSION
+
+    return VERSION
 
 
 if __name__ == "__main__":

@@ -361,16 +361,33 @@
     return !!target.isContentEditable;
   }
 
+  // An overlay dialog takes the focus when it opens (its Close button) and gives it back on close.
+  var focusBeforeOverlay = null;
+
+  function setOverlay(el, open) {
+    if (!el || el.hidden === !open) return;
+    el.hidden = !open;
+    if (el.getAttribute("role") !== "dialog") return;
+    if (open) {
+      focusBeforeOverlay = document.activeElement;
+      var first = el.querySelector("button, [href], input, [tabindex]");
+      if (first) first.focus();
+    } else if (focusBeforeOverlay && document.contains(focusBeforeOverlay)) {
+      focusBeforeOverlay.focus();
+      focusBeforeOverlay = null;
+    }
+  }
+
   function toggle(id) {
     var el = document.getElementById(id);
-    if (el) el.hidden = !el.hidden;
+    if (el) setOverlay(el, el.hidden);
   }
 
   function closeOverlays() {
     var closed = false;
     ["help-overlay"].forEach(function (id) {
       var el = document.getElementById(id);
-      if (el && !el.hidden) { el.hidden = true; closed = true; }
+      if (el && !el.hidden) { setOverlay(el, false); closed = true; }
     });
     return closed;
   }
@@ -392,7 +409,7 @@
     if (key === "Escape") {
       if (typing(event.target)) { event.target.blur(); return; }
       var help = document.getElementById("help-overlay");
-      if (help && !help.hidden) { help.hidden = true; return; }
+      if (help && !help.hidden) { setOverlay(help, false); return; }
       if (state) {
         state.pendingTie = false; state.pendingFlag = false;
         if (state.flagCard) toggleFlags(state.flagCard, false);

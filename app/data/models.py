@@ -11,13 +11,14 @@ Invariants and where they live:
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -121,6 +122,21 @@ class AuditEntry(Base):
     target_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     target: Mapped[str] = mapped_column(String(100), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class AnnotatorProgress(Base):
+    """How many judgements (skips not counted) an annotator has made: in all, and on their latest day.
+
+    A database trigger on `annotations` keeps it (migration 0014), so the annotation page reads one
+    row by key after every submit, whatever the length of the annotator's history.
+    """
+
+    __tablename__ = "annotator_progress"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    judged_total: Mapped[int] = mapped_column(Integer, default=0)
+    judged_day: Mapped[date] = mapped_column(Date)  # UTC day of the latest judgement
+    judged_on_day: Mapped[int] = mapped_column(Integer, default=0)  # judgements on judged_day
 
 
 class AppSetting(Base):

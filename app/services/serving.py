@@ -85,6 +85,8 @@ class PolicyHolder:
         self._threads: list[threading.Thread] = []
         self.current: LoadedPolicy | None = None
         self.live_version: int | None = None
+        # True once the alias has been read: live_version is then the answer (None: no live policy).
+        self.alias_checked = False
         self.loading_version: int | None = None
         self.last_error: str | None = None
         self.swaps = 0
@@ -130,9 +132,12 @@ class PolicyHolder:
             log.warning("policy alias unreadable: %s", exc)
             return
         if alias is None:
+            self.live_version = None
+            self.alias_checked = True
             return
         version, path, sha256 = alias
         self.live_version = version
+        self.alias_checked = True
         if self.current is not None and self.current.version == version:
             return
         failed = self._failed_loads.get(version)

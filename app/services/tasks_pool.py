@@ -27,6 +27,7 @@ from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.models import Policy, PolicyAlias, Prompt, Response, Run, Task, TaskResponse
 from app.services import dispatch
+from app.services.pool_settings import paused_prompt_sets, task_overlap
 from app.services.registry import live_policy, policy_by_version
 from app.services.retention import LowDiskSpace, ensure_free_disk
 from app.services.serving import load_policy
@@ -126,7 +127,8 @@ def claimable_task_count(db: Session) -> int:
 def choose_prompts(
     db: Session, n: int, policy_id: int, prompt_set_id: int | None = None, exclude: Sequence[int] = ()
 ) -> list[int]:
-    """Train-split prompts that this policy has answered least, in random order among equals."""
+    """Train-split prompts that this policy has answered least, in random order among equals: of
+    `prompt_set_id`, or else of every prompt set the refill is not paused for."""
     answered = (
         select(Response.prompt_id, func.count(Response.id).label("n"))
         .where(Response.policy_id == policy_id)
@@ -142,6 +144,8 @@ def choose_prompts(
     )
     if prompt_set_id is not None:
         query = query.where(Prompt.prompt_set_id == prompt_set_id)
+    elif paused := paused_prompt_sets(db):
+        query = query.where(Prompt.prompt_set_id.not_in(sorted(paused)))
     if exclude:
         query = query.where(Prompt.id.not_in(list(exclude)))
     return list(db.scalars(query).all())
@@ -192,7 +196,7 @@ def request_refill(
         "arena_prompt_ids": prompt_ids[:n_arena],
         "arena_versions": [policy.version, other.version] if n_arena else [],
         "responses_per_task": settings.responses_per_task,
-        "required_annotations": settings.task_overlap,
+        "required_annotations": task_overlap(db, settings),
         "sampling": {"max_new_tokens": max_new_tokens or settings.refill_max_new_tokens},
         "seed": seed if seed is not None else random.SystemRandom().randrange(2**31),
     }

@@ -9,13 +9,14 @@ from http.cookies import SimpleCookie
 from urllib.parse import quote
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 from sqlalchemy.exc import DataError
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.broker import install_sender
 from app.config import Settings, get_settings
@@ -89,6 +90,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         description="Human-feedback loop: rank responses, train a reward model, run PPO-max, hot-load the policy.",
         version="0.1.0",
         lifespan=lifespan,
+        # /docs and /redoc are app.web.routes.api_docs: vendored files instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -111,15 +115,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.add_middleware(LoopbackOnlyWithDefaultSecret)
     app.add_middleware(SecurityHeaders, production=production)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    # Starlette's class: also the 404 of a path no route matches, which a person gets as a page too.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 401 and _wants_html(request):
             return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
         if _wants_html(request) and exc.status_code in (403, 404, 409, 413, 429):
+            detail = "There is no page at this address." if exc.detail == "Not Found" else exc.detail
             page = render(
                 request,
                 "error.html",
-                {"status": exc.status_code, "detail": exc.detail},
+                {"status": exc.status_code, "detail": detail},
                 status_code=exc.status_code,
             )
             page.headers.update(exc.headers or {})  # Retry-After of a 429

@@ -23,6 +23,7 @@ class Statement(StrEnum):
     STORE_JUDGEMENT = "store_judgement"  # one row: the outcome of storing a judgement
     STORED_JUDGEMENT = "stored_judgement"  # the annotator's stored judgement of a task
     KNOWN_RESPONSE_IDS = "known_response_ids"  # which of the given response ids exist
+    ANNOTATOR_PROGRESS = "annotator_progress"  # the annotator's judgement counts (one row or none)
 
 
 class IntegrityConflict(Exception):

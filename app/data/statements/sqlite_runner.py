@@ -169,6 +169,7 @@ WRITES: dict[Statement, Callable[[_Steps, Mapping[str, Any]], list[Any]]] = {
 READS: dict[Statement, tuple[str, tuple[str, ...]]] = {  # the file, and its JSON columns
     Statement.STORED_JUDGEMENT: ("stored_judgement", ("ranking",)),
     Statement.KNOWN_RESPONSE_IDS: ("known_response_ids", ()),
+    Statement.ANNOTATOR_PROGRESS: ("annotator_progress", ()),
 }
 
 

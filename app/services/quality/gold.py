@@ -31,6 +31,7 @@ from app.data.models import (
     TaskResponse,
     User,
 )
+from app.services.pool_settings import task_overlap
 from app.services.quality.agreement import load_task_rankings
 from app.services.quality.intervals import Estimate, wilson_interval
 
@@ -242,7 +243,8 @@ def unmark_gold(db: Session, task_id: int, settings: Settings | None = None) -> 
         raise GoldError(f"Task {task_id} does not exist.")
     task.is_gold = False
     task.gold_response_id = None
-    task.required_annotations = max(task.annotation_count, task.claimed_count, settings.task_overlap, 1)
+    overlap = task_overlap(db, settings)
+    task.required_annotations = max(task.annotation_count, task.claimed_count, overlap, 1)
     task.status = "done" if task.annotation_count >= task.required_annotations else "open"
     db.flush()
     return task
@@ -355,3 +357,29 @@ def choose_gold(db: Session, user_id: int, share: float, rng: random.Random) -> 
 def delete_round_annotations(db: Session, round_id: int) -> None:
     """Forget what a round recorded (a round restarted from scratch re-records its data)."""
     db.execute(delete(RoundAnnotation).where(RoundAnnotation.round_id == round_id))
+
+
+@dataclass(frozen=True)
+class GoldChoice:
+    """An ordinary task an admin may make gold, as the list on the gold page shows it."""
+
+    task_id: int
+    kind: str
+    status: str
+    prompt_text: str
+    annotations: int
+
+
+def gold_choices(db: Session, search: str = "", limit: int = 25) -> list[GoldChoice]:
+    """The newest ordinary tasks, or those whose prompt contains `search` (any case): the list the
+    admin picks a gold task from."""
+    query = (
+        select(Task.id, Task.kind, Task.status, Prompt.text, Task.annotation_count)
+        .join(Prompt, Prompt.id == Task.prompt_id)
+        .where(Task.is_gold.is_(False))
+        .order_by(Task.id.desc())
+        .limit(limit)
+    )
+    if search.strip():
+        query = query.where(func.lower(Prompt.text).contains(search.strip().lower(), autoescape=True))
+    return [GoldChoice(*row) for row in db.execute(query)]

@@ -8,6 +8,7 @@ from app.web.routes import (
     admin_users,
     annotate,
     api,
+    api_docs,
     api_rounds,
     auth,
     export,
@@ -32,4 +33,5 @@ ROUTERS = [
     admin_prompts.router,
     admin_users.router,
     export.router,
+    api_docs.router,
 ]

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.data.models import Annotation, Comparison, Run, Task, User
-from app.services.rounds import comparisons_since_last_round
+from app.services.rounds import active_round, comparisons_since_last_round
 from app.web.admin_pages import live_state, recent_rounds, runs_of
 from app.web.deps import DbSession
 from app.web.security import Admin
@@ -61,5 +61,6 @@ def dashboard(request: Request, principal: Admin, db: DbSession):
         "counts": annotator_counts(db),
         "since_last_round": comparisons_since_last_round(db),
         "form": None,
+        "active_round": active_round(db),
     }
     return render(request, "admin/dashboard.html", context, block="live")

@@ -13,6 +13,15 @@ from sqlalchemy.orm import Session
 
 from app.data.models import PromptSet, Run, Task
 from app.services.guidelines import DEFAULT_GUIDELINES, load_guidelines, save_guidelines, saved_guidelines
+from app.services.pool_settings import (
+    MAX_TASK_OVERLAP,
+    PoolSettingError,
+    paused_prompt_sets,
+    save_task_overlap,
+    saved_task_overlap,
+    set_prompt_set_in_refill,
+    task_overlap,
+)
 from app.services.prompt_sets import create_prompt_set, list_prompt_sets
 from app.services.prompt_uploads import PromptSetError
 from app.services.tasks_pool import claimable_task_count, request_refill
@@ -53,6 +62,12 @@ def _page(request: Request, db: Session, status_code: int = 200, **extra: Any) -
         "upload_error": None,
         "upload_errors": [],
         "message": None,
+        "overlap": task_overlap(db, request.app.state.settings),
+        "overlap_saved": saved_task_overlap(db) is not None,
+        "max_overlap": MAX_TASK_OVERLAP,
+        "overlap_error": None,
+        "paused_sets": paused_prompt_sets(db),
+        "notice": None,
     }
     context.update(extra)
     db.rollback()
@@ -60,8 +75,10 @@ def _page(request: Request, db: Session, status_code: int = 200, **extra: Any) -
 
 
 @router.get("/admin/prompts")
-def prompts_page(request: Request, principal: Admin, db: DbSession):
-    return _page(request, db)
+def prompts_page(request: Request, principal: Admin, db: DbSession, saved: str = ""):
+    return _page(
+        request, db, notice="Saved: new tasks use the overlap below." if saved == "overlap" else None
+    )
 
 
 @router.post("/admin/prompts")
@@ -110,6 +127,21 @@ def prompts_upload(
     return _page(request, db, report=report)
 
 
+@router.post("/admin/prompts/{prompt_set_id}/refill")
+def prompts_refill_toggle(
+    request: Request,
+    prompt_set_id: int,
+    principal: Admin,
+    db: DbSession,
+    included: Annotated[bool, Form()],
+):
+    """Let the automatic refill draw from this prompt set, or pause it (its tasks stay)."""
+    if db.get(PromptSet, prompt_set_id) is None:
+        return _page(request, db, 404, message=f"There is no prompt set {prompt_set_id}.")
+    set_prompt_set_in_refill(db, prompt_set_id, included)
+    return RedirectResponse("/admin/prompts", status_code=303)
+
+
 @router.post("/admin/prompts/{prompt_set_id}/generate")
 def prompts_generate(
     request: Request,
@@ -136,6 +168,33 @@ def prompts_generate(
     if run_id is None:
         return _page(request, db, 409, message="Nothing to generate: no live policy or no train prompts.")
     return RedirectResponse(f"/admin/runs/{run_id}", status_code=303)
+
+
+# ---------------------------------------------------------------- task overlap
+
+
+@router.post("/admin/prompts/overlap")
+def overlap_save(
+    request: Request,
+    principal: Admin,
+    db: DbSession,
+    overlap: Annotated[str, Form(max_length=10)] = "",
+    reset: Annotated[bool, Form()] = False,
+):
+    """Annotators per new task, stored (or reset to PREFLOOP_TASK_OVERLAP); a bad value answers 422."""
+    value = None
+    if not reset:
+        text = overlap.strip()
+        if not text.isdigit():
+            return _page(
+                request, db, 422, overlap_error="Enter a whole number of annotators per task, e.g. 3."
+            )
+        value = int(text)
+    try:
+        save_task_overlap(db, value)
+    except PoolSettingError as exc:
+        return _page(request, db, 422, overlap_error=str(exc))
+    return RedirectResponse("/admin/prompts?saved=overlap", status_code=303)
 
 
 # ---------------------------------------------------------------- guidelines

@@ -8,8 +8,6 @@ which tells htmx to stop polling.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -30,7 +28,7 @@ from app.services.round_spec import (
     setting_fields,
     spec_from_settings,
 )
-from app.services.rounds import RoundConflict, RoundError, start_round
+from app.services.rounds import RoundConflict, RoundError, active_round, start_round
 from app.services.run_metrics import metric_series
 from app.web.admin_pages import (
     STOP_POLLING,
@@ -46,6 +44,7 @@ from app.web.admin_pages import (
     samples_of,
 )
 from app.web.deps import DbSession
+from app.web.metric_charts import chart_layout, metric_label
 from app.web.policy_holder import wake_local_policy_holder
 from app.web.security import Admin
 from app.web.templating import is_htmx, render
@@ -80,7 +79,11 @@ def _entered(form: Any) -> dict[str, Any]:
 
 def _rounds_page_context(db: Session, limit: int = 50) -> dict[str, Any]:
     rounds = recent_rounds(db, limit)
-    return {"rounds": rounds, "round_runs": runs_of(db, [r.id for r in rounds])}
+    return {
+        "rounds": rounds,
+        "round_runs": runs_of(db, [r.id for r in rounds]),
+        "active_round": active_round(db),
+    }
 
 
 @router.get("/admin/rounds")
@@ -95,6 +98,18 @@ def round_settings_fragment(request: Request, principal: Admin):
     entered = _entered(request.query_params)
     context = {"form": entered, "setting_inputs": setting_inputs(entered["algorithm"])}
     return render(request, "admin/round_settings.html", context)
+
+
+@router.get("/admin/rounds/start-button")
+def start_round_button(request: Request, principal: Admin, db: DbSession):
+    """The start button, polled while a round is active: enabled (and polling stops) once it has ended."""
+    active = active_round(db)
+    return render(
+        request,
+        "admin/start_round_button.html",
+        {"active_round": active},
+        status_code=200 if active else STOP_POLLING,
+    )
 
 
 @router.post("/admin/rounds")
@@ -136,7 +151,14 @@ def round_page(round_id: int, request: Request, principal: Admin, db: DbSession)
         raise HTTPException(404, f"There is no round {round_id}.")
     runs = list(db.scalars(select(Run).where(Run.round_id == round_id).order_by(Run.id)))
     ended = round_ended(round_)
-    context: dict[str, Any] = {"round": round_, "runs": runs}
+    live = live_policy(db)
+    candidates = list(db.scalars(select(Policy).where(Policy.round_id == round_id).order_by(Policy.version)))
+    context: dict[str, Any] = {
+        "round": round_,
+        "runs": runs,
+        "candidates": candidates,
+        "live_policy_id": live.id if live else None,
+    }
     if is_htmx(request) and request.query_params.get("part") == "gate":
         # The gate's votes, polled while the round waits for them.
         waiting = round_.status == "awaiting_votes"
@@ -145,16 +167,14 @@ def round_page(round_id: int, request: Request, principal: Admin, db: DbSession)
             request, "admin/round.html", context, block="gate", status_code=200 if waiting else STOP_POLLING
         )
     if is_htmx(request):
+        # The poll that sees the end also swaps in the cancel button's absence and the candidates.
+        context["oob"] = ended
         return render(
             request, "admin/round.html", context, block="progress", status_code=STOP_POLLING if ended else 200
         )
-    live = live_policy(db)
-    candidates = list(db.scalars(select(Policy).where(Policy.round_id == round_id).order_by(Policy.version)))
     evaluation = evaluation_run(db, round_id=round_id)
     versions = policy_versions(db)
     context |= {
-        "candidates": candidates,
-        "live_policy_id": live.id if live else None,
         "base_version": versions.get(round_.base_policy_id) if round_.base_policy_id else None,
         "samples": samples_of(evaluation),
         "evaluation": evaluation,
@@ -208,19 +228,21 @@ def run_page(run_id: int, request: Request, principal: Admin, db: DbSession):
     run = db.get(Run, run_id)
     if run is None:
         raise HTTPException(404, f"There is no run {run_id}.")
-    context: dict[str, Any] = {"run": run}
+    ended = run_ended(run)
+    result = {k: v for k, v in (run.result or {}).items() if k != "samples"}
+    context: dict[str, Any] = {"run": run, "result_json": pretty_json(result)}
     if is_htmx(request):
+        # The poll that sees the end also swaps in the cancel button's absence, the error and the result.
+        context["oob"] = ended
         return render(
             request,
             "admin/run.html",
             context,
             block="progress",
-            status_code=STOP_POLLING if run_ended(run) else 200,
+            status_code=STOP_POLLING if ended else 200,
         )
-    result = {k: v for k, v in (run.result or {}).items() if k != "samples"}
     context |= {
         "config_json": pretty_json(run.config),
-        "result_json": pretty_json(result),
         "samples": samples_of(run),
         "metric_count": db.scalar(select(func.count(RunMetric.id)).where(RunMetric.run_id == run_id)) or 0,
         "round": db.get(Round, run.round_id) if run.round_id else None,
@@ -239,29 +261,6 @@ def cancel_run_form(run_id: int, principal: Admin, db: DbSession):
 
 # ---------------------------------------------------------------- metric charts
 
-# Charts: names that share a word share a chart (e.g. reward_raw and reward_normalised); others get their own.
-CHART_GROUPS: tuple[tuple[str, Callable[[str], bool]], ...] = (
-    ("Losses", lambda w: w == "loss" or w.endswith("loss")),
-    ("Accuracy", lambda w: w.startswith("acc")),
-    ("KL", lambda w: w == "kl" or w.startswith("kl")),
-    ("Length", lambda w: w in ("length", "len", "tokens")),
-    ("Reward", lambda w: w.startswith("reward") or w in ("score", "scores")),
-)
-
-
-# Shown in this order (the loop's headline figures first); matching above runs losses first so that
-# e.g. "reward_loss" lands with the losses.
-CHART_ORDER = ("Reward", "KL", "Length", "Accuracy", "Losses")
-
-
-def chart_group(name: str) -> str:
-    """The chart a metric belongs on: a known group by the words of its name, else its own name."""
-    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
-    for title, matches in CHART_GROUPS:
-        if any(matches(w) for w in words):
-            return title
-    return name
-
 
 @router.get("/admin/runs/{run_id}/metrics.json")
 def run_metrics_json(run_id: int, principal: Admin, db: DbSession) -> JSONResponse:
@@ -269,19 +268,13 @@ def run_metrics_json(run_id: int, principal: Admin, db: DbSession) -> JSONRespon
     if run is None:
         raise HTTPException(404, f"There is no run {run_id}.")
     series = metric_series(db, run_id)
-    groups: dict[str, list[str]] = {}
-    for name in series:
-        groups.setdefault(chart_group(name), []).append(name)
-    order = list(CHART_ORDER)
-    charts = sorted(
-        groups.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])
-    )
     body = {
         "run_id": run.id,
         "status": run.status,
         "finished": run_ended(run),
         "series": series,
-        "charts": [{"title": title, "names": names} for title, names in charts],
+        "labels": {name: metric_label(name) for name in series},
+        "charts": chart_layout(series),
     }
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 

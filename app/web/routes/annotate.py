@@ -10,18 +10,17 @@ The history page lists the annotator's recent judgements; one still open can be 
 
 from __future__ import annotations
 
-from datetime import datetime, time
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
-from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from app.data.models import Annotation, utcnow
 from app.services.annotation import AnnotationError, submit_annotation
+from app.services.annotator_progress import judgement_counts, judgement_counts_now
 from app.services.assignment import TaskView, release_task
 from app.services.guidelines import load_guidelines
 from app.services.pool_outlook import pool_outlook
@@ -53,33 +52,43 @@ POLL_SECONDS_GENERATING = 5
 POLL_SECONDS_IDLE = 30
 
 
-def annotator_progress(db: Session, user_id: int) -> dict[str, int]:
-    """Judgements (skips not counted) today (UTC) and in total."""
-    start_of_day = datetime.combine(utcnow().date(), time.min, tzinfo=utcnow().tzinfo)
-    judged = Annotation.skipped.is_(False)
-    today, total = db.execute(
-        select(
-            func.coalesce(func.sum(case((judged & (Annotation.created_at >= start_of_day), 1), else_=0)), 0),
-            func.coalesce(func.sum(case((judged, 1), else_=0)), 0),
-        ).where(Annotation.user_id == user_id)
-    ).one()
-    return {"today": int(today), "total": int(total)}
+async def next_view_and_progress(request: Request, user_id: int) -> tuple[TaskView | None, dict[str, int]]:
+    """The annotator's next task and judgement counts, both on the app's statements, side by side.
+    The counts are one row however long the annotator's history (app.services.annotator_progress)."""
+    view, progress = await asyncio.gather(
+        next_view(request, user_id), judgement_counts_now(request.app.state.statements, user_id)
+    )
+    return view, progress
 
 
-def live_version(request: Request, db: Session) -> int | None:
+def _holder_knows_live_version(request: Request) -> bool:
+    holder = getattr(request.app.state, "policy_holder", None)
+    return holder is not None and holder.alias_checked
+
+
+def live_version(request: Request, db: Session | None) -> int | None:
+    """The live policy's version, as the policy holder follows it. While it knows of none, a page
+    asks the database (a policy may have just gone live); the htmx task block, on the hot path,
+    takes the holder's word once it has read the alias (it polls every few seconds)."""
     holder = getattr(request.app.state, "policy_holder", None)
     if holder is not None and holder.live_version is not None:
         return holder.live_version
+    if db is None or (is_htmx(request) and _holder_knows_live_version(request)):
+        return None
     policy = live_policy(db)
     return policy.version if policy else None
 
 
 def _task_context(
-    request: Request, db: Session, user_id: int, view: TaskView | None, flash: str | None = None
+    request: Request,
+    db: Session | None,
+    progress: dict[str, int],
+    view: TaskView | None,
+    flash: str | None = None,
 ) -> dict[str, Any]:
     context = {
         "task": view,
-        "progress": annotator_progress(db, user_id),
+        "progress": progress,
         "live_version": live_version(request, db),
         "flag_labels": FLAG_LABELS,
         "skip_reasons": SKIP_REASONS,
@@ -87,7 +96,7 @@ def _task_context(
         "max_rationale": MAX_RATIONALE_CHARS,
         "revise": None,
     }
-    if view is None:
+    if view is None and db is not None:
         outlook = pool_outlook(db)
         context["outlook"] = outlook
         context["poll_seconds"] = POLL_SECONDS_GENERATING if outlook.generating else POLL_SECONDS_IDLE
@@ -95,22 +104,40 @@ def _task_context(
 
 
 def _render_page(
-    request: Request, db: Session, user_id: int, view: TaskView | None, flash: str | None = None
+    request: Request,
+    db: Session | None,
+    progress: dict[str, int],
+    view: TaskView | None,
+    flash: str | None = None,
 ):
-    """The page (or, for htmx, its task block) around `view`; reads the database, so a worker thread."""
-    context = _task_context(request, db, user_id, view, flash=flash)
+    """The page (or, for htmx, its task block) around `view`; may read the database (guidelines, the
+    live version before the policy holder has read it, the empty pool's outlook), so a worker thread
+    unless render_page finds it reads nothing."""
+    context = _task_context(request, db, progress, view, flash=flash)
     if not is_htmx(request):
         context["guidelines"] = load_guidelines(db)
-    db.commit()  # only read: a commit keeps the connection's prepared statements (app.data.db.read_session)
+    if db is not None:
+        db.commit()  # only read: a commit keeps the connection's prepared statements (app.data.db.read_session)
     return render(request, "annotate/index.html", context, block="task")
+
+
+async def render_page(
+    request: Request, db: Session, progress: dict[str, int], view: TaskView | None, flash: str | None = None
+):
+    """_render_page, on the event loop when it reads nothing: the htmx block of a task once the policy
+    holder knows the live version (the hot path: no thread hand-off, no session). An empty pool reads
+    its outlook, so it takes a worker thread."""
+    if is_htmx(request) and view is not None and _holder_knows_live_version(request):
+        return _render_page(request, None, progress, view, flash)  # reads nothing: no session
+    return await run_in_threadpool(_render_page, request, db, progress, view, flash)
 
 
 @router.get("/annotate")
 async def annotate_page(request: Request, principal: Annotator, db: DbSession):
     await rate_limits(request).task_request(principal)
     # The claim runs on the event loop where the app has hot connections (app.data.statements).
-    view = await next_view(request, principal.id)
-    return await run_in_threadpool(_render_page, request, db, principal.id, view)
+    view, progress = await next_view_and_progress(request, principal.id)
+    return await render_page(request, db, progress, view)
 
 
 @router.get("/annotate/next")
@@ -173,8 +200,8 @@ async def annotate_submit(
         flash = f"Saved task #{task_id} as all bad."
     else:
         flash = f"Saved task #{task_id}: {result.comparisons} comparisons."
-    view = await next_view(request, principal.id)
-    return await run_in_threadpool(_render_page, request, db, principal.id, view, flash)
+    view, progress = await next_view_and_progress(request, principal.id)
+    return await render_page(request, db, progress, view, flash)
 
 
 @router.post("/annotate/tasks/{task_id}/release")
@@ -187,8 +214,8 @@ async def annotate_release(request: Request, task_id: int, principal: Annotator,
         flash = f"Gave task #{task_id} back: someone else will judge it."
     else:
         flash = f"Task #{task_id} was no longer yours to give back."
-    view = await next_view(request, principal.id)
-    return await run_in_threadpool(_render_page, request, db, principal.id, view, flash)
+    view, progress = await next_view_and_progress(request, principal.id)
+    return await render_page(request, db, progress, view, flash)
 
 
 # ---------------------------------------------------------------- history and revisions
@@ -223,7 +250,7 @@ def _revise_page(request: Request, db: Session, user_id: int, annotation_id: int
         detail = f"Judgement #{annotation_id} cannot be revised: {blocker}."
         return render(request, "error.html", {"status": 409, "detail": detail}, status_code=409)
     judged = judged_task_view(db, annotation)
-    context = _task_context(request, db, user_id, judged.view)
+    context = _task_context(request, db, judgement_counts(db, user_id), judged.view)
     context["revise"] = {
         "annotation": annotation,
         "tied": set(judged.tied),

@@ -14,6 +14,7 @@ from app.services.quality.gold import (
     GoldError,
     gold_accuracy,
     gold_candidates,
+    gold_choices,
     gold_tasks,
     mark_gold,
     unmark_gold,
@@ -68,6 +69,7 @@ def _gold_page(
     message: str | None = None,
     error: str | None = None,
     status_code: int = 200,
+    search: str = "",
 ):
     task = db.get(Task, task_id) if task_id else None
     prompt = db.get(Prompt, task.prompt_id) if task else None
@@ -77,6 +79,8 @@ def _gold_page(
         "section": "gold",
         "gold": gold_tasks(db),
         "candidates": gold_candidates(db, settings=request.app.state.settings),
+        "choices": gold_choices(db, search),
+        "search": search,
         "task": task,
         "prompt": prompt,
         "message": message,
@@ -95,9 +99,10 @@ def quality_gold(
         int | None, Query(ge=1, description="Load this task to pick its best response.")
     ] = None,
     done: Annotated[str | None, Query(max_length=20)] = None,
+    q: Annotated[str, Query(max_length=200, description="Only tasks whose prompt contains this text.")] = "",
 ):
     messages = {"marked": "Gold response saved.", "unmarked": "The task is an ordinary task again."}
-    return _gold_page(request, db, task_id, message=messages.get(done or ""))
+    return _gold_page(request, db, task_id, message=messages.get(done or ""), search=q)
 
 
 @router.post("/admin/quality/gold/{task_id}", include_in_schema=False)

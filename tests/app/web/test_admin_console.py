@@ -24,7 +24,7 @@ from app.data.models import (
 from app.services.queue_status import queue_depths
 from app.services.round_spec import RoundSpec, setting_fields
 from app.web.admin_pages import flat_metrics
-from app.web.routes.admin_rounds import chart_group
+from app.web.metric_charts import chart_group, chart_layout, metric_label
 
 XSS = "<script>alert('x')</script>"
 HX = {"HX-Request": "true"}
@@ -228,6 +228,7 @@ def test_metrics_json_has_every_series_grouped_for_charts(client, admin, db):
         "entropy": ["entropy"],
     }
     assert [c["title"] for c in body["charts"]][:5] == ["Reward", "KL", "Length", "Accuracy", "Losses"]
+    assert body["labels"]["kl_ref"] == "KL to the reference"
 
 
 def test_chart_groups_and_flat_metrics():
@@ -503,3 +504,23 @@ def test_round_form_has_an_input_for_every_setting_of_the_spec(client, admin):
         headers=HX,
     ).text
     assert 'name="reward.epochs" placeholder="1" value="2"' in kept and 'value="9"' not in kept
+
+
+def test_unrelated_scales_get_their_own_axis_or_panel_and_names_read_as_words():
+    steps = [1, 2, 3]
+    series = {
+        "policy_loss": [[s, 0.02 * s] for s in steps],
+        "value_loss": [[s, 0.05 * s] for s in steps],  # same size as policy_loss: same axis
+        "rm_loss": [[s, 3.0] for s in steps],  # 60x larger: the second axis
+        "ptx_loss": [[s, 900.0] for s in steps],  # a third size: a panel of its own
+        "lr": [[s, 1.1e-5] for s in steps],
+        "entropy": [[1, None]],
+    }
+    charts = {c["title"]: c for c in chart_layout(series)}
+    losses = charts["Losses"]
+    assert losses["axes"] == {"policy_loss": "y", "value_loss": "y", "rm_loss": "y1"}
+    assert charts["Losses: ptx_loss"]["names"] == ["ptx_loss"]
+    assert charts["lr"]["label"] == "Learning rate" and charts["entropy"]["axes"] == {"entropy": "y"}
+    assert metric_label("kl_ref") == "KL to the reference"
+    assert metric_label("val_accuracy") == "Validation accuracy"
+    assert metric_label("value_loss") == "Value loss"

@@ -44,7 +44,7 @@ def test_every_route_declares_its_roles(settings, engine):
 def test_public_routes_are_only_the_expected_ones(settings, engine):
     app = create_app(settings, engine)
     public = {r.path for r in _routes(app) if _allowed_roles(r) == frozenset({"anonymous"})}
-    assert public <= {"/", "/login", "/healthz"}
+    assert public <= {"/", "/login", "/healthz", "/docs", "/redoc", "/favicon.ico"}
 
 
 def test_anonymous_requests_are_refused(client):
