@@ -76,9 +76,9 @@ def test_a_revision_replaces_the_judgement_and_keeps_the_old_version(db):
 def test_exports_read_the_latest_version(db):
     world, task, user, annotation, (a, b, c) = judged(db)
     revise_annotation(db, annotation.id, user.id, AnnotationIn(ranking=[[b], [c], [a]]))
-    rankings = [row for _, row, _ in iter_rows(db, ExportSpec(format="rankings"), secret_key=SECRET)]
+    rankings = [row for _, row, _ in iter_rows(db, ExportSpec(format="rankings"), pseudonym_key=SECRET)]
     assert [r["ranking"] for r in rankings if r["annotation_id"] == annotation.id] == [[[b], [c], [a]]]
-    pairwise = [row for _, row, _ in iter_rows(db, ExportSpec(format="pairwise"), secret_key=SECRET)]
+    pairwise = [row for _, row, _ in iter_rows(db, ExportSpec(format="pairwise"), pseudonym_key=SECRET)]
     chosen_first = {
         (r["chosen_response_id"], r["rejected_response_id"])
         for r in pairwise
