@@ -314,7 +314,7 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
-            from app.cli.serve import stop_children
+            from app.cli.supervisor import stop_children
 
             stop_children([self.process])
 

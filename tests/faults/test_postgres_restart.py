@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from app.data.models import Annotation, Comparison, User
 from app.services.accounts import create_api_token
+from tests.aio import run_async
 from tests.world import World
 
 ANNOTATORS = 50
@@ -115,7 +116,7 @@ def test_a_postgres_restart_under_load_fails_cleanly_recovers_and_loses_nothing(
     # Keep-alive longer than the test: otherwise uvicorn may close a pooled connection just as the
     # client reuses it (a race of HTTP keep-alive that browsers retry and httpx does not).
     server = app_server(uvicorn_args=("--timeout-keep-alive", "120"))
-    load, down_at, up_at = asyncio.run(_run_load(server.url, tokens, private_postgres))
+    load, down_at, up_at = run_async(_run_load(server.url, tokens, private_postgres))
 
     failures = [o for o in load.outcomes if o.status not in (200, 201, 204)]
     # While Postgres was down (and just after), every failure is a clean 503 that says what happened.

@@ -15,8 +15,8 @@ from app.web.templating import render
 
 router = APIRouter(tags=["docs"], include_in_schema=False, dependencies=[Depends(public)])
 
-SWAGGER_UI = "vendor/swagger-ui-5.35.0"
-REDOC = "vendor/redoc-2.5.4"
+SWAGGER_UI = "vendor/swagger_ui_5_35_0"
+REDOC = "vendor/redoc_2_5_4"
 
 
 @router.get("/docs")

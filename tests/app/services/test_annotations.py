@@ -67,8 +67,8 @@ def test_payload_rules_are_checked_before_the_database():
     with pytest.raises(ValidationError, match=r"response ids \[1, 3\] appear more than once"):
         AnnotationIn(ranking=[[3, 1], [2], [1, 3]])
     with pytest.raises(ValidationError, match=f"at most {MAX_RANKED_RESPONSES} response ids"):
-        AnnotationIn(ranking=[list(range(MAX_RANKED_RESPONSES)), [MAX_RANKED_RESPONSES]])
-    AnnotationIn(ranking=[[i] for i in range(MAX_RANKED_RESPONSES)])  # the cap itself is allowed
+        AnnotationIn(ranking=[list(range(1, MAX_RANKED_RESPONSES + 1)), [MAX_RANKED_RESPONSES + 1]])
+    AnnotationIn(ranking=[[i] for i in range(1, MAX_RANKED_RESPONSES + 1)])  # the cap itself is allowed
 
 
 class _NoStatements:

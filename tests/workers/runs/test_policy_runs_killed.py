@@ -23,7 +23,7 @@ PPO = {
     "rollout_batch_size": 4,
     "mini_batch_size": 4,
     "learning_rate": 1e-4,
-    "sampling": {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0},
+    "sampling": {"max_new_tokens": 8, "temperature": 1.0},
     "max_prompt_tokens": 64,
     "checkpoint_every": 2,
     # A random tiny model repeats itself: the collapse guards would stop the run, which is not the point.
@@ -31,6 +31,7 @@ PPO = {
     "guard_max_length_ratio": None,
     "guard_min_length_ratio": None,
     "guard_max_repetition": None,
+    "guard_min_eos_share": None,
 }
 DPO = {"epochs": 4, "batch_size": 2, "max_length": 64, "learning_rate": 1e-4, "checkpoint_every": 3}
 REWARD = {"epochs": 1, "max_pairs_per_batch": 4, "max_length": 64, "learning_rate": 1e-3}
