@@ -32,6 +32,7 @@ Checkpoints every N steps; a rerun with the same checkpoint folder resumes bit-f
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -72,6 +73,8 @@ from workers.training.lora import (
 )
 from workers.training.ppo_guards import CollapseGuards, GuardSettings
 from workers.training.reward import score
+
+log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
@@ -820,9 +823,17 @@ def train_ppo(
             reporter.progress(
                 step + 1, config.steps, f"reward {metrics['reward_raw']:.3f} kl {metrics['kl_ref']:.2f}"
             )
+            eos_guard_was_off = run.guards.eos_guard_off
             reason = run.guards.check(metrics)
             if reason is not None:
                 raise CollapseDetected(reason)
+            if run.guards.eos_guard_off and not eos_guard_was_off:
+                log.warning(
+                    "only %.0f%% of the first rollout's answers ended within %d tokens: the EOS-share guard "
+                    "is off for this run (raise policy.sampling.max_new_tokens to keep it on)",
+                    100 * metrics["eos_share"],
+                    config.sampling.max_new_tokens,
+                )
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save_checkpoint(
                     checkpoint_dir,

@@ -4,6 +4,12 @@ MOSS-RLHF (§5.2) saw collapse show first in the KL to the reference, the respon
 repetition. A guard that holds `patience` steps in a row stops the run and rejects the candidate with
 the stated reason. The thresholds are settings of PPOConfig (`guard_*`); the state (the first rollout's
 length, the strikes so far) goes into checkpoints so a resumed run guards the same way.
+
+The EOS-share guard watches for answers that stop ending. It needs something to fall from: when the
+first rollout already ends less often than `min_eos_share` (a small model rambling past a short
+`max_new_tokens`: SmolLM2-135M at temperature 1 ends 2% of its answers within 64 tokens and 6% within
+96), the guard stays off for the run and says so once; the missing-EOS penalty still marks every
+cut-off answer, and the gate compares the candidate's EOS share with the live policy's.
 """
 
 from __future__ import annotations
@@ -45,7 +51,14 @@ class CollapseGuards:
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
         self.baseline_length: float | None = None
+        self.baseline_eos_share: float | None = None
         self.strikes = 0
+
+    @property
+    def eos_guard_off(self) -> bool:
+        """True when the first rollout already ended less often than the guard's floor."""
+        floor = self.settings.min_eos_share
+        return floor is not None and self.baseline_eos_share is not None and self.baseline_eos_share < floor
 
     def reasons(self, metrics: dict[str, float]) -> list[str]:
         """Every threshold this step's metrics cross (the first call sets the baseline length)."""
@@ -53,6 +66,8 @@ class CollapseGuards:
         length = metrics["response_length"]
         if self.baseline_length is None:
             self.baseline_length = length
+        if self.baseline_eos_share is None:
+            self.baseline_eos_share = metrics["eos_share"]
         base = max(self.baseline_length, 1.0)
         out = []
         if cfg.max_kl is not None and metrics["kl_ref"] > cfg.max_kl:
@@ -68,7 +83,11 @@ class CollapseGuards:
             out.append(f"mean response length {length:.1f} > {cfg.max_mean_length}")
         if cfg.min_mean_length is not None and length < cfg.min_mean_length:
             out.append(f"mean response length {length:.1f} < {cfg.min_mean_length}")
-        if cfg.min_eos_share is not None and metrics["eos_share"] < cfg.min_eos_share:
+        if (
+            cfg.min_eos_share is not None
+            and not self.eos_guard_off
+            and metrics["eos_share"] < cfg.min_eos_share
+        ):
             out.append(
                 f"only {metrics['eos_share']:.0%} of responses ended before {cfg.max_new_tokens} tokens "
                 f"(at least {cfg.min_eos_share:.0%} must; raise policy.sampling.max_new_tokens if the "
@@ -87,8 +106,13 @@ class CollapseGuards:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline_length": self.baseline_length, "strikes": self.strikes}
+        return {
+            "baseline_length": self.baseline_length,
+            "baseline_eos_share": self.baseline_eos_share,
+            "strikes": self.strikes,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline_length = state["baseline_length"]
+        self.baseline_eos_share = state.get("baseline_eos_share")  # absent from older checkpoints
         self.strikes = int(state["strikes"])

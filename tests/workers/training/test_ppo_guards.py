@@ -46,6 +46,7 @@ def test_the_length_rise_guard_can_fire_below_the_cap_whatever_the_first_length(
 
 def test_the_eos_share_guard_says_what_to_change():
     guards = CollapseGuards(dataclasses.replace(OFF, min_eos_share=0.25))
+    assert guards.reasons(step(eos=0.5)) == []  # the first rollout: half its answers end
     assert guards.reasons(step(eos=0.25)) == []
     (reason,) = guards.reasons(step(eos=0.125))
     assert reason.startswith("only 12% of responses ended before 128 tokens (at least 25% must")
@@ -76,3 +77,18 @@ def test_each_guard_states_its_threshold(metrics, settings, expected):
     guards = CollapseGuards(dataclasses.replace(OFF, **settings))
     guards.reasons(step(40))  # the first rollout sets the baseline
     assert guards.reasons(metrics) == [expected]
+
+
+def test_the_eos_share_guard_stays_off_when_the_first_rollout_already_rambles():
+    """Nothing to fall from: a model that ends 2% of its answers at this length from the start is not
+    stopped for it (the missing-EOS penalty and the gate's EOS check still apply)."""
+    guards = CollapseGuards(dataclasses.replace(OFF, min_eos_share=0.2, patience=1))
+    assert guards.check(step(eos=0.0)) is None and guards.eos_guard_off
+    assert guards.check(step(eos=0.0)) is None
+    resumed = CollapseGuards(guards.settings)
+    resumed.load_state_dict(guards.state_dict())
+    assert resumed.eos_guard_off and resumed.check(step(eos=0.0)) is None
+    # A first rollout above the floor keeps the guard on.
+    watched = CollapseGuards(dataclasses.replace(OFF, min_eos_share=0.2, patience=1))
+    assert watched.check(step(eos=0.5)) is None and not watched.eos_guard_off
+    assert watched.check(step(eos=0.1)).startswith("only 10% of responses ended")
