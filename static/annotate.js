@@ -361,21 +361,32 @@
     return !!target.isContentEditable;
   }
 
-  // An overlay dialog takes the focus when it opens (its Close button) and gives it back on close.
+  // An overlay dialog takes the focus when it opens (its Close button) and gives it back on close:
+  // to what had it before, or, when that was nothing (the body) or is gone, to no element at all.
+  // The focus never stays on a hidden button: Chromium drops it from there only at its next
+  // rendering update, so document.activeElement would still point into the closed overlay.
   var focusBeforeOverlay = null;
 
   function setOverlay(el, open) {
     if (!el || el.hidden === !open) return;
-    el.hidden = !open;
-    if (el.getAttribute("role") !== "dialog") return;
+    var dialog = el.getAttribute("role") === "dialog";
     if (open) {
-      focusBeforeOverlay = document.activeElement;
+      el.hidden = false;
+      if (!dialog) return;
+      var before = document.activeElement;
+      focusBeforeOverlay = before && before !== document.body && !el.contains(before) ? before : null;
       var first = el.querySelector("button, [href], input, [tabindex]");
       if (first) first.focus();
-    } else if (focusBeforeOverlay && document.contains(focusBeforeOverlay)) {
-      focusBeforeOverlay.focus();
-      focusBeforeOverlay = null;
+      return;
     }
+    if (dialog) {
+      var back = focusBeforeOverlay;
+      focusBeforeOverlay = null;
+      if (back && document.contains(back)) back.focus();
+      var active = document.activeElement;
+      if (active && el.contains(active)) active.blur();
+    }
+    el.hidden = true;
   }
 
   function toggle(id) {
