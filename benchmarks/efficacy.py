@@ -40,12 +40,13 @@ from benchmarks.simulated_annotators import STANDARDS, SimulatedAnnotator  # noq
 
 # A profile for the benchmark's own smoke test on the tiny model: every stage, in seconds.
 SMOKE_PROFILE = {
-    "rankings": 4,
+    "rankings": 8,
     "max_new_tokens": 8,
     "specs": {
         algorithm: {
             "algorithm": algorithm,
-            "reward": {"epochs": 1, "max_length": 64, "max_pairs_per_batch": 6},
+            # Eight rankings leave too few held-out pairs to beat chance: the check is off here only.
+            "reward": {"epochs": 1, "max_length": 64, "max_pairs_per_batch": 6, "above_chance_alpha": None},
             "policy": (
                 {"steps": 1, "rollout_batch_size": 2, "mini_batch_size": 2, "sampling": {"max_new_tokens": 8}}
                 if algorithm == "ppo"

@@ -39,7 +39,7 @@ def test_a_smoke_run_ranks_through_the_api_runs_a_round_and_measures_the_candida
     (leg,) = json.loads(out.read_text())["legs"]
     assert leg["error"] is None, leg["error"]
     (round_,) = leg["rounds"]
-    assert round_["rankings"] == 4 and round_["candidate_version"] == 1
+    assert round_["rankings"] == 8 and round_["candidate_version"] == 1
     # Four held-out prompts can never clear the gate's lower bound: the round fails, saying why.
     assert round_["status"] == "failed" and "rejected by the gate" in round_["error"]
     assert round_["gate"]["prompts"] == 4 and round_["gate"]["win_rate_low"] < 0.5
@@ -47,5 +47,5 @@ def test_a_smoke_run_ranks_through_the_api_runs_a_round_and_measures_the_candida
     assert (measured["prompts"], measured["samples_per_prompt"]) == (6, 2)
     assert 0 <= measured["win_rate_low"] <= measured["win_rate"] <= measured["win_rate_high"] <= 1
     assert measured["kl_to_base"] >= 0 and measured["candidate_length"] > 0
-    assert leg["annotator_noise"]["pairs"] == 4 * 6  # four tasks of four answers: six pairs each
-    assert "annotator win" in done.stdout and "ranked 4 tasks" in done.stdout
+    assert leg["annotator_noise"]["pairs"] == 8 * 6  # eight tasks of four answers: six pairs each
+    assert "annotator win" in done.stdout and "ranked 8 tasks" in done.stdout
