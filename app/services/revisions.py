@@ -53,12 +53,17 @@ class JudgementSummary:
     not_revisable: str | None  # why it cannot be revised any more, or None
 
 
-def _labels(db: Session, task_id: int) -> dict[int, int]:
-    """Response id → the number shown on its card (1-based position)."""
+def _labels_of_tasks(db: Session, task_ids: list[int]) -> dict[int, dict[int, int]]:
+    """Per task: response id → the number shown on its card (1-based position), in one query."""
+    labels: dict[int, dict[int, int]] = {task_id: {} for task_id in task_ids}
     rows = db.execute(
-        select(TaskResponse.response_id, TaskResponse.position).where(TaskResponse.task_id == task_id)
+        select(TaskResponse.task_id, TaskResponse.response_id, TaskResponse.position).where(
+            TaskResponse.task_id.in_(task_ids)
+        )
     ).all()
-    return {row.response_id: row.position + 1 for row in rows}
+    for row in rows:
+        labels[row.task_id][row.response_id] = row.position + 1
+    return labels
 
 
 def shown_order(db: Session, task_id: int) -> list[int]:
@@ -92,14 +97,18 @@ def _first_comparison_id(db: Session, annotation_id: int) -> int | None:
     return db.scalar(select(func.min(Comparison.id)).where(Comparison.annotation_id == annotation_id))
 
 
-def why_not_revisable(db: Session, annotation: Annotation, task_status: str) -> str | None:
-    """Why this judgement can no longer be revised, in words for its annotator; None if it can."""
+def why_not_revisable(
+    db: Session, annotation: Annotation, task_status: str, frozen_snapshot: int | None = None
+) -> str | None:
+    """Why this judgement can no longer be revised, in words for its annotator; None if it can.
+    `frozen_snapshot` (from _frozen_snapshot) spares a list of judgements asking it once per row."""
     if annotation.skipped:
         return "a skipped task cannot be revised"
     if task_status == "closed":
         return "its task is closed"
     first = _first_comparison_id(db, annotation.id)
-    if first is not None and first <= _frozen_snapshot(db):
+    frozen = _frozen_snapshot(db) if frozen_snapshot is None else frozen_snapshot
+    if first is not None and first <= frozen:
         return "a training round has already used it"
     return None
 
@@ -121,6 +130,8 @@ def recent_judgements(db: Session, user_id: int, limit: int = RECENT_LIMIT) -> l
         .order_by(Annotation.id.desc())
         .limit(limit)
     ).all()
+    labels = _labels_of_tasks(db, [annotation.task_id for annotation, _, _ in rows])
+    frozen = _frozen_snapshot(db)
     out = []
     for annotation, task_status, prompt_text in rows:
         if annotation.skipped:
@@ -128,7 +139,7 @@ def recent_judgements(db: Session, user_id: int, limit: int = RECENT_LIMIT) -> l
         elif annotation.all_bad:
             outcome, order = "all bad", ""
         else:
-            outcome, order = "ranked", order_text(annotation.ranking, _labels(db, annotation.task_id))
+            outcome, order = "ranked", order_text(annotation.ranking, labels[annotation.task_id])
         out.append(
             JudgementSummary(
                 annotation_id=annotation.id,
@@ -139,7 +150,7 @@ def recent_judgements(db: Session, user_id: int, limit: int = RECENT_LIMIT) -> l
                 revision=annotation.revision,
                 outcome=outcome,
                 order=order,
-                not_revisable=why_not_revisable(db, annotation, task_status),
+                not_revisable=why_not_revisable(db, annotation, task_status, frozen),
             )
         )
     return out
