@@ -319,7 +319,9 @@ def train_dpo(
     pad_id = tokenizer.pad_token_id
 
     def all_logps(pairs: list[_Pair], by: SequenceLogps | None = None) -> tuple[list[float], list[float]]:
-        return _all_pair_logps(by if by is not None else scorer, pairs, config.batch_size, pad_id, device, group)
+        return _all_pair_logps(
+            by if by is not None else scorer, pairs, config.batch_size, pad_id, device, group
+        )
 
     def evaluate() -> dict[str, float]:
         if not eval_pairs:
