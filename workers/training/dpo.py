@@ -63,6 +63,7 @@ from workers.training.lora import (
     return_freed_memory_to_os,
     save_policy_folder,
 )
+from workers.training.main_rank import on_main
 from workers.training.ppo_math import masked_sum
 
 
@@ -436,27 +437,18 @@ def _publish_from_main(
     load_dtype: torch.dtype,
     tokenizer,
     output_dir: Path,
-    group,
+    group: ProcessGroup,
 ) -> str:
     """Gather the whole trained weights (a collective), let rank 0 load them into a plain copy of the
     policy on the CPU and publish it (LoRA merged); every rank returns the folder's hash."""
     weights = full_state_dict(model, group)
-    sha, error = None, None
-    if group.is_main:
-        try:
-            plain = _load_policy(policy_path, config, load_dtype, torch.device("cpu"))
-            plain.load_state_dict(weights)  # copies into the plain model: tied weights stay tied
-            adapter = "policy" if config.lora is not None else None
-            sha = atomic_publish(
-                lambda folder: save_policy_folder(plain, tokenizer, folder, adapter), output_dir
-            )
-        except Exception as exc:
-            error = exc
-    sha, message = group.broadcast_object(
-        (sha, None if error is None else f"{type(error).__name__}: {error}")
-    )
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"publishing the policy failed on the main training process: {message}")
-    return sha
+
+    def publish() -> str:
+        plain = _load_policy(policy_path, config, load_dtype, torch.device("cpu"))
+        plain.load_state_dict(weights)  # copies into the plain model: tied weights stay tied
+        adapter = "policy" if config.lora is not None else None
+        return atomic_publish(
+            lambda folder: save_policy_folder(plain, tokenizer, folder, adapter), output_dir
+        )
+
+    return on_main(group, publish)
