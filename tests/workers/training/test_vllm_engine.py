@@ -98,7 +98,10 @@ def test_every_row_gets_its_own_seed():
 
 def _completion(ids: list[int], logprobs: list[float], finish: str) -> CompletionOutput:
     # vLLM lists the sampled token in each position's dict, with other top tokens when asked for more.
-    entries = [{t: Logprob(lp, rank=1), t + 1: Logprob(lp - 1.0, rank=2)} for t, lp in zip(ids, logprobs)]
+    entries = [
+        {t: Logprob(lp, rank=1), t + 1: Logprob(lp - 1.0, rank=2)}
+        for t, lp in zip(ids, logprobs, strict=True)
+    ]
     return CompletionOutput(token_ids=ids, logprobs=entries, finish_reason=finish)
 
 
@@ -116,7 +119,7 @@ def test_outputs_become_a_rollout_in_the_callers_order(tokenizer):
     assert rollout.ended_with_eos == [True, False]  # cut at max_tokens is not a finished answer
     assert rollout.logprobs == [[-0.5] * len(hello) + [-0.1], [-1.0, -2.0, -3.0]]
     assert rollout.texts[0] == "Hello there"  # EOS skipped, decoded by our tokenizer
-    assert all(len(lp) == len(ids) for lp, ids in zip(rollout.logprobs, rollout.response_ids))
+    assert all(len(lp) == len(ids) for lp, ids in zip(rollout.logprobs, rollout.response_ids, strict=True))
 
 
 def test_the_sampled_tokens_logprob_is_picked_whatever_its_rank(tokenizer):
