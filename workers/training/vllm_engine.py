@@ -2,6 +2,8 @@
 
 `VLLMEngine` is a rollout engine: `generate_ids(prompt_ids, sampling, row_seeds) -> Rollout` and
 `load_weights(state)`, the same two calls as the built-in batched generator behind the PPO trainer.
+PPO builds it as `VLLMEngine(model_path, tokenizer, device=..., gpu_memory_utilization=..., dtype=...)`
+(the rank's CUDA device, the share of its memory the engine may take, a torch or vLLM dtype name).
 It needs a CUDA GPU and the `vllm` package; everything else in this module (the sampling mapping, the
 output conversion, the weight-name handling) is plain Python and runs anywhere.
 
@@ -35,6 +37,7 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from app.inference.generator import Rollout
@@ -174,12 +177,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ensure_rank_environment() -> None:
+def vllm_dtype(dtype: str | torch.dtype) -> str:
+    """vLLM's name for a dtype ("bfloat16", "float16", "float32"; strings pass through)."""
+    if isinstance(dtype, torch.dtype):
+        names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+        if dtype not in names:
+            raise ValueError(f"vLLM cannot generate in {dtype}: use bfloat16, float16 or float32")
+        return names[dtype]
+    return dtype
+
+
+def _cuda_device(device: str | torch.device | None) -> torch.device:
+    """The CUDA device the engine runs on: the one given, else the current one."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"the vLLM engine runs on a CUDA device, not {device}; {VLLM_MISSING}")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _ensure_rank_environment(local_rank: int | None) -> None:
     """vLLM's in-process ("external_launcher") executor reads the torch.distributed variables; a process
     not started by torchrun is a world of one."""
     if "WORLD_SIZE" in os.environ:
         return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(RANK="0", LOCAL_RANK=str(local_rank or 0), WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
@@ -192,22 +215,27 @@ class VLLMEngine:
     replaces them and drops the prefix cache, whose keys and values were computed by the old weights.
     """
 
+    # The engine holds its own copy of the weights: PPO hands it the trained ones after each update.
+    shares_training_weights = False
+
     def __init__(
         self,
-        model_path: str,
+        model_path: str | os.PathLike,
         tokenizer,
         *,
         gpu_memory_utilization: float = 0.3,
-        dtype: str = "bfloat16",
+        dtype: str | torch.dtype = "bfloat16",
         max_model_len: int | None = None,
         seed: int = 0,
+        device: str | torch.device | None = None,
     ):
         vllm = require_vllm()
-        import torch
-
         if not torch.cuda.is_available():
             raise RuntimeError(f"no CUDA device is visible to this process; {VLLM_MISSING}")
-        _ensure_rank_environment()
+        cuda = _cuda_device(device)
+        _ensure_rank_environment(cuda.index)
+        # vLLM builds its model on the current device; a rank's is the one torchrun gave it.
+        torch.cuda.set_device(cuda)
         # The engine core in this process, not a child: `load_weights` hands it tensors by reference.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.tokenizer = tokenizer
@@ -215,7 +243,7 @@ class VLLMEngine:
         self.llm = vllm.LLM(
             model=str(model_path),
             tokenizer=str(model_path),
-            dtype=dtype,
+            dtype=vllm_dtype(dtype),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             seed=seed,
@@ -279,8 +307,6 @@ class VLLMEngine:
     def close(self) -> None:
         """Release the engine's GPU memory (best effort: vLLM keeps some process-wide state)."""
         import gc
-
-        import torch
 
         llm = self.__dict__.pop("llm", None)
         del llm

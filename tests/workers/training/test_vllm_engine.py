@@ -254,3 +254,22 @@ def test_the_engine_samples_with_the_logprobs_of_the_sampling_distribution(tiny_
         theirs[row, : len(lps)] = torch.tensor(lps)
     assert torch.allclose(ours * mask, theirs * mask, atol=1e-3)
     engine.close()
+
+
+def test_dtypes_are_named_the_way_vllm_names_them():
+    # PPO hands the engine a torch.dtype; the worker's generation a string.
+    assert vllm_engine.vllm_dtype(torch.bfloat16) == "bfloat16"
+    assert vllm_engine.vllm_dtype(torch.float32) == "float32"
+    assert vllm_engine.vllm_dtype("float16") == "float16"
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        vllm_engine.vllm_dtype(torch.int8)
+
+
+def test_the_engine_refuses_a_cpu_device_saying_what_to_do():
+    with pytest.raises(ValueError, match="CUDA device, not cpu"):
+        vllm_engine._cuda_device("cpu")
+
+
+def test_the_engine_keeps_its_own_weights():
+    # PPO then hands it the trained weights after every update (the rollout-engine contract).
+    assert VLLMEngine.shares_training_weights is False
