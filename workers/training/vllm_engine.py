@@ -24,7 +24,11 @@ penalty, temperature and top-p; the engine is therefore built with
 distribution the token was drawn from. Greedy picks get log-prob 0, as in the built-in generator.
 
 Prompts go in as token ids (`TokensPrompt`), one `SamplingParams` per row with the row's own seed, so
-a row's sample depends on its seed and the weights, not on which other rows share the batch. A row
+a row's random stream depends on its seed alone. Its logits are another matter: vLLM's kernels are not
+batch-invariant by default (the split of a matmul or of attention depends on the batch), so the same
+row in a different batch can differ by float noise and, rarely, by a token. PPO on one process and on
+several therefore agree only statistically with this engine, not token for token as with the built-in
+one. A row
 ended with EOS when vLLM reports `finish_reason == "stop"`: no stop strings are passed, so a stop is
 always a stop token, which vLLM keeps as the last token of the response (as `Rollout` expects).
 """
