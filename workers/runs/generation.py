@@ -57,19 +57,20 @@ def generation_engine(settings: Settings) -> str:
 
 
 class VLLMTaskGenerator:
-    """The task pool's calls (`chat_prompt_ids`, `generate_ids(..., seed=)`) served by a VLLMEngine."""
+    """The task pool's calls (`chat_prompt_ids`, `generate_ids(..., seed=)`) served by a VLLMEngine.
 
-    def __init__(self, path: str, settings: Settings):
+    vLLM holds one engine per process: the engine is built when first needed, and `loader` closes the
+    other generators' engines first (an arena run samples two policy versions, one after the other).
+    """
+
+    def __init__(self, path: str, settings: Settings, loader: GeneratorLoader):
         from transformers import AutoTokenizer
 
-        from workers.training.vllm_engine import VLLMEngine
-
+        self.path, self.settings, self.loader = path, settings, loader
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.engine = VLLMEngine(
-            path, self.tokenizer, gpu_memory_utilization=settings.generation_vllm_gpu_memory
-        )
+        self.engine = None
 
     def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
         # As the built-in generator: the template writes the special tokens, the tokenizer adds none.
@@ -77,10 +78,19 @@ class VLLMTaskGenerator:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate_ids(self, prompt_ids: list[list[int]], sampling, seed: int | None = None):
+        if self.engine is None:
+            from workers.training.vllm_engine import VLLMEngine
+
+            self.loader.close(keep=self)
+            self.engine = VLLMEngine(
+                self.path, self.tokenizer, gpu_memory_utilization=self.settings.generation_vllm_gpu_memory
+            )
         return self.engine.generate_ids(prompt_ids, sampling, row_seeds(seed, len(prompt_ids)))
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def row_seeds(seed: int | None, rows: int) -> list[int]:
@@ -90,7 +100,7 @@ def row_seeds(seed: int | None, rows: int) -> list[int]:
 
 
 class GeneratorLoader:
-    """Loads a policy's generator with the configured engine and releases the vLLM ones at the end."""
+    """Loads a policy's generator with the configured engine and releases the vLLM engines at the end."""
 
     def __init__(self, settings: Settings):
         self.engine = generation_engine(settings)
@@ -99,13 +109,15 @@ class GeneratorLoader:
     def __call__(self, policy: Policy, settings: Settings):
         if self.engine == "builtin":
             return load_builtin_generator(policy, settings)
-        generator = VLLMTaskGenerator(policy.path, settings)
+        generator = VLLMTaskGenerator(policy.path, settings, self)
         self.loaded.append(generator)
         return generator
 
-    def close(self) -> None:
-        while self.loaded:
-            self.loaded.pop().close()
+    def close(self, keep: VLLMTaskGenerator | None = None) -> None:
+        """Close every vLLM engine this loader built (but `keep`'s)."""
+        for generator in self.loaded:
+            if generator is not keep:
+                generator.close()
 
 
 def run_generation(

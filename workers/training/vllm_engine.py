@@ -201,6 +201,11 @@ def _cuda_device(device: str | torch.device | None) -> torch.device:
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
+# Set when this module made the process a torch.distributed world of one for vLLM (a worker's generation
+# run); then closing an engine may tear that world down. A torchrun rank's world belongs to the trainer.
+_OWN_WORLD_MARK = "PREFLOOP_VLLM_OWN_WORLD"
+
+
 def _ensure_rank_environment(local_rank: int | None) -> None:
     """vLLM's in-process ("external_launcher") executor reads the torch.distributed variables; a process
     not started by torchrun is a world of one."""
@@ -209,14 +214,16 @@ def _ensure_rank_environment(local_rank: int | None) -> None:
     os.environ.update(RANK="0", LOCAL_RANK=str(local_rank or 0), WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ[_OWN_WORLD_MARK] = "1"
 
 
 class VLLMEngine:
     """A colocated vLLM instance that samples rollouts with our sampling contract (GPU host with vLLM).
 
     Between calls the engine sleeps (weights in host memory, no KV cache) so the trainer has the GPU;
-    `generate_ids` wakes it, samples, and puts it back to sleep; `load_weights` wakes the weights only,
-    replaces them and drops the prefix cache, whose keys and values were computed by the old weights.
+    `generate_ids` wakes it, samples, and puts it back to sleep; `load_weights` wakes it, replaces the
+    weights, drops the prefix cache (its keys and values came from the old weights) and sleeps again.
+    One live engine per process: `close()` one before building the next.
     """
 
     # The engine holds its own copy of the weights: PPO hands it the trained ones after each update.
@@ -309,11 +316,19 @@ class VLLMEngine:
                 self.sleep()
 
     def close(self) -> None:
-        """Release the engine's GPU memory (best effort: vLLM keeps some process-wide state)."""
+        """Release the engine's GPU memory and vLLM's process-wide state, so another engine can follow."""
         import gc
 
         llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
         del llm
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        if os.environ.get(_OWN_WORLD_MARK):
+            # The world of one vLLM initialised for itself; the next engine starts a fresh one.
+            destroy_distributed_environment()
+        gc.collect()
+        torch.cuda.empty_cache()

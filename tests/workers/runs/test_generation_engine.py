@@ -63,3 +63,42 @@ def test_row_seeds_are_a_function_of_the_batch_seed_and_differ_across_rows():
     assert len(set(row_seeds(11, 32))) == 32
     assert row_seeds(11, 4) != row_seeds(12, 4)
     assert len(row_seeds(None, 3)) == 3
+
+
+def test_the_vllm_generator_builds_chat_prompts_exactly_as_the_builtin_one(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from app.inference.generator import BatchedGenerator
+    from workers.runs.generation import VLLMTaskGenerator
+
+    settings = Settings()
+    ours = VLLMTaskGenerator(str(tiny_model_dir), settings, GeneratorLoader(settings))
+    builtin = BatchedGenerator(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ours.tokenizer)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    assert ours.chat_prompt_ids(chat) == builtin.chat_prompt_ids(chat)
+    assert ours.engine is None  # no engine (and no GPU memory) until something is sampled
+
+
+class _Engine:
+    """Stands in for a VLLMEngine (which needs a GPU): records that it was closed."""
+
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_one_vllm_engine_lives_at_a_time_and_all_are_closed_at_the_end(tiny_model_dir):
+    from workers.runs.generation import VLLMTaskGenerator
+
+    settings = Settings()
+    loader = GeneratorLoader(settings)
+    first, second = (VLLMTaskGenerator(str(tiny_model_dir), settings, loader) for _ in range(2))
+    loader.loaded += [first, second]
+    first.engine, second.engine = _Engine(), _Engine()
+    engines = first.engine, second.engine
+    loader.close(keep=second)  # what building the second generator's engine does first
+    assert engines[0].closed and first.engine is None
+    assert not engines[1].closed and second.engine is engines[1]
+    loader.close()  # the end of the run
+    assert engines[1].closed and second.engine is None
