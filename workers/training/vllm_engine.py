@@ -28,9 +28,10 @@ a row's random stream depends on its seed alone. Its logits are another matter: 
 batch-invariant by default (the split of a matmul or of attention depends on the batch), so the same
 row in a different batch can differ by float noise and, rarely, by a token. PPO on one process and on
 several therefore agree only statistically with this engine, not token for token as with the built-in
-one. A row
-ended with EOS when vLLM reports `finish_reason == "stop"`: no stop strings are passed, so a stop is
-always a stop token, which vLLM keeps as the last token of the response (as `Rollout` expects).
+one.
+
+A row ended with EOS when vLLM reports `finish_reason == "stop"`: no stop strings are passed, so a stop
+is always a stop token, which vLLM keeps as the last token of the response (as `Rollout` expects).
 """
 
 from __future__ import annotations
@@ -223,7 +224,9 @@ class VLLMEngine:
     Between calls the engine sleeps (weights in host memory, no KV cache) so the trainer has the GPU;
     `generate_ids` wakes it, samples, and puts it back to sleep; `load_weights` wakes it, replaces the
     weights, drops the prefix cache (its keys and values came from the old weights) and sleeps again.
-    One live engine per process: `close()` one before building the next.
+    One live engine per process: `close()` one before building the next. vLLM checks at start-up that
+    `gpu_memory_utilization` of the GPU is free: build the engine before the trainer's models fill the
+    device, or give it a share that fits beside them.
     """
 
     # The engine holds its own copy of the weights: PPO hands it the trained ones after each update.
@@ -250,7 +253,6 @@ class VLLMEngine:
         # The engine core in this process, not a child: `load_weights` hands it tensors by reference.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.tokenizer = tokenizer
-        self._vllm = vllm
         self.llm = vllm.LLM(
             model=str(model_path),
             tokenizer=str(model_path),
