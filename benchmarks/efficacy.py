@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +346,20 @@ class Stack:
             stop_children([self.process])
 
 
+def _respecting_rate_limits(send: Callable[[], Any]) -> Any:
+    """Send a request; on 429 wait as long as the product's Retry-After says, then send it again.
+
+    The simulated annotator ranks far faster than a person, so it meets the per-annotator limits
+    (60 task requests a minute by default); it waits them out as a well-behaved client would."""
+    while True:
+        response = send()
+        if response.status_code != 429:
+            return response
+        wait = float(response.headers.get("Retry-After", "5"))
+        log(f"  rate-limited by the product: waiting {wait:.0f} s")
+        time.sleep(min(max(wait, 1.0), 120.0))
+
+
 def run_leg(leg: dict[str, Any]) -> dict[str, Any]:
     """Set up the leg's data, run its rounds through the stack, then measure each candidate."""
     folder = Path(leg["dir"])
@@ -452,15 +467,16 @@ def run_round(
 
     ranked = 0
     while ranked < profile["rankings"]:
-        task = bot.get("/api/tasks/next")
-        if task.status_code != 200:
+        task = _respecting_rate_limits(lambda: bot.get("/api/tasks/next"))
+        if task.status_code == 204:  # no task left for this annotator
             break
+        if task.status_code != 200:
+            raise RuntimeError(f"the API refused a task request: {task.status_code} {task.text}")
         body = task.json()
         order = annotator.rank([r["text"] for r in body["responses"]])
         ranking = [[body["responses"][i]["id"]] for i in order]
-        sent = bot.post(
-            f"/api/tasks/{body['id']}/annotation", json={"ranking": ranking, "time_spent_ms": 4000}
-        )
+        url, payload = f"/api/tasks/{body['id']}/annotation", {"ranking": ranking, "time_spent_ms": 4000}
+        sent = _respecting_rate_limits(lambda url=url, payload=payload: bot.post(url, json=payload))
         if sent.status_code not in (200, 201):
             raise RuntimeError(f"the API refused a ranking: {sent.status_code} {sent.text}")
         ranked += 1
