@@ -15,6 +15,9 @@ written, renames the folder into place. All ranks must therefore see the same fi
 hosts the checkpoint folder lives on a shared DATA_DIR. A sharded checkpoint only fits the same
 number of processes; resuming with another number is refused. Every function here is then a
 collective: all ranks call it at the same point.
+
+A process whose model is not sharded (a trainer that trains its own whole copy in each process,
+checkpointing into a folder of its own) keeps the single-process format, whatever the group.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def save_checkpoint(
     """Write the full training state for `step` atomically; keep the last `KEEP_LAST`.
 
     With a group of several processes every rank calls it and each writes its shards (module docstring)."""
-    group = group if group is not None else current_group()
+    group = _sharding_group(model, group)
     if group.distributed:
         return _save_sharded(Path(ckpt_root), step, model, optimizer, scheduler, extra, group)
     ckpt_root = Path(ckpt_root)
@@ -126,15 +129,20 @@ def save_checkpoint(
 
 
 def latest_checkpoint(ckpt_root: Path, group: ProcessGroup | None = None) -> Path | None:
-    """The newest complete checkpoint under ckpt_root, or None. Rank 0 looks and tells the others, so
-    every rank resumes from the same one even where a shared filesystem shows new entries late."""
+    """The newest complete checkpoint under ckpt_root, or None. When all ranks share ckpt_root, rank 0
+    looks and tells the others, so every rank resumes from the same one even where a shared
+    filesystem shows new entries late; ranks with folders of their own each look in theirs."""
     group = group if group is not None else current_group()
-    found: str | None = None
-    if group.is_main:
-        root = Path(ckpt_root)
+    root = Path(ckpt_root)
+
+    def newest() -> str | None:
         listed = _checkpoints(root) if root.is_dir() else []
-        found = str(listed[-1]) if listed else None
-    found = group.broadcast_object(found)
+        return str(listed[-1]) if listed else None
+
+    if not group.distributed or len(set(group.gather_objects(str(root)))) > 1:
+        found = newest()
+    else:
+        found = group.broadcast_object(newest() if group.is_main else None)
     return Path(found) if found is not None else None
 
 
@@ -170,7 +178,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, group: ProcessGroup
     """Restore weights, optimizer, scheduler and RNG states from `path`; return its `extra`.
 
     Refuses a checkpoint written by another number of processes (its shards would not fit)."""
-    group = group if group is not None else current_group()
+    group = _sharding_group(model, group)
     path = Path(path)
     saved_world = int(json.loads((path / _EXTRA).read_text()).get("world_size", 1))
     if saved_world != group.world_size:
@@ -192,6 +200,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, group: ProcessGroup
 
 # ---------------------------------------------------------------------------------------------
 # sharded checkpoints (several processes)
+
+
+def _sharding_group(model, group: ProcessGroup | None) -> ProcessGroup:
+    """The group whose ranks share this model's checkpoints: the given (or current) group when the
+    model is sharded over it, else this process alone."""
+    group = group if group is not None else current_group()
+    if group.distributed and any(is_sharded(p) for p in model.parameters()):
+        return group
+    return ProcessGroup()
 
 
 def _rank_dir(folder: Path, rank: int) -> Path:

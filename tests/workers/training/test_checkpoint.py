@@ -193,10 +193,11 @@ def test_resuming_with_another_number_of_processes_is_refused(tiny_model_dir, tm
 
 
 def _resume_with_model(model_dir, path) -> str:
-    from workers.training.distributed import current_group
+    from workers.training.distributed import current_group, shard_model
 
     torch.manual_seed(0)
     model, _ = build_reward_model(model_dir, RewardConfig(device="cpu"))
+    shard_model(model, current_group())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     try:
@@ -204,3 +205,37 @@ def _resume_with_model(model_dir, path) -> str:
     except ValueError as exc:
         return str(exc)
     return "loaded"
+
+
+def _independent_copies(model_dir, root) -> dict:
+    from workers.training.distributed import current_group
+    from workers.training.lora import TrainableState
+
+    rank = current_group().rank
+    own = root / f"rank{rank}"
+    # a whole, unsharded copy in each process, checkpointed as PPO and DPO do it (TrainableState;
+    # transformers' own save_pretrained writes on rank 0 only once torch.distributed is up)
+    model, optimizer, scheduler = _setup(model_dir)
+    _train_steps(model, optimizer, scheduler, 1 + rank)
+    state = TrainableState(dict(model.named_parameters()))
+    save_checkpoint(own, 1 + rank, state, optimizer, scheduler, {"rank": rank})
+    latest = latest_checkpoint(own)
+    fresh, fresh_opt, fresh_sched = _setup(model_dir)
+    extra = load_checkpoint(latest, TrainableState(dict(fresh.named_parameters())), fresh_opt, fresh_sched)
+    return {
+        "latest": latest.relative_to(root).as_posix(),
+        "extra": extra,
+        "files": sorted(p.name for p in latest.iterdir()),
+        "restored": all(
+            torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True)
+        ),
+    }
+
+
+def test_processes_with_whole_copies_keep_their_own_single_process_checkpoints(tiny_model_dir, tmp_path):
+    # a trainer that ignores the group: every process trains and checkpoints on its own
+    first, second = spawn_group(_independent_copies, 2, tiny_model_dir, tmp_path)
+    assert first["latest"] == "rank0/step-000001" and second["latest"] == "rank1/step-000002"
+    assert first["extra"] == {"step": 1, "rank": 0} and second["extra"] == {"step": 2, "rank": 1}
+    assert first["restored"] and second["restored"]
+    assert "model" in first["files"] and not any(f.startswith("rank-") for f in first["files"])
