@@ -1033,9 +1033,10 @@ def train_ppo(
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
     resumed = None
-    last = latest_checkpoint(checkpoint_dir)
+    last = latest_checkpoint(checkpoint_dir, group)
     if last is not None:
-        start = resumed = run.load_state(load_checkpoint(last, run.trainables, run.optimizer, run.scheduler))
+        extra = load_checkpoint(last, run.trainables, run.optimizer, run.scheduler, group)
+        start = resumed = run.load_state(extra)
 
     metrics: dict[str, float] = {}
     step = start
@@ -1074,6 +1075,7 @@ def train_ppo(
                     run.optimizer,
                     run.scheduler,
                     run.state(step + 1),
+                    group,
                 )
         step = config.steps
     except CollapseDetected as exc:
