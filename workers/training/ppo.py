@@ -3,8 +3,9 @@
 One *step* = sample a rollout batch from the current policy, score it, and make one PPO epoch over
 that small on-policy buffer in mini-batches. Per step:
 
-1. generate responses with the batched KV-cache generator from the policy's own distribution at the
-   rollout temperature (no top-p, no repetition penalty: see `RolloutSampling`);
+1. generate responses from the policy's own distribution at the rollout temperature (no top-p, no
+   repetition penalty: see `RolloutSampling`), each row from its own seeded stream, with a rollout
+   engine (`rollout_engines`: the batched KV-cache generator, or vLLM);
 2. score each (prompt, response) with the reward model (or a Python reward function), standardise
    with the reward model's held-out statistics, subtract a penalty from responses that never emitted
    EOS (the reward model cannot see a cut-off answer: it re-renders the text through the chat
@@ -27,6 +28,11 @@ is one base. Full fine-tuning loads four separate models.
 Collapse guards (MOSS §5.2: KL to the reference, response length and repetition move before the
 reward does) stop the run and reject the candidate with the reason in `PPOResult.rejected_reason`.
 Checkpoints every N steps; a rerun with the same checkpoint folder resumes bit-for-bit.
+
+Under torch.distributed the same code runs on N processes (`PPORun` says how the work is split):
+the trained models are sharded with FSDP2, each process samples and scores its share of the rows,
+and everything computed over the whole batch is computed from the gathered buffer, so N processes
+train as one does with the same global batch (docs/training.md, "PPO across processes").
 """
 
 from __future__ import annotations
