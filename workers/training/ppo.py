@@ -318,6 +318,7 @@ class PPOModels:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         group = group if group is not None else current_group()
+        self.sharded = group.distributed
         self.device, self.lora, self.dtype = device, config.lora, dtype
         # Every log-prob PPO uses is of the tempered distribution the rollouts were drawn from.
         self.temperature = config.sampling.temperature
@@ -448,9 +449,24 @@ class PPOModels:
     def all_trainable(self) -> list[nn.Parameter]:
         return [*self.policy_params.values(), *self.critic_params.values()]
 
+    def _kept_trainable(self) -> list[nn.Parameter]:
+        """What must stay trainable across an adapter switch: the optimised parameters and, when the
+        models are sharded, the same parameters as the modules hold them now (with `shard_grad_op`,
+        FSDP2's gathered copies between forward and backward; those are what peft's switch freezes)."""
+        kept = self.all_trainable()
+        if not self.sharded:
+            return kept
+        names = {"model." + n.split(".", 1)[1] for n in self.policy_params}
+        names |= {
+            "model." + n.split(".", 1)[1] for n in self.critic_params if not n.startswith("critic.value_")
+        }
+        names |= {"value_head.weight", "value_bias"}
+        roots = {id(r): r for r in (self.actor, self.critic_root)}.values()
+        return kept + [p for root in roots for n, p in root.named_parameters() if n in names]
+
     def activate_policy(self) -> None:
         if self.lora is not None:
-            activate_adapter(self.policy, self.POLICY, self.all_trainable())
+            activate_adapter(self.policy, self.POLICY, self._kept_trainable())
 
     def compute(self):
         """Autocast to the compute dtype where it is not float32 (GPU default: bf16)."""
@@ -474,7 +490,7 @@ class PPOModels:
 
     def values(self, batch: TokenBatch) -> Tensor:
         if self.shared_base:
-            activate_adapter(self.critic, self.CRITIC, self.all_trainable())
+            activate_adapter(self.critic, self.CRITIC, self._kept_trainable())
         values = self.critic_root.values(batch)
         if self.shared_base:
             self.activate_policy()

@@ -102,8 +102,14 @@ def max_difference(a: list[float], b: list[float]) -> float:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, "critic_learning_rate": 3e-3}],
-    ids=["full", "lora"],
+    [
+        {},
+        {"lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, "critic_learning_rate": 3e-3},
+        # Parameters stay gathered between forward and backward, while the adapter switches between
+        # the policy's and the critic's on the one shared base.
+        {"lora": {"r": 4, "alpha": 8}, "sharding": "shard_grad_op", "learning_rate": 1e-3},
+    ],
+    ids=["full", "lora", "lora-shard_grad_op"],
 )
 def test_two_processes_train_as_one_does(policy_dir, tmp_path, overrides):  # noqa: F811
     settings = config(**overrides).to_dict()
