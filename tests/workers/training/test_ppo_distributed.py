@@ -17,7 +17,12 @@ from safetensors.torch import load_file
 
 from app.common.reporting import MemoryReporter, RunCancelled
 from tests.distributed_harness import spawn_group
-from tests.workers.training.test_ppo import PROMPTS, one_thread, policy_dir  # noqa: F401 (fixtures)
+from tests.workers.training.test_ppo import (  # noqa: F401 (fixtures)
+    PROMPTS,
+    one_thread,
+    policy_dir,
+    reward_model_dir,
+)
 from workers.training.ppo import PPOConfig, RolloutSampling, train_ppo
 
 # Float noise between the runs, measured on this model: metrics differ by at most 3e-6 (the grad norm,
@@ -142,6 +147,41 @@ def test_two_processes_train_as_one_does(policy_dir, tmp_path, overrides):  # no
     worst = max((published[k] - alone[k]).abs().max().item() for k in alone)
     assert worst < WEIGHT_TOLERANCE, worst
     assert not (Path(first["path"]) / "adapter_config.json").exists()
+
+
+def _train_with_reward_model(model_dir: Path, reward_dir: Path, out: Path, settings: dict) -> dict:
+    reporter = MemoryReporter()
+    result = train_ppo(
+        model_dir,
+        None,
+        reward_dir,
+        PROMPTS,
+        out / "policy",
+        out / "ckpt",
+        PPOConfig.from_dict(settings),
+        reporter,
+    )
+    return {
+        "metrics": dict(reporter.rows),
+        "path": str(result.policy_path),
+        "rejected": result.rejected_reason,
+    }
+
+
+def test_lora_with_a_reward_model_on_two_processes(policy_dir, reward_model_dir, tmp_path):  # noqa: F811
+    # The reward model is the critic's base with its adapter off: scoring goes through the sharded root.
+    settings = config(lora={"r": 4, "alpha": 8}, learning_rate=1e-3).to_dict()
+    one = _train_with_reward_model(policy_dir, reward_model_dir, tmp_path / "one", settings)
+    first, _ = spawn_group(
+        _train_with_reward_model, 2, policy_dir, reward_model_dir, tmp_path / "two", settings
+    )
+    assert one["rejected"] is None and first["rejected"] is None
+    for name in COMPARED:
+        a, b = series(one["metrics"], name), series(first["metrics"], name)
+        assert b == pytest.approx(a, rel=METRIC_TOLERANCE, abs=METRIC_TOLERANCE), name
+    published = load_file(str(Path(first["path"]) / "model.safetensors"))
+    alone = load_file(str(Path(one["path"]) / "model.safetensors"))
+    assert max((published[k] - alone[k]).abs().max().item() for k in alone) < WEIGHT_TOLERANCE
 
 
 class StopAfter(MemoryReporter):
