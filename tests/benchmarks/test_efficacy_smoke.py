@@ -4,6 +4,7 @@ simulated annotator ranking through the API, one round, and the candidate measur
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,57 @@ def test_a_smoke_run_ranks_through_the_api_runs_a_round_and_measures_the_candida
     assert measured["kl_to_base"] >= 0 and measured["candidate_length"] > 0
     assert leg["annotator_noise"]["pairs"] == 8 * 6  # eight tasks of four answers: six pairs each
     assert "annotator win" in done.stdout and "ranked 8 tasks" in done.stdout
+
+
+def _serve_processes(marker: str) -> list[int]:
+    """Pids of `prefloop serve` processes (and their workers) whose environment names `marker`'s folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in environ and b"app.cli" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_stopping_the_benchmark_stops_its_stack(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    legs = tmp_path / "legs"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "efficacy.py"),
+        "--smoke",
+        "--base-model",
+        str(tiny_model_dir),
+        "--standards",
+        "concise",
+        "--workdir",
+        str(legs),
+        "--out",
+        str(tmp_path / "efficacy.json"),
+    ]
+    bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not _serve_processes(str(legs)) and time.monotonic() < deadline:
+            assert bench.poll() is None, "the benchmark ended before its stack started"
+            time.sleep(0.5)
+        assert _serve_processes(str(legs)), "the stack never started"
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while _serve_processes(str(legs)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _serve_processes(str(legs)) == []
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for pid in _serve_processes(str(legs)):
+            os.kill(pid, signal.SIGKILL)

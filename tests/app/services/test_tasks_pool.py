@@ -59,6 +59,7 @@ def test_generation_run_samples_k_responses_and_creates_rank_tasks(db, engine, s
     tasks = db.scalars(select(Task)).all()
     assert run.result["rank_tasks"] == len(tasks) >= 1
     assert run.result["rank_tasks"] + run.result["skipped_prompts"] == 3
+    assert run.result["engine"] == "builtin"  # auto, on a host without vLLM or a CUDA GPU
     for task in tasks:
         assert task.kind == "rank" and task.required_annotations == settings.task_overlap
         texts = [item.response.text for item in task.items]
