@@ -86,7 +86,13 @@ from workers.training.lora import (
 )
 from workers.training.ppo_guards import CollapseGuards, GuardSettings
 from workers.training.reward import score
-from workers.training.rollout_engines import ENGINES, BuiltinEngine, load_generation_copy, make_rollout_engine
+from workers.training.rollout_engines import (
+    ENGINES,
+    BuiltinEngine,
+    RolloutEngine,
+    load_generation_copy,
+    make_rollout_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -609,6 +615,12 @@ class PPORun:
         return_freed_memory_to_os(self.device)
         torch.manual_seed(config.seed)
         dtype = resolve_dtype(config.dtype, self.device)
+        self.policy_path = Path(policy_path)
+        # vLLM checks at start-up that its share of the GPU is free, so it comes before the models; the
+        # builtin engine generates with the policy itself (one process) or a copy of it.
+        engine_first = config.rollout_engine != "builtin"
+        if engine_first:
+            self.engine = self._make_engine(None, dtype)
         self.models = PPOModels(
             Path(policy_path),
             Path(reference_path) if reference_path else None,
@@ -619,7 +631,8 @@ class PPORun:
             self.group,
         )
         tok = self.models.tokenizer
-        self.policy_path = Path(policy_path)
+        if not engine_first:
+            self.engine = self._make_engine(self.models.policy, dtype)
         self.prompts = prompts
         self.prompt_ids = [prompt_token_ids(tok, m, config.max_prompt_tokens) for m in prompts]
         self.prompt_texts = [tok.decode(ids) for ids in self.prompt_ids]
@@ -627,17 +640,6 @@ class PPORun:
             [_answer_tokens(tok, c, config.ptx_max_tokens) for c in ptx_conversations or []]
             if config.ptx_coef > 0
             else []
-        )
-        # A separate generation copy holds the policy as it is trained: full fine-tuning trains in
-        # float32, a LoRA base is held (and merged into) in the compute dtype.
-        self.engine = make_rollout_engine(
-            config.rollout_engine,
-            policy=self.models.policy,
-            tokenizer=tok,
-            model_path=self.policy_path,
-            device=self.device,
-            dtype=torch.float32 if config.lora is None else dtype,
-            group=self.group,
         )
         # This process's rows of every rollout batch (global row indices, contiguous).
         self.rows = self.group.shard(list(range(config.rollout_batch_size)))
@@ -678,6 +680,25 @@ class PPORun:
             )
         )
         self.updates = 0
+
+    def _make_engine(self, policy: nn.Module | None, dtype: torch.dtype) -> RolloutEngine:
+        from transformers import AutoTokenizer
+
+        tokenizer = (
+            AutoTokenizer.from_pretrained(str(self.policy_path)) if policy is None else self.models.tokenizer
+        )
+        # The builtin copy holds the policy as it is trained (full fine-tuning in float32, a LoRA base
+        # in the compute dtype); vLLM generates in the compute dtype.
+        builtin_full = self.config.rollout_engine == "builtin" and self.config.lora is None
+        return make_rollout_engine(
+            self.config.rollout_engine,
+            policy=policy,
+            tokenizer=tokenizer,
+            model_path=self.policy_path,
+            device=self.device,
+            dtype=torch.float32 if builtin_full else dtype,
+            group=self.group,
+        )
 
     def _lr(self, lr: float) -> float:
         return lr * self.config.lora.lr_scale if self.config.lora is not None else lr

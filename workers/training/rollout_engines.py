@@ -113,7 +113,7 @@ def load_generation_copy(model_path: Path, device: torch.device, dtype: torch.dt
 def make_rollout_engine(
     name: str,
     *,
-    policy: nn.Module,
+    policy: nn.Module | None,
     tokenizer,
     model_path: Path,
     device: torch.device,
@@ -123,11 +123,14 @@ def make_rollout_engine(
 ) -> RolloutEngine:
     """The engine called `name` ("builtin" or "vllm") for the policy `policy` loaded from `model_path`.
 
-    `policy` is the training policy (the builtin engine generates with it in a group of one); `dtype`
-    is what a separate copy generates in.
+    `policy` is the training policy (the builtin engine generates with it in a group of one; None
+    where it is not loaded yet, which only the other engines accept); `dtype` is what an engine with
+    weights of its own generates in.
     """
     if name == "builtin":
         if not group.distributed:
+            if policy is None:
+                raise ValueError("the builtin engine of a single process generates with the policy: pass it")
             return BuiltinEngine(policy, tokenizer, device, shares_training_weights=True)
         copy = load_generation_copy(model_path, device, dtype)
         return BuiltinEngine(copy, tokenizer, device, shares_training_weights=False)

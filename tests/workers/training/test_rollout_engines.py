@@ -121,3 +121,22 @@ def test_an_unknown_engine_is_refused(tiny, tiny_model_dir):
             dtype=torch.float32,
             group=ProcessGroup(),
         )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_ppo_asking_for_vllm_without_it_stops_before_loading_its_models(tiny_model_dir, tmp_path):
+    from app.common.reporting import MemoryReporter
+    from workers.training.ppo import PPOConfig, train_ppo
+
+    prompts = [[{"role": "user", "content": "hi"}]]
+    with pytest.raises(RuntimeError, match="policy.rollout_engine is 'vllm' but vLLM is not installed"):
+        train_ppo(
+            tiny_model_dir,
+            None,
+            lambda prompt_texts, texts, ids: [0.0] * len(texts),
+            prompts,
+            tmp_path / "out",
+            tmp_path / "ckpt",
+            PPOConfig(steps=1, rollout_batch_size=1, mini_batch_size=1, rollout_engine="vllm", device="cpu"),
+            MemoryReporter(),
+        )
