@@ -73,6 +73,7 @@ class _Decoding:
         prompt_ids: list[list[int]],
         sampling: SamplingConfig,
         seed: int | None,
+        row_seeds: list[int] | None = None,
     ):
         device = owner.device
         self.sampling = sampling
@@ -106,6 +107,12 @@ class _Decoding:
         if seed is not None:
             self.rng = torch.Generator(device=device)
             self.rng.manual_seed(seed)
+        # One stream per row (by original row), drawn from only while that row is still going.
+        self.row_rngs: list[torch.Generator] | None = None
+        if row_seeds is not None:
+            if len(row_seeds) != self.batch:
+                raise ValueError(f"{self.batch} prompts but {len(row_seeds)} row seeds")
+            self.row_rngs = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
         self.decoder = owner._decoder(fast, self.batch, total, sampling.max_new_tokens)
         self.steps = 0
         self.last: Tensor | None = None
@@ -124,8 +131,13 @@ class _Decoding:
         else:
             self.positions = self.positions + 1
             logits = self.decoder.step(self.last, self.positions, column - 1)
-        sampled, picked_logprobs = draw_next_tokens(logits, self.sampling, self.rng, self.history[:, :column])
         live = ~self.finished[self.active]
+        if self.row_rngs is None:
+            sampled, picked_logprobs = draw_next_tokens(
+                logits, self.sampling, self.rng, self.history[:, :column]
+            )
+        else:
+            sampled, picked_logprobs = self._draw_live_rows(logits, live, column)
         sampled = torch.where(live, sampled, torch.full_like(sampled, self.pad_id))
         picked_logprobs = torch.where(live, picked_logprobs, torch.zeros_like(picked_logprobs))
         # A stopped row is never sampled again, so its history column only has to hold a real token.
@@ -140,6 +152,20 @@ class _Decoding:
         self.steps += 1
         self._drop_stopped_rows()
         return tokens, emitted, logprobs
+
+    def _draw_live_rows(self, logits: Tensor, live: Tensor, column: int) -> tuple[Tensor, Tensor]:
+        """Each row still going draws from its own stream; stopped rows draw nothing (their output is
+        discarded), so a row consumes exactly one draw per token it emits, wherever it sits."""
+        sampled = torch.full((logits.shape[0],), self.pad_id, dtype=torch.long, device=logits.device)
+        picked = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        rows = live.nonzero().squeeze(1)
+        if rows.numel():
+            generators = [self.row_rngs[i] for i in self.active[rows].tolist()]
+            tokens, logprobs = draw_next_tokens(
+                logits[rows], self.sampling, None, self.history[rows, :column], row_generators=generators
+            )
+            sampled[rows], picked[rows] = tokens, logprobs
+        return sampled, picked
 
     def _drop_stopped_rows(self) -> None:
         live = ~self.finished[self.active]
@@ -192,12 +218,25 @@ class BatchedGenerator:
         return HFDecoder(self.model, batch, total_len, self.device)
 
     def generate_ids(
-        self, prompt_ids: list[list[int]], sampling: SamplingConfig, seed: int | None = None
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        seed: int | None = None,
+        row_seeds: list[int] | None = None,
     ) -> Rollout:
-        """Sample one response per prompt (token ids in, token ids and texts out)."""
+        """Sample one response per prompt (token ids in, token ids and texts out).
+
+        `seed` seeds one stream for the whole call (the sample of a row then depends on the batch it
+        is in). `row_seeds` (one per prompt, used instead of `seed`) gives every row a stream of its
+        own: a row's response is then a function of its prompt, its seed and the weights only, the
+        same whether it is generated alone, in a batch of any composition, or split over processes
+        (up to float noise in the logits that a different batch shape can cause).
+        """
         prompts = [list(map(int, p)) for p in prompt_ids]
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if row_seeds is not None and len(row_seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(row_seeds)} row seeds")
         responses: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         ended = [False] * len(prompts)
@@ -208,7 +247,8 @@ class BatchedGenerator:
             chunk = order[start : start + self.max_batch_size]
             steps = []
             with _inference(self.model):
-                decoding = _Decoding(self, [prompts[i] for i in chunk], sampling, rng_seed)
+                chunk_seeds = None if row_seeds is None else [row_seeds[i] for i in chunk]
+                decoding = _Decoding(self, [prompts[i] for i in chunk], sampling, rng_seed, chunk_seeds)
                 while not decoding.done:
                     steps.append(decoding.advance())
             tokens = torch.stack([t for t, _, _ in steps], 1).tolist()

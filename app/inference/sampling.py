@@ -104,11 +104,16 @@ def draw_next_tokens(
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
     previous_tokens: Tensor | None = None,
+    row_generators: list[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sample_next_tokens` and the log-probability (B,) of each picked token under the distribution it
     was drawn from: after the penalty, temperature and the renormalised nucleus; 0 for a greedy pick.
 
     PPO trains on the log-probs of the distribution that sampled; these let it check that it does.
+
+    With `row_generators` (one per row, used instead of `generator`) each row draws from its own
+    stream, once per call, looking only at its own logits: a row's token then depends on its own
+    generator and distribution alone, not on which other rows share the batch.
     """
     scores = logits.float()
     if previous_tokens is not None and sampling.repetition_penalty != 1.0:
@@ -118,6 +123,8 @@ def draw_next_tokens(
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     tempered = scores / sampling.temperature
     probs = torch.softmax(tempered, dim=-1)
+    if row_generators is not None:
+        return _draw_per_row(probs, tempered, sampling.top_p, row_generators)
     if sampling.top_p >= 1.0:
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         # log-softmax at the picked token, without a second (B, V) tensor
@@ -128,3 +135,32 @@ def draw_next_tokens(
     kept = weights.gather(-1, choice).squeeze(-1)
     logprobs = torch.log(kept) - torch.log(weights.sum(-1))
     return ids.gather(-1, choice).squeeze(-1), logprobs
+
+
+def _draw_per_row(
+    probs: Tensor, tempered: Tensor, top_p: float, generators: list[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """One draw per row, each from its own generator, by the exponential race `torch.multinomial`
+    itself uses for one sample: token = argmax(p / q) with q ~ Exp(1), one q per vocabulary entry.
+
+    Every draw consumes exactly V numbers from the row's stream, whatever the nucleus: a draw whose
+    count depended on the nucleus's width (`top_p_candidates` widens when the top tokens fall short)
+    would let a float-noise difference at the nucleus's edge shift every later draw of the row. The
+    nucleus is found row by row too, so nothing depends on the other rows.
+    """
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"{probs.shape[0]} rows but {len(generators)} row generators")
+    tokens = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    logprobs = torch.empty(probs.shape[0], dtype=torch.float32, device=probs.device)
+    for row, generator in enumerate(generators):
+        race = torch.empty_like(probs[row]).exponential_(1.0, generator=generator)
+        if top_p >= 1.0:
+            token = (probs[row] / race).argmax()
+            tokens[row] = token
+            logprobs[row] = tempered[row, token] - torch.logsumexp(tempered[row], dim=-1)
+            continue
+        weights, ids = top_p_candidates(probs[row : row + 1], top_p)
+        choice = (weights[0] / race[ids[0]]).argmax()
+        tokens[row] = ids[0, choice]
+        logprobs[row] = torch.log(weights[0, choice]) - torch.log(weights[0].sum())
+    return tokens, logprobs

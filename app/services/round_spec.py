@@ -154,6 +154,8 @@ class PPOSection(Section):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSection | None = None
+    sharding: str = "full_shard"
+    rollout_engine: str = "builtin"
 
 
 class DPOSection(Section):

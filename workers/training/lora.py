@@ -272,6 +272,39 @@ def save_policy_folder(model: nn.Module, tokenizer, dest: Path, adapter: str | N
     tokenizer.save_pretrained(str(dest))
 
 
+def merged_causal_lm_state(
+    state: dict[str, Tensor], settings: LoraSettings | None, adapter: str | None
+) -> dict[str, Tensor]:
+    """A causal LM's state dict with Hugging Face names and `adapter` merged in, from the state dict
+    of the model as trained: a plain model (returned as it is) or a PeftModel (`base_model.model.*`).
+
+    For a LoRA layer the merged weight is base + (alpha / r) * B @ A, what peft's `merge_and_unload`
+    computes; other adapters on the same base (PPO's critic), and heads outside the causal LM, are
+    left out. This is the form a separate generation copy of the policy loads after each step.
+    """
+    if settings is None:
+        return dict(state)
+    prefix = "base_model.model."
+    scaling = settings.alpha / settings.r
+    out: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if not name.startswith(prefix) or ".lora_" in name or ".modules_to_save." in name:
+            continue
+        name = name[len(prefix) :]
+        if name.endswith(".base_layer.weight"):
+            module = name[: -len(".base_layer.weight")]
+            a = state.get(f"{prefix}{module}.lora_A.{adapter}.weight")
+            b = state.get(f"{prefix}{module}.lora_B.{adapter}.weight")
+            if a is not None and b is not None:
+                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+            out[f"{module}.weight"] = value
+        elif ".base_layer." in name:
+            out[name.replace(".base_layer.", ".")] = value
+        else:
+            out[name.replace(".original_module.", ".")] = value
+    return out
+
+
 class TrainableState(nn.Module):
     """A module whose state dict is exactly the trained parameters (the same tensors, not copies).
 

@@ -3,8 +3,9 @@
 One *step* = sample a rollout batch from the current policy, score it, and make one PPO epoch over
 that small on-policy buffer in mini-batches. Per step:
 
-1. generate responses with the batched KV-cache generator from the policy's own distribution at the
-   rollout temperature (no top-p, no repetition penalty: see `RolloutSampling`);
+1. generate responses from the policy's own distribution at the rollout temperature (no top-p, no
+   repetition penalty: see `RolloutSampling`), each row from its own seeded stream, with a rollout
+   engine (`rollout_engines`: the batched KV-cache generator, or vLLM);
 2. score each (prompt, response) with the reward model (or a Python reward function), standardise
    with the reward model's held-out statistics, subtract a penalty from responses that never emitted
    EOS (the reward model cannot see a cut-off answer: it re-renders the text through the chat
@@ -27,17 +28,22 @@ is one base. Full fine-tuning loads four separate models.
 Collapse guards (MOSS §5.2: KL to the reference, response length and repetition move before the
 reward does) stop the run and reject the candidate with the reason in `PPOResult.rejected_reason`.
 Checkpoints every N steps; a rerun with the same checkpoint folder resumes bit-for-bit.
+
+Under torch.distributed the same code runs on N processes (`PPORun` says how the work is split):
+the trained models are sharded with FSDP2, each process samples and scores its share of the rows,
+and everything computed over the whole batch is computed from the gathered buffer, so N processes
+train as one does with the same global batch (docs/training.md, "PPO across processes").
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +53,18 @@ from torch import Tensor, nn
 
 from app.common.files import atomic_publish
 from app.common.reporting import Reporter, RunCancelled
-from app.inference.generator import BatchedGenerator
 from app.inference.sampling import SamplingConfig
 from workers.training import ppo_math as pm
 from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.training.config import TrainerConfig
+from workers.training.distributed import (
+    STRATEGIES,
+    ProcessGroup,
+    current_group,
+    full_state_dict,
+    grad_norm_value,
+    shard_model,
+)
 from workers.training.lora import (
     LoraSettings,
     TokenBatch,
@@ -62,9 +75,9 @@ from workers.training.lora import (
     disable_dropout,
     freeze,
     hf_model,
+    merged_causal_lm_state,
     pack,
     prompt_token_ids,
-    resolve_device,
     resolve_dtype,
     response_hidden,
     response_logprobs,
@@ -73,6 +86,13 @@ from workers.training.lora import (
 )
 from workers.training.ppo_guards import CollapseGuards, GuardSettings
 from workers.training.reward import score
+from workers.training.rollout_engines import (
+    ENGINES,
+    BuiltinEngine,
+    RolloutEngine,
+    load_generation_copy,
+    make_rollout_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +205,19 @@ class PPOConfig(TrainerConfig):
     device: str = "auto"  # "auto": CUDA if present, else CPU
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     lora: LoraSettings | None = None  # None = full fine-tuning
+    # --- across processes (a single process ignores both)
+    # FSDP2 sharding of the trained models: full_shard (ZeRO-3) or shard_grad_op (ZeRO-2: parameters
+    # stay gathered between forward and backward; more memory, less communication)
+    sharding: str = "full_shard"
+    # What samples the rollouts (workers/training/rollout_engines.py): "builtin", the project's batched
+    # generator (on a copy of the policy when it is sharded), or "vllm" on GPU hosts that have it
+    rollout_engine: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.sharding not in STRATEGIES:
+            raise ValueError(f"unknown sharding {self.sharding!r}; known: {', '.join(STRATEGIES)}")
+        if self.rollout_engine not in ENGINES:
+            raise ValueError(f"unknown rollout engine {self.rollout_engine!r}; known: {', '.join(ENGINES)}")
 
 
 @dataclass
@@ -204,8 +237,77 @@ class CollapseDetected(RuntimeError):
 # --- models -----------------------------------------------------------------------------------
 
 
+class TrainedModel(nn.Module):
+    """One trained model (and the value head that reads it) as a module whose methods are its forward
+    passes: the unit PPO shards over processes.
+
+    Under FSDP2 the parameters outside the transformer blocks (embeddings, final norm, heads, the value
+    bias) belong to the root module and are gathered by the root's forward hooks, so every pass must
+    enter through the root: the critic's backbone-plus-head, the reference as the policy with its
+    adapters off, the reward model as the critic's base. `FORWARDS` are registered as forward methods
+    of the sharded root (`register_fsdp_forward_method`); in one process they are plain methods.
+    """
+
+    FORWARDS = ("logprobs", "reference_logprobs", "values", "reward_scores")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float,
+        compute: Callable[[], Any],
+        value_head: nn.Module | None = None,
+        value_bias: nn.Parameter | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.value_head = value_head
+        self.value_bias = value_bias
+        self.temperature = temperature
+        self._compute = compute
+
+    def logprobs(self, batch: TokenBatch, temperature: float | None = None) -> tuple[Tensor, Tensor]:
+        """(response log-probs, logits) of the active adapter at the rollout temperature (or `temperature`)."""
+        with self._compute():
+            return response_logprobs(
+                self.model, batch, self.temperature if temperature is None else temperature
+            )
+
+    def reference_logprobs(self, batch: TokenBatch) -> Tensor:
+        """Log-probs with every adapter off: the base the LoRA policy started from."""
+        with self.model.disable_adapter(), self._compute():
+            return response_logprobs(self.model, batch, self.temperature)[0]
+
+    def values(self, batch: TokenBatch) -> Tensor:
+        head = self.value_head if self.value_head is not None else hf_model(self.model).score
+        with self._compute():
+            return head(response_hidden(self.model, batch)).squeeze(-1).float() + self.value_bias
+
+    def reward_scores(self, tokenizer, messages: list[list[dict]], texts: list[str]) -> Tensor:
+        """The reward model's raw scores: the critic's base with its adapter off (original score head)."""
+        with self.model.disable_adapter():
+            return score(self.model, tokenizer, messages, texts)
+
+
+def _shard(root: TrainedModel, group: ProcessGroup, strategy: str) -> None:
+    """Shard `root` over the group (a no-op in a group of one) with its methods as forward passes."""
+    if not group.distributed:
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    shard_model(root, group, strategy)
+    for name in TrainedModel.FORWARDS:
+        register_fsdp_forward_method(root, name)
+
+
 class PPOModels:
-    """Policy, reference, critic and reward, with the LoRA adapter bookkeeping behind five methods."""
+    """Policy, reference, critic and reward, with the LoRA adapter bookkeeping behind five methods.
+
+    Across processes the trained models (the policy, the critic; in LoRA mode the base they sit on) are
+    sharded with FSDP2, each behind one `TrainedModel` root. The frozen reference and reward model of
+    full fine-tuning stay whole on every process: they take no gradients and no optimiser state, so
+    sharding them would save only their weights while adding an all-gather to each of their forward
+    passes, and whole they need no collective, so every process scores its own rows independently.
+    """
 
     POLICY, CRITIC = "policy", "critic"
 
@@ -217,9 +319,12 @@ class PPOModels:
         config: PPOConfig,
         device: torch.device,
         dtype: torch.dtype,
+        group: ProcessGroup | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+        group = group if group is not None else current_group()
+        self.sharded = group.distributed
         self.device, self.lora, self.dtype = device, config.lora, dtype
         # Every log-prob PPO uses is of the tempered distribution the rollouts were drawn from.
         self.temperature = config.sampling.temperature
@@ -233,7 +338,8 @@ class PPOModels:
         self.shared_base = False  # LoRA with a reward function: one base for everything
         self.value_head: nn.Module | None = None
         # The critic's output offset: the score heads have no bias, and the reward map has a shift.
-        self.value_bias = nn.Parameter(torch.zeros((), device=device))
+        # One element rather than a scalar: FSDP2 shards along the first dimension.
+        self.value_bias = nn.Parameter(torch.zeros(1, device=device))
 
         # Weights that full fine-tuning updates stay float32 (bf16 would round small updates away);
         # frozen weights, a LoRA base included, are held in the compute dtype.
@@ -292,17 +398,37 @@ class PPOModels:
             self.value_head = nn.Linear(hidden, 1, bias=False, device=device)
             nn.init.zeros_(self.value_head.weight)
 
+        self._collect_trainable()
+        for param in self.all_trainable():  # adapters and head copies train in float32
+            param.data = param.data.float()
+        if self.reward_fn is None:
+            self._fold_reward_map_into_critic()
+
+        # The roots every forward pass of a trained model enters through (see `TrainedModel`).
+        if self.shared_base:
+            self.actor = self.critic_root = TrainedModel(
+                self.policy, self.temperature, self.compute, self.value_head, self.value_bias
+            )
+        else:
+            self.actor = TrainedModel(self.policy, self.temperature, self.compute)
+            self.critic_root = TrainedModel(
+                self.critic, self.temperature, self.compute, None, self.value_bias
+            )
+        for root in {id(r): r for r in (self.actor, self.critic_root)}.values():
+            _shard(root, group, config.sharding)
+        # Sharding replaces the parameters (DTensors on each process's share): collect them again.
+        self._collect_trainable()
+        self.value_bias = self.critic_params["critic.value_bias"]
+        self.activate_policy()
+
+    def _collect_trainable(self) -> None:
         # Keys carry the role: in full fine-tuning both models have a `model.embed_tokens.weight`.
         self.policy_params = {f"policy.{n}": p for n, p in self._trainable(self.policy, self.POLICY).items()}
         self.critic_params = {f"critic.{n}": p for n, p in self._trainable(self.critic, self.CRITIC).items()}
         if self.value_head is not None:
             self.critic_params["critic.value_head.weight"] = self.value_head.weight
-        self.critic_params["critic.value_bias"] = self.value_bias
-        for param in self.all_trainable():  # adapters and head copies train in float32
-            param.data = param.data.float()
-        if self.reward_fn is None:
-            self._fold_reward_map_into_critic()
-        self.activate_policy()
+        bias = getattr(self, "critic_root", None)
+        self.critic_params["critic.value_bias"] = bias.value_bias if bias is not None else self.value_bias
 
     def _fold_reward_map_into_critic(self) -> None:
         """Put the critic on the scale of the rewards it predicts (MOSS-RLHF §5.4: a critic that starts
@@ -329,9 +455,24 @@ class PPOModels:
     def all_trainable(self) -> list[nn.Parameter]:
         return [*self.policy_params.values(), *self.critic_params.values()]
 
+    def _kept_trainable(self) -> list[nn.Parameter]:
+        """What must stay trainable across an adapter switch: the optimised parameters and, when the
+        models are sharded, the same parameters as the modules hold them now (with `shard_grad_op`,
+        FSDP2's gathered copies between forward and backward; those are what peft's switch freezes)."""
+        kept = self.all_trainable()
+        if not self.sharded:
+            return kept
+        names = {"model." + n.split(".", 1)[1] for n in self.policy_params}
+        names |= {
+            "model." + n.split(".", 1)[1] for n in self.critic_params if not n.startswith("critic.value_")
+        }
+        names |= {"value_head.weight", "value_bias"}
+        roots = {id(r): r for r in (self.actor, self.critic_root)}.values()
+        return kept + [p for root in roots for n, p in root.named_parameters() if n in names]
+
     def activate_policy(self) -> None:
         if self.lora is not None:
-            activate_adapter(self.policy, self.POLICY, self.all_trainable())
+            activate_adapter(self.policy, self.POLICY, self._kept_trainable())
 
     def compute(self):
         """Autocast to the compute dtype where it is not float32 (GPU default: bf16)."""
@@ -339,25 +480,24 @@ class PPOModels:
 
     def policy_logprobs(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
         self.activate_policy()
-        with self.compute():
-            return response_logprobs(self.policy, batch, self.temperature)
+        return self.actor.logprobs(batch)
+
+    def ptx_logprobs(self, batch: TokenBatch) -> Tensor:
+        """Log-probs of reference answers under the plain LM (temperature 1), for the ptx loss."""
+        self.activate_policy()
+        return self.actor.logprobs(batch, temperature=1.0)[0]
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch) -> Tensor:
         if self.reference is not None:
             with self.compute():
                 return response_logprobs(self.reference, batch, self.temperature)[0]
-        with self.policy.disable_adapter(), self.compute():
-            return response_logprobs(self.policy, batch, self.temperature)[0]
+        return self.actor.reference_logprobs(batch)
 
     def values(self, batch: TokenBatch) -> Tensor:
         if self.shared_base:
-            activate_adapter(self.critic, self.CRITIC, self.all_trainable())
-            head = self.value_head
-        else:
-            head = hf_model(self.critic).score
-        with self.compute():
-            values = head(response_hidden(self.critic, batch)).squeeze(-1).float() + self.value_bias
+            activate_adapter(self.critic, self.CRITIC, self._kept_trainable())
+        values = self.critic_root.values(batch)
         if self.shared_base:
             self.activate_policy()
         return values
@@ -369,8 +509,9 @@ class PPOModels:
         """Raw reward per response (the RM's score or the reward function's value)."""
         if self.reward_fn is not None:
             return torch.tensor([float(x) for x in self.reward_fn(prompt_texts, texts, ids)])
-        off = self.reward_model.disable_adapter() if self.lora is not None else nullcontext()
-        with off:
+        if self.lora is not None:  # the critic's base: a sharded model, entered through its root
+            raw = self.critic_root.reward_scores(self.reward_tokenizer, messages, texts)
+        else:
             raw = score(self.reward_model, self.reward_tokenizer, messages, texts)
         return raw.detach().float().cpu()
 
@@ -423,7 +564,27 @@ def _answer_tokens(tokenizer, conversation: list[dict], max_tokens: int) -> tupl
     return head, answer
 
 
+def rollout_row_seed(seed: int, step: int, row: int) -> int:
+    """The sampling seed of row `row` of step `step`'s global rollout batch: a function of the three
+    alone, so a row draws the same response in one process or many, and after a resume."""
+    digest = hashlib.blake2b(f"ppo-rollout:{seed}:{step}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63
+
+
 class PPORun:
+    """One PPO-max run, the same code in one process and in many.
+
+    Across N processes: each takes a contiguous 1/N share of every step's rollout rows (generation,
+    scoring, the no-grad passes), then the step's whole buffer is gathered onto every process
+    (token ids, sampler log-probs, scores; small next to the models), so every number that depends
+    on the whole batch (the running reward moments, GAE, advantage whitening, the rollout metrics the
+    guards read) is computed from the same data in the same order on every process, exactly as one
+    process computes it. Mini-batches are drawn from one seeded permutation of the global buffer, the
+    same as in one process; each process trains on its contiguous share of every mini-batch, with its
+    loss divided by the mini-batch's global token count and multiplied by N (FSDP2 averages gradients),
+    so the summed update is the one-process update.
+    """
+
     def __init__(
         self,
         policy_path: Path,
@@ -433,6 +594,7 @@ class PPORun:
         config: PPOConfig,
         reporter: Reporter,
         ptx_conversations: list[list[dict]] | None = None,
+        group: ProcessGroup | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
@@ -441,19 +603,36 @@ class PPORun:
                 f"ptx_coef is {config.ptx_coef} but there are no reference answers to compute the ptx loss "
                 "on: give prompts a 'reference' answer, or set ptx_coef to 0"
             )
+        self.group = group if group is not None else current_group()
+        # Every process runs the same number of forward passes on the sharded models (a pass is a
+        # collective under FSDP2), so every share of every batch must be the same size.
+        self.group.require_divisible(config.rollout_batch_size, "policy.rollout_batch_size")
+        self.group.require_divisible(config.mini_batch_size, "policy.mini_batch_size")
+        if config.ptx_coef > 0:
+            self.group.require_divisible(config.ptx_batch_size, "policy.ptx_batch_size")
         self.config, self.reporter = config, reporter
-        self.device = resolve_device(config.device)
+        self.device = self.group.device(config.device)
         return_freed_memory_to_os(self.device)
         torch.manual_seed(config.seed)
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.policy_path = Path(policy_path)
+        # vLLM checks at start-up that its share of the GPU is free, so it comes before the models; the
+        # builtin engine generates with the policy itself (one process) or a copy of it.
+        engine_first = config.rollout_engine != "builtin"
+        if engine_first:
+            self.engine = self._make_engine(None, dtype)
         self.models = PPOModels(
             Path(policy_path),
             Path(reference_path) if reference_path else None,
             reward,
             config,
             self.device,
-            resolve_dtype(config.dtype, self.device),
+            dtype,
+            self.group,
         )
         tok = self.models.tokenizer
+        if not engine_first:
+            self.engine = self._make_engine(self.models.policy, dtype)
         self.prompts = prompts
         self.prompt_ids = [prompt_token_ids(tok, m, config.max_prompt_tokens) for m in prompts]
         self.prompt_texts = [tok.decode(ids) for ids in self.prompt_ids]
@@ -462,7 +641,8 @@ class PPORun:
             if config.ptx_coef > 0
             else []
         )
-        self.generator = BatchedGenerator(self.models.policy, tok, self.device)
+        # This process's rows of every rollout batch (global row indices, contiguous).
+        self.rows = self.group.shard(list(range(config.rollout_batch_size)))
 
         self.optimizer = torch.optim.AdamW(
             [
@@ -501,6 +681,25 @@ class PPORun:
         )
         self.updates = 0
 
+    def _make_engine(self, policy: nn.Module | None, dtype: torch.dtype) -> RolloutEngine:
+        from transformers import AutoTokenizer
+
+        tokenizer = (
+            AutoTokenizer.from_pretrained(str(self.policy_path)) if policy is None else self.models.tokenizer
+        )
+        # The builtin copy holds the policy as it is trained (full fine-tuning in float32, a LoRA base
+        # in the compute dtype); vLLM generates in the compute dtype.
+        builtin_full = self.config.rollout_engine == "builtin" and self.config.lora is None
+        return make_rollout_engine(
+            self.config.rollout_engine,
+            policy=policy,
+            tokenizer=tokenizer,
+            model_path=self.policy_path,
+            device=self.device,
+            dtype=torch.float32 if builtin_full else dtype,
+            group=self.group,
+        )
+
     def _lr(self, lr: float) -> float:
         return lr * self.config.lora.lr_scale if self.config.lora is not None else lr
 
@@ -520,24 +719,51 @@ class PPORun:
 
     # -- 1-2: rollout and scores
 
+    def refresh_engine(self) -> None:
+        """Give a separate generation engine the policy's current weights (a collective: every process
+        gathers the full policy, merges LoRA into it, and loads it into its own engine)."""
+        if self.engine.shares_training_weights:
+            return
+        state = full_state_dict(self.models.actor, self.group)
+        prefix = "model."
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        adapter = PPOModels.POLICY if self.config.lora is not None else None
+        self.engine.load_weights(merged_causal_lm_state(state, self.config.lora, adapter))
+
     @torch.no_grad()
     def rollout(self, step: int) -> Experience:
-        cfg, models, tok = self.config, self.models, self.models.tokenizer
+        cfg, models, tok, group = self.config, self.models, self.models.tokenizer, self.group
         idx = self._prompt_indices(step)
-        prompt_ids = [self.prompt_ids[i] for i in idx]
+        mine = [idx[r] for r in self.rows]
+        self.refresh_engine()
         started = time.perf_counter()
         models.activate_policy()
-        out = self.generator.generate_ids(
-            prompt_ids, cfg.sampling.sampling_config(), seed=cfg.seed * 1_000_003 + step
+        out = self.engine.generate_ids(
+            [self.prompt_ids[i] for i in mine],
+            cfg.sampling.sampling_config(),
+            row_seeds=[rollout_row_seed(cfg.seed, step, r) for r in self.rows],
         )
         generation_seconds = time.perf_counter() - started
         responses = [list(r) for r in out.response_ids]
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        ended = torch.tensor([bool(e) for e in out.ended_with_eos])
-
         raw = models.scores(
-            [self.prompts[i] for i in idx], [self.prompt_texts[i] for i in idx], texts, responses
+            [self.prompts[i] for i in mine], [self.prompt_texts[i] for i in mine], texts, responses
         )
+        # The whole step's buffer on every process, in global row order (shares are contiguous).
+        shares = group.gather_objects(
+            (
+                responses,
+                [bool(e) for e in out.ended_with_eos],
+                [list(lp) for lp in out.logprobs],
+                raw.tolist(),
+            )
+        )
+        responses = [r for share in shares for r in share[0]]
+        ended = torch.tensor([e for share in shares for e in share[1]])
+        sampled = [lp for share in shares for lp in share[2]]
+        raw = torch.tensor([x for share in shares for x in share[3]], dtype=torch.float32)
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+
         scale, shift = pm.reward_affine(models.reward_stats)
         scores = raw * scale + shift
         if cfg.missing_eos_penalty is not None:
@@ -547,19 +773,20 @@ class PPORun:
         elif cfg.reward_clip:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
 
-        batch = pack(prompt_ids, responses, tok.pad_token_id).to(self.device)
+        batch = pack([self.prompt_ids[i] for i in idx], responses, tok.pad_token_id).to(self.device)
         ref = self._chunked(models.reference_logprobs, batch)
         width = batch.response_width
-        sampler = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in out.logprobs], device=self.device)
+        sampler = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in sampled], device=self.device)
         return Experience(
             batch, ended, raw, scores.to(self.device), ref, sampler, responses, texts, generation_seconds
         )
 
     def _chunked(self, fn: Callable[[TokenBatch], Tensor], batch: TokenBatch) -> Tensor:
-        size = self.config.forward_batch_size
-        rows = batch.input_ids.shape[0]
-        parts = [fn(batch.select(list(range(i, min(i + size, rows))))) for i in range(0, rows, size)]
-        return torch.cat(parts)
+        """`fn` over this process's rows of the global `batch` in chunks of `forward_batch_size`, then
+        every process's results in global row order (the same number of chunks on every process)."""
+        size, rows = self.config.forward_batch_size, self.rows
+        parts = [fn(batch.select(rows[i : i + size])) for i in range(0, len(rows), size)]
+        return self.group.cat(torch.cat(parts))
 
     # -- 3-4: rewards, GAE, whitening
 
@@ -577,19 +804,23 @@ class PPORun:
     # -- 5: the PPO epoch
 
     def update(self, exp: Experience, step: int) -> dict[str, float]:
-        cfg, models, mask = self.config, self.models, exp.batch.response_mask
+        cfg, models, mask, group = self.config, self.models, exp.batch.response_mask, self.group
         train_policy = step >= min(cfg.critic_warmup_steps, cfg.steps // 2)
         rows = mask.shape[0]
+        mine = torch.tensor(self.rows, dtype=torch.long, device=self.device)
+        tokens = mask.sum().item()
         stats: list[dict[str, float]] = []
         # With one epoch and one mini-batch the rollout-time log-probs and values are exactly those of
         # the training forward pass (same weights, no dropout), so one pass serves both.
         single_pass = cfg.ppo_epochs == 1 and cfg.mini_batch_size >= rows
         if single_pass:
+            local = exp.batch.select(mine)
             with torch.set_grad_enabled(train_policy):
-                logprobs, logits = models.policy_logprobs(exp.batch)
-            values = models.values(exp.batch)
-            old_logprobs, old_values = logprobs.detach(), values.detach()
-            entropy = pm.masked_mean(pm.entropy_from_logits(logits.detach()), mask).item()
+                logprobs, logits = models.policy_logprobs(local)
+            values = models.values(local)
+            old_logprobs, old_values = group.cat(logprobs.detach()), group.cat(values.detach())
+            entropy_sum = pm.masked_sum(pm.entropy_from_logits(logits.detach()), local.response_mask)
+            entropy = group.sum(entropy_sum.reshape(1)).item() / max(tokens, 1.0)
             if cfg.entropy_coef <= 0:
                 del logits  # (B, R, V): only the entropy bonus needs it
                 logits = None
@@ -597,34 +828,39 @@ class PPORun:
             stats.append(
                 self._optimise(
                     exp,
-                    None,
+                    mine,
                     logprobs,
                     logits,
                     values,
-                    old_logprobs,
-                    old_values,
-                    advantages,
-                    returns,
+                    old_logprobs[mine],
+                    old_values[mine],
+                    advantages[mine],
+                    returns[mine],
                     train_policy,
                 )
             )
         else:
             with torch.no_grad():
-                old_logprobs, entropy_sum = [], 0.0
-                for i in range(0, rows, cfg.forward_batch_size):
-                    part = exp.batch.select(list(range(i, min(i + cfg.forward_batch_size, rows))))
+                entropy_sum = torch.zeros(1, device=self.device)
+
+                def old_policy(part: TokenBatch) -> Tensor:
+                    nonlocal entropy_sum
                     lp, logits = models.policy_logprobs(part)
-                    old_logprobs.append(lp)
-                    entropy_sum += pm.masked_sum(pm.entropy_from_logits(logits), part.response_mask).item()
-                old_logprobs = torch.cat(old_logprobs)
-                entropy = entropy_sum / max(mask.sum().item(), 1.0)
+                    entropy_sum += pm.masked_sum(pm.entropy_from_logits(logits), part.response_mask)
+                    return lp
+
+                old_logprobs = self._chunked(old_policy, exp.batch)
+                entropy = group.sum(entropy_sum).item() / max(tokens, 1.0)
                 old_values = self._chunked(models.values, exp.batch)
             advantages, returns, kl = self.advantages(exp, old_logprobs, old_values)
+            # One permutation of the global buffer, as in one process; each process trains on its
+            # contiguous share of every mini-batch (equal shares: both sizes divide by the process count).
             gen = torch.Generator().manual_seed(cfg.seed * 31 + step)
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(rows, generator=gen)
                 for start in range(0, rows, cfg.mini_batch_size):
-                    sel = order[start : start + cfg.mini_batch_size].to(self.device)
+                    minibatch = order[start : start + cfg.mini_batch_size].to(self.device)
+                    sel = torch.stack(group.shard(minibatch))
                     mb = exp.batch.select(sel)
                     with torch.set_grad_enabled(train_policy):
                         logprobs, logits = models.policy_logprobs(mb)
@@ -641,6 +877,7 @@ class PPORun:
                             advantages[sel],
                             returns[sel],
                             train_policy,
+                            mask[minibatch].sum().item(),
                         )
                     )
         merged = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
@@ -652,7 +889,7 @@ class PPORun:
     def _optimise(
         self,
         exp: Experience,
-        rows: Tensor | None,
+        rows: Tensor,
         logprobs: Tensor,
         logits: Tensor | None,
         values: Tensor,
@@ -661,58 +898,68 @@ class PPORun:
         advantages: Tensor,
         returns: Tensor,
         train_policy: bool,
+        minibatch_tokens: float | None = None,
     ) -> dict[str, float]:
-        cfg = self.config
-        mask = exp.batch.response_mask if rows is None else exp.batch.response_mask[rows]
-        policy = pm.clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_ratio)
-        value = pm.clipped_value_loss(values, old_values, returns, mask, cfg.clip_value)
+        """One optimiser step on this process's `rows` of a mini-batch with `minibatch_tokens` response
+        tokens in all (default: the whole buffer's). Every term is this process's share of the
+        mini-batch mean; the shares' sum over processes is the one-process loss, and the reported
+        numbers are those sums, the same on every process."""
+        cfg, world = self.config, self.group.world_size
+        mask = exp.batch.response_mask[rows]
+        count = exp.batch.response_mask.sum().item() if minibatch_tokens is None else minibatch_tokens
+        policy = pm.clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.clip_ratio, count)
+        value = pm.clipped_value_loss(values, old_values, returns, mask, cfg.clip_value, count)
         loss = cfg.value_loss_coef * value.loss
-        out = {
-            "policy_loss": policy.loss.item(),
-            "value_loss": value.loss.item(),
-            "policy_clipfrac": policy.clip_fraction.item(),
-            "value_clipfrac": value.clip_fraction.item(),
-            "approx_kl": policy.approx_kl.item(),
-            "ratio_mean": policy.ratio_mean.item(),
-        }
+        names = ["policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "ratio_mean"]
+        parts = [policy.loss, value.loss, policy.clip_fraction, value.clip_fraction, policy.approx_kl]
+        parts.append(policy.ratio_mean)
         if train_policy:
             loss = loss + policy.loss
             if cfg.entropy_coef > 0 and logits is not None:
-                entropy = pm.masked_mean(pm.entropy_from_logits(logits), mask)
+                entropy = pm.share_of_mean(pm.entropy_from_logits(logits), mask, count)
                 loss = loss - cfg.entropy_coef * entropy
-                out["entropy_bonus"] = entropy.item()
+                names.append("entropy_bonus")
+                parts.append(entropy)
             if cfg.ptx_coef > 0:
                 ptx = self._ptx_loss()
                 loss = loss + cfg.ptx_coef * ptx
-                out["ptx_loss"] = ptx.item()
-        out["loss"] = loss.item()
-        if not torch.isfinite(loss):
-            raise CollapseDetected(f"non-finite loss ({loss.item()}) at update {self.updates}")
+                names.append("ptx_loss")
+                parts.append(ptx)
+        names.append("loss")
+        parts.append(loss)
+        totals = self.group.sum(torch.stack([p.detach().float().reshape(()) for p in parts])).tolist()
+        out = dict(zip(names, totals, strict=True))
+        if not math.isfinite(out["loss"]):
+            raise CollapseDetected(f"non-finite loss ({out['loss']}) at update {self.updates}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.models.all_trainable(), cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
+        # FSDP2 averages gradients over the processes; the shares must add up, so undo the average.
+        (loss * world if world > 1 else loss).backward()
+        grad_norm = grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(self.models.all_trainable(), cfg.max_grad_norm)
+        )
+        if not math.isfinite(grad_norm):
             raise CollapseDetected(f"non-finite gradient norm at update {self.updates}")
         self.optimizer.step()
         self.scheduler.step()
         self.updates += 1
-        out["grad_norm"] = grad_norm.item()
+        out["grad_norm"] = grad_norm
         return out
 
     def _ptx_loss(self) -> Tensor:
         """LM loss (mean negative log-likelihood) of a few reference answers given their prompts
-        (PPO-ptx), cycling through them in a seeded order; the prompt tokens are not predicted."""
+        (PPO-ptx), cycling through them in a seeded order; the prompt tokens are not predicted. Each
+        process scores its share of the picked answers; the result is its share of the mean."""
         cfg = self.config
         order = list(range(len(self.ptx)))
         random.Random(cfg.seed + 17).shuffle(order)
         start = self.updates * cfg.ptx_batch_size
         picked = [self.ptx[order[(start + j) % len(order)]] for j in range(cfg.ptx_batch_size)]
-        batch = pack([p for p, _ in picked], [a for _, a in picked], self.models.tokenizer.pad_token_id)
+        count = sum(len(a) for _, a in picked)
+        mine = self.group.shard(picked)
+        batch = pack([p for p, _ in mine], [a for _, a in mine], self.models.tokenizer.pad_token_id)
         batch = batch.to(self.device)
-        self.models.activate_policy()
-        with self.models.compute():
-            logprobs, _ = response_logprobs(self.models.policy, batch)  # temperature 1: the plain LM
-        return -pm.masked_mean(logprobs, batch.response_mask)
+        logprobs = self.models.ptx_logprobs(batch)
+        return -pm.share_of_mean(logprobs, batch.response_mask, count)
 
     def _rollout_metrics(
         self,
@@ -766,14 +1013,35 @@ class PPORun:
         self.guards.load_state_dict(extra)
         return int(extra["step"])
 
-    def publish(self, output_dir: Path) -> str:
+    def publish(self, output_dir: Path) -> str | None:
+        """Write the policy as one plain Hugging Face folder (LoRA merged in), atomically; returns its
+        sha256 on every process. Across processes every one gathers the full policy (a collective) and
+        the first alone writes; the others wait for it at a barrier."""
         adapter = PPOModels.POLICY if self.config.lora is not None else None
         self.models.activate_policy()
+        if not self.group.distributed:
 
-        def build(folder: Path) -> None:
-            save_policy_folder(self.models.policy, self.models.tokenizer, folder, adapter=adapter)
+            def build(folder: Path) -> None:
+                save_policy_folder(self.models.policy, self.models.tokenizer, folder, adapter=adapter)
 
-        return atomic_publish(build, Path(output_dir))
+            return atomic_publish(build, Path(output_dir))
+
+        state = full_state_dict(self.models.actor, self.group)
+        sha = None
+        if self.group.is_main:
+            prefix = "model."
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            weights = merged_causal_lm_state(state, self.config.lora, adapter)
+            dtype = torch.float32 if self.config.lora is None else self.models.dtype
+            plain = load_generation_copy(self.policy_path, torch.device("cpu"), dtype)
+            BuiltinEngine(plain, self.models.tokenizer, torch.device("cpu"), False).load_weights(weights)
+
+            def build(folder: Path) -> None:
+                save_policy_folder(plain, self.models.tokenizer, folder)
+
+            sha = atomic_publish(build, Path(output_dir))
+        self.group.barrier()
+        return self.group.broadcast_object(sha)
 
 
 def train_ppo(
@@ -795,15 +1063,23 @@ def train_ppo(
     loss; required when `config.ptx_coef` > 0.
     A rerun with the same `checkpoint_dir` resumes from its latest checkpoint. A tripped collapse guard
     returns a result with `rejected_reason` set and publishes nothing.
+
+    Under torch.distributed (`current_group()` of several processes) every process calls this with the
+    same arguments; the first reports and publishes, and every process returns the same result.
     """
+    group = current_group()
+    reporter = group.reporter(reporter)
     reward = reward_fn_or_model if callable(reward_fn_or_model) else Path(reward_fn_or_model)
-    run = PPORun(Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_conversations)
+    run = PPORun(
+        Path(policy_path), reference_path, reward, prompts, config, reporter, ptx_conversations, group
+    )
     checkpoint_dir = Path(checkpoint_dir)
     start = 0
     resumed = None
-    last = latest_checkpoint(checkpoint_dir)
+    last = latest_checkpoint(checkpoint_dir, group)
     if last is not None:
-        start = resumed = run.load_state(load_checkpoint(last, run.trainables, run.optimizer, run.scheduler))
+        extra = load_checkpoint(last, run.trainables, run.optimizer, run.scheduler, group)
+        start = resumed = run.load_state(extra)
 
     metrics: dict[str, float] = {}
     step = start
@@ -842,6 +1118,7 @@ def train_ppo(
                     run.optimizer,
                     run.scheduler,
                     run.state(step + 1),
+                    group,
                 )
         step = config.steps
     except CollapseDetected as exc:

@@ -25,6 +25,17 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(values, mask, dim) / count.clamp(min=1.0)
 
 
+def share_of_mean(values: Tensor, mask: Tensor, count: float | Tensor | None) -> Tensor:
+    """This batch's share of a mean over `count` masked positions (`masked_mean` when None).
+
+    When several processes each hold part of a mini-batch, each divides its own sum by the token count
+    of the whole mini-batch: the shares then add up, over the processes, to the one-process mean.
+    """
+    if count is None:
+        return masked_mean(values, mask)
+    return masked_sum(values, mask) / max(float(count), 1.0)
+
+
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance over the masked positions; Bessel-corrected by default, as in MOSS/TRL whitening."""
     mask = mask.to(values.dtype)
@@ -111,18 +122,27 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip: float,
+    count: float | Tensor | None = None,
 ) -> PolicyLoss:
-    """PPO's pessimistic surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps))."""
+    """PPO's pessimistic surrogate: mean over tokens of max(-A r, -A clip(r, 1-eps, 1+eps)).
+
+    With `count`, every returned value is this batch's share of the mean over `count` tokens
+    (`share_of_mean`): a process holding part of a mini-batch passes the mini-batch's token count.
+    """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = share_of_mean(torch.maximum(unclipped, clipped), mask, count)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
-        kl = approx_kl(logprobs.detach(), old_logprobs, mask)
-        ratio_mean = masked_mean(ratio.detach(), mask)
+        clip_fraction = share_of_mean((clipped > unclipped).to(logprobs.dtype), mask, count)
+        kl = share_of_mean(kl_k3(old_logprobs, logprobs.detach()), mask, count)
+        ratio_mean = share_of_mean(ratio.detach(), mask, count)
     return PolicyLoss(loss, clip_fraction, kl, ratio_mean)
 
 
@@ -133,15 +153,21 @@ class ValueLoss:
 
 
 def clipped_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float,
+    count: float | Tensor | None = None,
 ) -> ValueLoss:
-    """0.5 * mean over tokens of max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)."""
+    """0.5 * mean over tokens of max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2); `count`
+    as in `clipped_policy_loss`."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * share_of_mean(torch.maximum(unclipped, clipped), mask, count)
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).to(values.dtype), mask)
+        clip_fraction = share_of_mean((clipped > unclipped).to(values.dtype), mask, count)
     return ValueLoss(loss, clip_fraction)
 
 

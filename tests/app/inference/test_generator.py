@@ -214,6 +214,45 @@ def test_seed_makes_sampling_reproducible(tiny):
     assert a.response_ids != c.response_ids
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["full", "nucleus"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])
+def test_row_seeds_make_a_rows_sample_independent_of_its_batch(tiny, top_p, fast):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    generator.use_fast_path = fast
+    # Eight prompts of different lengths (and a shared system turn for the fast path to share).
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS * 2]
+    seeds = [1000 + 7 * i for i in range(len(prompts))]
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=top_p, repetition_penalty=1.0)
+    whole = generator.generate_ids(prompts, sampling, row_seeds=seeds)
+    halves = [
+        generator.generate_ids(prompts[:4], sampling, row_seeds=seeds[:4]),
+        generator.generate_ids(prompts[4:], sampling, row_seeds=seeds[4:]),
+    ]
+    reversed_order = generator.generate_ids(prompts[::-1], sampling, row_seeds=seeds[::-1])
+    generator.max_batch_size = 3  # other chunks, other length sorting
+    chunked = generator.generate_ids(prompts, sampling, row_seeds=seeds)
+
+    split = [r for half in halves for r in half.response_ids]
+    assert split == whole.response_ids
+    assert reversed_order.response_ids[::-1] == whole.response_ids
+    assert chunked.response_ids == whole.response_ids
+    # The same prompt twice (rows i and i + 4) with different seeds: different samples.
+    assert whole.response_ids[:4] != whole.response_ids[4:]
+    split_logprobs = [lp for half in halves for lp in half.logprobs]
+    for a, b, c in zip(whole.logprobs, split_logprobs, chunked.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(c), rtol=0, atol=1e-5)
+
+
+def test_row_seeds_must_match_the_prompts(tiny):
+    model, tokenizer = tiny
+    generator = BatchedGenerator(model, tokenizer)
+    prompts = [generator.chat_prompt_ids(c) for c in CONVERSATIONS]
+    with pytest.raises(ValueError, match="4 prompts but 3 row seeds"):
+        generator.generate_ids(prompts, SamplingConfig(max_new_tokens=2), row_seeds=[1, 2, 3])
+
+
 def test_chunked_batches_give_the_same_greedy_tokens_in_order(tiny):
     model, tokenizer = tiny
     generator = BatchedGenerator(model, tokenizer)

@@ -162,3 +162,38 @@ def test_a_greedy_pick_has_log_prob_zero_and_the_penalty_counts():
     total = math.exp(1.5) + math.exp(2.0) + math.exp(-1.0)
     by_hand = [1.5, 2.0, -1.0][tokens.item()] - math.log(total)
     assert logprobs.item() == pytest.approx(by_hand, abs=1e-6)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.8, 0.9), (2.0, 0.75)])
+def test_per_row_streams_draw_from_the_renormalised_nucleus(temperature, top_p):
+    # One row per stream, each seeded differently: the frequencies over the rows are the nucleus's.
+    logits = [2.0, 1.5, 1.0, 0.2, -0.5, -3.0]
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, repetition_penalty=1.0)
+    draws = 20_000
+    batch = torch.tensor(logits).expand(draws, -1)
+    generators = [torch.Generator().manual_seed(seed) for seed in range(draws)]
+    tokens, logprobs = draw_next_tokens(batch, sampling, row_generators=generators)
+    freq = torch.bincount(tokens, minlength=len(logits)).double() / draws
+    expected = nucleus_by_hand(logits, temperature, top_p)
+    for token in range(len(logits)):
+        p = expected.get(token, 0.0)
+        assert abs(freq[token].item() - p) < 5 * math.sqrt(p * (1 - p) / draws) + 1e-9, (token, p)
+    for token, logprob in zip(tokens[:64].tolist(), logprobs[:64].tolist(), strict=True):
+        assert logprob == pytest.approx(math.log(expected[token]), abs=1e-5)
+
+
+def test_a_rows_draw_depends_on_its_own_stream_and_logits_only():
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, repetition_penalty=1.0)
+
+    def streams(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together, _ = draw_next_tokens(logits, sampling, row_generators=streams(range(6)))
+    # Row 4 alone, and the rows in another order, draw the same tokens as in the full batch.
+    alone, _ = draw_next_tokens(logits[4:5], sampling, row_generators=streams([4]))
+    flipped, _ = draw_next_tokens(logits.flip(0), sampling, row_generators=streams(range(5, -1, -1)))
+    assert alone.item() == together[4].item()
+    assert torch.equal(flipped.flip(0), together)
+    with pytest.raises(ValueError, match="6 rows but 2 row generators"):
+        draw_next_tokens(logits, sampling, row_generators=streams([0, 1]))

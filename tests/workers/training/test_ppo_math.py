@@ -183,3 +183,26 @@ def test_repeated_ngram_share():
     assert pm.repeated_ngram_share([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(0.6)
     assert pm.repeated_ngram_share([1, 2, 3, 4, 5], n=2) == 0.0
     assert pm.repeated_ngram_share([1], n=4) == 0.0
+
+
+def test_shares_of_a_split_minibatch_add_up_to_its_losses():
+    # A mini-batch split over two processes: each divides its sums by the whole mini-batch's token
+    # count, and the shares add up to the one-process losses and statistics.
+    g = torch.Generator().manual_seed(0)
+    logprobs, old = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g) * 0.1
+    old = logprobs.detach() + old
+    advantages, values, old_values, returns = (torch.randn(6, 5, generator=g) for _ in range(4))
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    count = mask.sum()
+    whole_policy = pm.clipped_policy_loss(logprobs, old, advantages, mask, 0.2)
+    whole_value = pm.clipped_value_loss(values, old_values, returns, mask, 0.2)
+    halves = [slice(0, 3), slice(3, 6)]
+    policy = [pm.clipped_policy_loss(logprobs[h], old[h], advantages[h], mask[h], 0.2, count) for h in halves]
+    value = [pm.clipped_value_loss(values[h], old_values[h], returns[h], mask[h], 0.2, count) for h in halves]
+    for field in ("loss", "clip_fraction", "approx_kl", "ratio_mean"):
+        total = sum(getattr(part, field) for part in policy)
+        torch.testing.assert_close(total, getattr(whole_policy, field), rtol=1e-6, atol=1e-7)
+    for field in ("loss", "clip_fraction"):
+        total = sum(getattr(part, field) for part in value)
+        torch.testing.assert_close(total, getattr(whole_value, field), rtol=1e-6, atol=1e-7)
+    assert pm.share_of_mean(values, mask, None) == pm.masked_mean(values, mask)
