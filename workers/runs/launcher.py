@@ -175,6 +175,9 @@ class StageProcesses:
         # thread per core and they fight over them (torchrun's own default is one thread a rank).
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.plan.per_host)))
         env["PYTHONUNBUFFERED"] = "1"
+        # The ranks import the code this worker runs, installed or from a checkout.
+        code_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [code_root, env.get("PYTHONPATH")]))
         return env
 
     def run(self, reporter: Reporter) -> dict[str, Any]:
