@@ -13,6 +13,12 @@ Why it is faster than a plain pairwise trainer (see benchmarks/reward_training.p
 On independent pairs (one pair per prompt) only prompt sharing saves work: about a quarter of
 the tokens at ~120-token sequences, partly paid back by the masked attention kernel.
 
+Under torch.distributed (several processes, `workers/training/distributed.py`) the same code runs on
+every rank: the model is sharded with FSDP2, each step's batch of whole rankings is split over the
+ranks by ranking, each rank weights its loss so the averaged gradient is that of the whole batch,
+evaluation is split with the same number of forward passes per rank and gathered, and rank 0 alone
+reports and publishes.
+
 Which checkpoint is published: the final weights. Held-out accuracy is noisy on a few hundred
 pairs and picking the best of many evaluations overfits the held-out set (accuracy alone does
 not pick the checkpoint); a single epoch with a decaying learning rate
@@ -27,12 +33,13 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from app.common.files import atomic_publish, sha256_folder
 from app.common.reporting import Reporter, RunCancelled
@@ -47,6 +54,14 @@ from workers.training.data import (
     pack_sequences,
     prompt_key,
     split_by_prompt,
+)
+from workers.training.distributed import (
+    STRATEGIES,
+    ProcessGroup,
+    RankReporter,
+    current_group,
+    full_state_dict,
+    shard_model,
 )
 from workers.training.lora import LoraSettings
 from workers.training.significance import binomial_upper_tail
@@ -102,6 +117,9 @@ class RewardConfig(TrainerConfig):
     # A PPO round stops before its policy stage unless the held-out accuracy beats chance in a
     # one-sided binomial test at this level (workers/training/significance.py); None = no check.
     above_chance_alpha: float | None = 0.05
+    # Under several training processes: "full_shard" (FSDP2 / ZeRO-3) or "shard_grad_op" (ZeRO-2:
+    # parameters stay gathered from forward to backward). Ignored by a single process.
+    sharding: str = "full_shard"
 
 
 @dataclass
@@ -144,9 +162,8 @@ def reward_loss(
 
 
 def _resolve_device(config: RewardConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    # Each training process takes its own GPU (the single process keeps the current one).
+    return current_group().device(config.device)
 
 
 def _compute_dtype(config: RewardConfig, device: torch.device) -> torch.dtype:
@@ -254,6 +271,22 @@ def sequence_rewards(model, batch: PackedBatch, compute_dtype: torch.dtype) -> t
     return rewards.float()
 
 
+class RewardScorer(nn.Module):
+    """The reward model with `sequence_rewards` as its forward. Sharded training calls this root
+    module, so FSDP's root hooks gather the parameters outside the transformer blocks (embeddings,
+    final norm, score head) that `sequence_rewards` reaches through submodules."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.compute_dtype = compute_dtype
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        # A fresh tensor, not a view of the head's output: FSDP hooks the backward of what the root
+        # returns, and an in-place op on a view would drop that hook.
+        return sequence_rewards(self.model, batch, self.compute_dtype).clone()
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
@@ -265,29 +298,49 @@ def evaluate(
     comparisons: list[Comparison],
     config: RewardConfig,
     compute_dtype: torch.dtype,
+    group: ProcessGroup | None = None,
 ) -> dict[str, float]:
     """val_loss (the Bradley-Terry term, with margin when used), val_accuracy (r_chosen > r_rejected)
     over val_pairs pairs with its one-sided p-value against chance, and reward_mean / reward_std over
-    the distinct responses."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = model.config.pad_token_id
+    the distinct responses.
+
+    `model` is a reward model or its (possibly sharded) `RewardScorer`. Under several processes each
+    rank scores its share of the chunks (padded, so every rank runs the same number of forwards, as
+    sharded parameters require) and every rank gets the same metrics from the gathered scores, summed
+    in the order one process would sum them."""
+    group = group if group is not None else current_group()
+    scorer = model if isinstance(model, RewardScorer) else RewardScorer(model, compute_dtype)
+    was_training = scorer.training
+    scorer.eval()
+    device = next(scorer.parameters()).device
+    pad_id = scorer.model.config.pad_token_id
+    chunks = group_batches(comparisons, config.max_pairs_per_batch, config.seed, epoch=0)
+    per_rank = -(-len(chunks) // group.world_size)
+    mine = range(group.rank * per_rank, (group.rank + 1) * per_rank)
+    scored: list[tuple[int, list[float], list[float], list[float]]] = []  # (chunk, rc, rr, margin)
+    try:
+        for index in mine:
+            # A rank past the last chunk scores the first one again and drops it: it must still run
+            # the forward the others run.
+            chunk = chunks[index] if index < len(chunks) else chunks[0]
+            batch = pack_comparisons(chunk, cache, pad_id, config.share_prompt, config.use_margin).to(device)
+            rewards = scorer(batch)
+            if index < len(chunks):
+                rc, rr = rewards[batch.chosen_index], rewards[batch.rejected_index]
+                scored.append((index, rc.tolist(), rr.tolist(), batch.margin.tolist()))
+    finally:
+        scorer.train(was_training)
+    scored = sorted(item for part in group.gather_objects(scored) for item in part)
     loss_sum, correct, pairs = 0.0, 0.0, 0
     distinct: dict[tuple[str, str], float] = {}
-    try:
-        for chunk in group_batches(comparisons, config.max_pairs_per_batch, config.seed, epoch=0):
-            batch = pack_comparisons(chunk, cache, pad_id, config.share_prompt, config.use_margin).to(device)
-            rewards = sequence_rewards(model, batch, compute_dtype)
-            rc, rr = rewards[batch.chosen_index], rewards[batch.rejected_index]
-            loss_sum += float(-F.logsigmoid(rc - rr - batch.margin).sum())
-            correct += float((rc > rr).sum())
-            pairs += batch.num_pairs
-            for c, a, b in zip(chunk, rc.tolist(), rr.tolist(), strict=True):
-                distinct[(prompt_key(c.prompt), c.chosen)] = a
-                distinct[(prompt_key(c.prompt), c.rejected)] = b
-    finally:
-        model.train(was_training)
+    for index, rc_list, rr_list, margin in scored:
+        rc, rr = torch.tensor(rc_list), torch.tensor(rr_list)
+        loss_sum += float(-F.logsigmoid(rc - rr - torch.tensor(margin)).sum())
+        correct += float((rc > rr).sum())
+        pairs += len(rc_list)
+        for c, a, b in zip(chunks[index], rc_list, rr_list, strict=True):
+            distinct[(prompt_key(c.prompt), c.chosen)] = a
+            distinct[(prompt_key(c.prompt), c.rejected)] = b
     values = np.array(list(distinct.values()), dtype=np.float64)
     return {
         "val_loss": loss_sum / max(pairs, 1),
@@ -309,7 +362,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_optimizer(model, config: RewardConfig, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(
+    model, config: RewardConfig, device: torch.device, fused: bool = True
+) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -322,7 +377,7 @@ def _make_optimizer(model, config: RewardConfig, device: torch.device) -> torch.
     lr = config.learning_rate * (config.lora.lr_scale if config.lora is not None else 1.0)
     # Fused AdamW: one kernel over all parameters, fewer temporaries than the foreach path.
     try:
-        return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda"))
+        return torch.optim.AdamW(groups, lr=lr, fused=fused and device.type in ("cpu", "cuda"))
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr)
 
@@ -344,7 +399,8 @@ def _fingerprint(train: list[Comparison], val: list[Comparison], config: RewardC
     shaping = {
         k: v
         for k, v in asdict(config).items()
-        if k not in ("checkpoint_every", "log_every", "device", "above_chance_alpha")
+        # the sharding strategy changes memory and communication, not the result
+        if k not in ("checkpoint_every", "log_every", "device", "above_chance_alpha", "sharding")
     }
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     return digest.hexdigest()
@@ -360,6 +416,35 @@ class _Window:
     pairs: int = 0
     steps: int = 0
     seconds: float = 0.0
+
+
+def _rankings(chunk: list[Comparison]) -> list[list[Comparison]]:
+    """The whole rankings of a batch (group_batches keeps each ranking's pairs together, in order)."""
+    rankings: list[list[Comparison]] = []
+    for comparison in chunk:
+        if rankings and rankings[-1][0].group_id == comparison.group_id:
+            rankings[-1].append(comparison)
+        else:
+            rankings.append([comparison])
+    return rankings
+
+
+def _on_main(group: ProcessGroup, action):
+    """`action()` on rank 0 only; its result (or its failure) on every rank."""
+    result, error = None, None
+    if group.is_main:
+        try:
+            result = action()
+        except Exception as exc:
+            error = exc
+    result, message = group.broadcast_object(
+        (result, None if error is None else f"{type(error).__name__}: {error}")
+    )
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"the main training process failed: {message}")
+    return result
 
 
 def train_reward_model(
@@ -378,25 +463,35 @@ def train_reward_model(
     is returned without training again. With no held-out prompt (tiny data) there is no
     val_loss/val_accuracy, and the reward statistics come from the training responses.
     The checkpoints stay in `checkpoint_dir`; the caller removes them once the result is recorded.
+
+    Under several training processes every rank calls it with the same arguments and gets the same
+    result; rank 0 reports and publishes.
     """
     output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
-    if output_dir.exists():
-        return _published_result(output_dir)
+    group = current_group()
+    if config.sharding not in STRATEGIES:
+        raise ValueError(f"unknown sharding {config.sharding!r}; choose one of {', '.join(STRATEGIES)}")
+    reporter = reporter if isinstance(reporter, RankReporter) else group.reporter(reporter)
+    if _on_main(group, output_dir.exists):
+        return _on_main(group, lambda: _published_result(output_dir))
 
     device = _resolve_device(config)
     compute_dtype = _compute_dtype(config, device)
-    _seed_everything(config.seed)
+    _seed_everything(config.seed)  # the same seed everywhere: every rank builds the same weights to shard
     train, val = split_by_prompt(comparisons, config.eval_fraction, config.seed)
     if not train:
         raise ValueError("no training comparisons (all prompts were held out or the list is empty)")
 
     model, tokenizer = build_reward_model(base_path, config)
-    model.train()
+    # The scorer is the root FSDP module; `model` inside it holds the (now sharded) parameters.
+    scorer = shard_model(RewardScorer(model, compute_dtype), group, config.sharding)
+    scorer.train()
     cache = TokenCache(tokenizer, config.max_length)
     pad_id = tokenizer.pad_token_id
     epochs = [group_batches(train, config.max_pairs_per_batch, config.seed, e) for e in range(config.epochs)]
     total_steps = sum(len(b) for b in epochs)
-    optimizer = _make_optimizer(model, config, device)
+    # The fused kernel takes plain tensors only; sharded parameters are DTensors.
+    optimizer = _make_optimizer(model, config, device, fused=not group.distributed)
     warmup = math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup_decay(warmup, total_steps))
     fingerprint = _fingerprint(train, val, config)
@@ -440,9 +535,17 @@ def train_reward_model(
             if reporter.should_stop():
                 raise RunCancelled(f"cancelled before step {step + 1} of {total_steps}")
             began = time.perf_counter()
-            batch = pack_comparisons(batches[index], cache, pad_id, config.share_prompt, config.use_margin)
+            step_pairs = len(batches[index])
+            local = [c for ranking in group.shard(_rankings(batches[index])) for c in ranking]
+            # Every rank runs one forward and backward per step (the sharded parameters are gathered
+            # and the gradients reduced collectively); a rank with no ranking of its own scores a
+            # copy of one and weights it zero.
+            weight = 1.0 if local else 0.0
+            batch = pack_comparisons(
+                local or batches[index][:1], cache, pad_id, config.share_prompt, config.use_margin
+            )
             batch = batch.to(device)
-            rewards = sequence_rewards(model, batch, compute_dtype)
+            rewards = scorer(batch)
             rc, rr = rewards[batch.chosen_index], rewards[batch.rejected_index]
             loss = reward_loss(
                 rc,
@@ -451,7 +554,10 @@ def train_reward_model(
                 config.label_smoothing,
                 config.center_rewards_coefficient,
             )
-            loss.backward()
+            local_pairs = batch.num_pairs if local else 0
+            # FSDP averages gradients over ranks, so the local sum scaled by world / global pairs gives
+            # the gradient of the whole batch's mean loss (a factor of exactly 1 for one process).
+            (loss * (weight * local_pairs * group.world_size / step_pairs)).backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -459,22 +565,29 @@ def train_reward_model(
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            window.loss += loss.item() * batch.num_pairs
-            window.correct += float((rc > rr).sum())
-            window.pairs += batch.num_pairs
+            sums = torch.tensor(
+                [loss.item() * local_pairs, float((rc > rr).sum()) * weight, float(local_pairs)],
+                dtype=torch.float64,
+            )
+            loss_sum, correct, pairs = group.sum(sums).tolist()
+            window.loss += loss_sum
+            window.correct += correct
+            window.pairs += int(pairs)
             window.steps += 1
             window.seconds += time.perf_counter() - began
             values: dict[str, float] = {}
             if step % config.log_every == 0 or step == total_steps:
+                # the slowest rank sets the pace (and every rank records the same history)
+                seconds = float(group.maximum(torch.tensor([window.seconds], dtype=torch.float64))[0])
                 values = {
                     "train_loss": window.loss / window.pairs,
                     "train_accuracy": window.correct / window.pairs,
                     "lr": lr,
-                    "examples_per_s": window.pairs / max(window.seconds, 1e-9),
+                    "examples_per_s": window.pairs / max(seconds, 1e-9),
                 }
                 window = _Window()
             if index == len(batches) - 1:  # end of an epoch: evaluate outside the timed steps
-                last_eval = evaluate(model, cache, val or train, config, compute_dtype)
+                last_eval = evaluate(scorer, cache, val or train, config, compute_dtype, group)
                 if not val:  # no held-out prompts: the statistics still come from train
                     last_eval = {k: v for k, v in last_eval.items() if k.startswith("reward_")}
                 values.update(last_eval)
@@ -495,7 +608,22 @@ def train_reward_model(
         "metrics": last_eval,
         "config": asdict(config),
     }
-    sha = atomic_publish(lambda tmp: _write_model(tmp, model, tokenizer, stats, history), output_dir)
+    if not group.distributed:
+        sha = atomic_publish(lambda tmp: _write_model(tmp, model, tokenizer, stats, history), output_dir)
+    else:
+        # Gathering the whole weights is a collective; rank 0 then loads them into a plain copy of
+        # the model (LoRA merged on write) and publishes it while the others wait for its hash.
+        weights = full_state_dict(model, group)
+
+        def publish() -> str:
+            plain, _ = build_reward_model(
+                base_path, replace(config, device="cpu", gradient_checkpointing=False)
+            )
+            plain.load_state_dict(weights, assign=True)  # assign: keep the trained dtypes
+            return atomic_publish(lambda tmp: _write_model(tmp, plain, tokenizer, stats, history), output_dir)
+
+        sha = _on_main(group, publish)
+        del weights
     return RewardResult(output_dir, step, dict(last_eval), history, sha)
 
 
