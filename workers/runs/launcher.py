@@ -21,6 +21,7 @@ run's, counted on its row.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -114,7 +115,11 @@ def train(
     """Run the stage: in this process for a plan of one, else on the plan's processes (see above)."""
     if not plan.distributed:
         return run_stage(job, reporter)
+    # The spec's processes.strategy is the one sharding setting: the group carries it, and so does a
+    # trainer's own `sharding` setting where it has one.
     job.strategy = plan.strategy
+    if "sharding" in {f.name for f in dataclasses.fields(job.config)}:
+        job.config = dataclasses.replace(job.config, sharding=plan.strategy)
     return StageProcesses(job, plan, workdir, run_id, attempt, settings).run(reporter)
 
 
