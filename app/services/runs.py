@@ -3,8 +3,9 @@
 Every run body (workers/runs/) goes through `execute`: claim the row (a redelivered message or a
 second worker does nothing), report progress and metrics through DbReporter, stop on cancel, record
 the result, or a short error with an error id on the row (the traceback goes to the log). Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
-a run whose worker died resumes where it stopped when the message is delivered again; the checkpoints
-are deleted once the run has succeeded.
+a run whose worker died resumes where it stopped when the message is delivered again, and a body
+that raises RetryableRunError (a training process died) is started again at once, from the same
+checkpoints, while the run has attempts left; the checkpoints are deleted once the run has succeeded.
 """
 
 from __future__ import annotations
@@ -312,6 +313,10 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
         except RetryableRunError as exc:
             reporter.flush()
             with sessions() as db:
+                if db.scalar(select(Run.cancel_requested).where(Run.id == run_id)):
+                    # Asked to stop while its processes failed: what was asked is what it ends as.
+                    finish_run(db, run_id, "cancelled", error="cancelled on request")
+                    return "cancelled"
                 if requeue_for_retry(db, run_id, exc, get_settings().run_max_attempts):
                     if claim_run(db, run_id):
                         continue
