@@ -106,6 +106,7 @@ class RewardSection(Section):
     dtype: str = "auto"
     device: str = "auto"
     above_chance_alpha: float | None = Field(0.05, gt=0, lt=1)
+    sharding: str = "full_shard"
 
 
 class PPOSection(Section):
@@ -178,6 +179,7 @@ class DPOSection(Section):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSection | None = None
+    sharding: str = "full_shard"
 
 
 GATE_MODES = ("judge", "human")

@@ -17,6 +17,11 @@ Reference log-probs are computed once, before the first update, for every pair (
 with the reference model loaded, used and released (without `reference_path`, the starting weights
 serve). The held-out split is by prompt (data.split_by_prompt). Checkpoints keep those reference
 log-probs, so a resumed run needs no copy of the reference weights.
+
+Under several training processes (workers/training/distributed.py) the same code runs on every rank:
+the policy is sharded with FSDP2, each step's pairs are split over the ranks, the reference log-probs
+and the held-out evaluation are split with the same number of forward passes per rank and gathered,
+so every rank holds all of them, and rank 0 reports and publishes.
 """
 
 from __future__ import annotations
@@ -29,13 +34,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from app.common.files import atomic_publish
 from app.common.reporting import Reporter, RunCancelled
 from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from workers.training.config import TrainerConfig
 from workers.training.data import Comparison, format_conversation, format_prompt, split_by_prompt
+from workers.training.distributed import (
+    STRATEGIES,
+    ProcessGroup,
+    RankReporter,
+    current_group,
+    full_state_dict,
+    grad_norm_value,
+    shard_model,
+)
 from workers.training.lora import (
     LoraSettings,
     TrainableState,
@@ -44,12 +58,12 @@ from workers.training.lora import (
     disable_dropout,
     freeze,
     pack,
-    resolve_device,
     resolve_dtype,
     response_logprobs,
     return_freed_memory_to_os,
     save_policy_folder,
 )
+from workers.training.main_rank import on_main
 from workers.training.ppo_math import masked_sum
 
 
@@ -73,6 +87,8 @@ class DPOConfig(TrainerConfig):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSettings | None = None  # None = full fine-tuning
+    # Under several training processes: "full_shard" (FSDP2 / ZeRO-3) or "shard_grad_op" (ZeRO-2).
+    sharding: str = "full_shard"
 
 
 @dataclass
@@ -147,22 +163,65 @@ def _encode(tokenizer, items: list[Comparison], max_length: int) -> list[_Pair]:
     return pairs
 
 
+class SequenceLogps(nn.Module):
+    """Summed response log-probs of each row as a module's forward. Sharded training calls this root
+    module, so FSDP's root hooks gather the parameters outside the transformer blocks (embeddings,
+    final norm, LM head)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, batch) -> Tensor:
+        with compute_context(batch.input_ids.device, self.dtype):
+            logps, _ = response_logprobs(self.model, batch)
+        return masked_sum(logps, batch.response_mask, dim=1)
+
+
 def _pair_logps(
-    model, pairs: list[_Pair], pad_id: int, device: torch.device, dtype: torch.dtype
+    scorer: SequenceLogps, pairs: list[_Pair], pad_id: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Summed response log-probs (chosen, rejected) of each pair, in one forward over 2B rows."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = pack(prompts, responses, pad_id).to(device)
-    with compute_context(device, dtype):
-        logps, _ = response_logprobs(model, batch)
-    sums = masked_sum(logps, batch.response_mask, dim=1)
+    sums = scorer(pack(prompts, responses, pad_id).to(device))
     return sums[: len(pairs)], sums[len(pairs) :]
+
+
+def _all_pair_logps(
+    scorer: SequenceLogps,
+    pairs: list[_Pair],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    group: ProcessGroup,
+) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) log-probs of every pair, on every rank. The chunks of `batch_size` pairs are
+    those one process scores; each rank scores its share of them, padded so every rank runs the same
+    number of forwards (a sharded model gathers its parameters collectively in each), then all ranks
+    exchange their scores."""
+    starts = list(range(0, len(pairs), batch_size))
+    per_rank = -(-len(starts) // group.world_size)
+    scored: list[tuple[int, list[float], list[float]]] = []
+    with torch.no_grad():
+        for slot in range(group.rank * per_rank, (group.rank + 1) * per_rank):
+            start = starts[slot] if slot < len(starts) else 0  # padding: score the first chunk, drop it
+            c, r = _pair_logps(scorer, pairs[start : start + batch_size], pad_id, device)
+            if slot < len(starts):
+                scored.append((slot, c.tolist(), r.tolist()))
+    chosen, rejected = [], []
+    for _, c, r in sorted(item for part in group.gather_objects(scored) for item in part):
+        chosen += c
+        rejected += r
+    return chosen, rejected
 
 
 def _load_reference(reference_path, policy_path, tokenizer, device: torch.device, dtype: torch.dtype):
     """The frozen reference model, or None when it is the starting policy (then the model in training,
-    before its first update, scores the pairs)."""
+    before its first update, scores the pairs). Under several processes each rank holds a whole,
+    unsharded copy: with no gradients its forwards need no collectives, so the ranks may score
+    their shares independently."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if reference_path is None or Path(reference_path).resolve() == Path(policy_path).resolve():
@@ -175,6 +234,21 @@ def _load_reference(reference_path, policy_path, tokenizer, device: torch.device
 
 
 # --- training ---------------------------------------------------------------------------------
+
+
+def _load_policy(policy_path, config: DPOConfig, load_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The policy to train (with its LoRA adapter when configured), trainable weights in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=load_dtype).to(device)
+    disable_dropout(model)
+    model.eval()  # no dropout anywhere; gradients flow in eval mode all the same
+    if config.lora is not None:
+        model = add_adapter(freeze(model), config.lora, "policy")
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
 
 
 def _schedule(total_steps: int, warmup_ratio: float):
@@ -202,15 +276,20 @@ def train_dpo(
     `reference_path` is the policy DPO's implicit reward is measured against: the base policy in a
     round (see the module docstring); None = the starting policy itself.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not comparisons:
         raise ValueError("DPO needs at least one comparison")
     if config.loss_type != "sigmoid":
         raise ValueError(f"unsupported DPO loss {config.loss_type!r}; only 'sigmoid' is implemented")
-    device = resolve_device(config.device)
+    if config.sharding not in STRATEGIES:
+        raise ValueError(f"unknown sharding {config.sharding!r}; choose one of {', '.join(STRATEGIES)}")
+    group = current_group()
+    group.require_divisible(config.batch_size, "policy.batch_size")
+    reporter = reporter if isinstance(reporter, RankReporter) else group.reporter(reporter)
+    device = group.device(config.device)
     return_freed_memory_to_os(device)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same seed on every rank: the same adapter weights to shard
     tokenizer = AutoTokenizer.from_pretrained(str(policy_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -218,16 +297,12 @@ def train_dpo(
     # Full fine-tuning keeps float32 weights (bf16 would round small updates away) and autocasts the
     # maths; a frozen LoRA base can be held in the compute dtype.
     load_dtype = compute_dtype if config.lora is not None else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(policy_path), dtype=load_dtype).to(device)
-    disable_dropout(model)
-    model.eval()  # no dropout anywhere; gradients flow in eval mode all the same
-    lr = config.learning_rate
-    if config.lora is not None:
-        model = add_adapter(freeze(model), config.lora, "policy")
-        lr *= config.lora.lr_scale
+    model = _load_policy(policy_path, config, load_dtype, device)
+    lr = config.learning_rate * (config.lora.lr_scale if config.lora is not None else 1.0)
+    # The scorer is the root FSDP module; the trainable parameters are taken after sharding, so the
+    # optimizer and the checkpoint see the sharded ones.
+    scorer = shard_model(SequenceLogps(model, compute_dtype), group, config.sharding)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for param in trainable.values():
-        param.data = param.data.float()
 
     train_items, eval_items = split_by_prompt(comparisons, config.eval_fraction, config.seed)
     if not train_items:
@@ -244,15 +319,10 @@ def train_dpo(
     state = TrainableState(trainable)
     pad_id = tokenizer.pad_token_id
 
-    def all_logps(pairs: list[_Pair], scorer=None) -> tuple[list[float], list[float]]:
-        scorer = scorer if scorer is not None else model
-        chosen, rejected = [], []
-        with torch.no_grad():
-            for i in range(0, len(pairs), config.batch_size):
-                c, r = _pair_logps(scorer, pairs[i : i + config.batch_size], pad_id, device, compute_dtype)
-                chosen += c.tolist()
-                rejected += r.tolist()
-        return chosen, rejected
+    def all_logps(pairs: list[_Pair], by: SequenceLogps | None = None) -> tuple[list[float], list[float]]:
+        return _all_pair_logps(
+            by if by is not None else scorer, pairs, config.batch_size, pad_id, device, group
+        )
 
     def evaluate() -> dict[str, float]:
         if not eval_pairs:
@@ -283,9 +353,11 @@ def train_dpo(
     else:
         # Score every pair with the reference before the first update.
         reference = _load_reference(reference_path, policy_path, tokenizer, device, compute_dtype)
+        by = SequenceLogps(reference, compute_dtype) if reference is not None else None
         ref = {}
-        ref["train_c"], ref["train_r"] = all_logps(train_pairs, reference)
-        ref["eval_c"], ref["eval_r"] = all_logps(eval_pairs, reference)
+        ref["train_c"], ref["train_r"] = all_logps(train_pairs, by)
+        ref["eval_c"], ref["eval_r"] = all_logps(eval_pairs, by)
+        del by
         del reference
         eval_before = evaluate()
         if eval_before:
@@ -300,25 +372,37 @@ def train_dpo(
         order = list(range(len(train_pairs)))
         random.Random(config.seed * 7919 + epoch).shuffle(order)
         rows = order[position * config.batch_size : (position + 1) * config.batch_size]
-        pc, pr = _pair_logps(model, [train_pairs[i] for i in rows], pad_id, device, compute_dtype)
-        rc_ref = torch.tensor([ref["train_c"][i] for i in rows], device=device)
-        rr_ref = torch.tensor([ref["train_r"][i] for i in rows], device=device)
+        # This rank's share of the step's pairs. The last batch of an epoch can be short of one pair
+        # per rank; a rank without pairs then scores a copy of one and weights it zero, because every
+        # rank must run the forward and backward (parameters are gathered, gradients reduced together).
+        local = group.shard(rows)
+        weight = 1.0 if local else 0.0
+        local = local or rows[:1]
+        pc, pr = _pair_logps(scorer, [train_pairs[i] for i in local], pad_id, device)
+        rc_ref = torch.tensor([ref["train_c"][i] for i in local], device=device)
+        rr_ref = torch.tensor([ref["train_r"][i] for i in local], device=device)
         losses, rc, rr = dpo_loss(pc, pr, rc_ref, rr_ref, config.beta, config.label_smoothing)
-        loss = losses.mean()
+        # FSDP averages gradients over ranks: the local mean times (local pairs * world / step pairs)
+        # makes that average the gradient of the step's mean loss (a factor of exactly 1 for one process).
+        scale = weight * len(local) * group.world_size / len(rows)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (losses.mean() * scale).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        # Every rank computes the metrics from the step's pairs in order, as one process does.
+        keep = slice(None) if weight else slice(0, 0)
+        losses, rc, rr = (group.cat(t.detach()[keep]) for t in (losses, rc, rr))
         metrics = {
-            "loss": loss.item(),
+            "loss": losses.mean().item(),
             "rewards_chosen": rc.mean().item(),
             "rewards_rejected": rr.mean().item(),
             "reward_accuracy": (rc > rr).float().mean().item(),
             "reward_margin": (rc - rr).mean().item(),
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm_value(grad_norm),
             "lr": optimizer.param_groups[0]["lr"],
-            "step_seconds": time.perf_counter() - started,
+            # the slowest rank sets the pace
+            "step_seconds": float(group.maximum(torch.tensor([time.perf_counter() - started]))[0]),
         }
         done = step + 1
         if done % config.eval_every == 0 or done == total_steps:
@@ -336,9 +420,35 @@ def train_dpo(
             )
 
     eval_after = evaluate()
-
-    def build(folder: Path) -> None:
-        save_policy_folder(model, tokenizer, folder, adapter="policy" if config.lora is not None else None)
-
-    sha = atomic_publish(build, Path(output_dir))
+    adapter = "policy" if config.lora is not None else None
+    if not group.distributed:
+        sha = atomic_publish(
+            lambda folder: save_policy_folder(model, tokenizer, folder, adapter), Path(output_dir)
+        )
+    else:
+        sha = _publish_from_main(policy_path, config, model, load_dtype, tokenizer, Path(output_dir), group)
     return DPOResult(Path(output_dir), sha, total_steps, metrics, eval_before, eval_after, resumed)
+
+
+def _publish_from_main(
+    policy_path,
+    config: DPOConfig,
+    model: nn.Module,
+    load_dtype: torch.dtype,
+    tokenizer,
+    output_dir: Path,
+    group: ProcessGroup,
+) -> str:
+    """Gather the whole trained weights (a collective), let rank 0 load them into a plain copy of the
+    policy on the CPU and publish it (LoRA merged); every rank returns the folder's hash."""
+    weights = full_state_dict(model, group)
+
+    def publish() -> str:
+        plain = _load_policy(policy_path, config, load_dtype, torch.device("cpu"))
+        plain.load_state_dict(weights)  # copies into the plain model: tied weights stay tied
+        adapter = "policy" if config.lora is not None else None
+        return atomic_publish(
+            lambda folder: save_policy_folder(plain, tokenizer, folder, adapter), output_dir
+        )
+
+    return on_main(group, publish)

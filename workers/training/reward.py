@@ -64,6 +64,7 @@ from workers.training.distributed import (
     shard_model,
 )
 from workers.training.lora import LoraSettings
+from workers.training.main_rank import on_main
 from workers.training.significance import binomial_upper_tail
 
 REWARD_STATS_FILE = "reward_stats.json"
@@ -429,24 +430,6 @@ def _rankings(chunk: list[Comparison]) -> list[list[Comparison]]:
     return rankings
 
 
-def _on_main(group: ProcessGroup, action):
-    """`action()` on rank 0 only; its result (or its failure) on every rank."""
-    result, error = None, None
-    if group.is_main:
-        try:
-            result = action()
-        except Exception as exc:
-            error = exc
-    result, message = group.broadcast_object(
-        (result, None if error is None else f"{type(error).__name__}: {error}")
-    )
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"the main training process failed: {message}")
-    return result
-
-
 def train_reward_model(
     base_path: Path,
     comparisons: list[Comparison],
@@ -472,8 +455,8 @@ def train_reward_model(
     if config.sharding not in STRATEGIES:
         raise ValueError(f"unknown sharding {config.sharding!r}; choose one of {', '.join(STRATEGIES)}")
     reporter = reporter if isinstance(reporter, RankReporter) else group.reporter(reporter)
-    if _on_main(group, output_dir.exists):
-        return _on_main(group, lambda: _published_result(output_dir))
+    if on_main(group, output_dir.exists):
+        return on_main(group, lambda: _published_result(output_dir))
 
     device = _resolve_device(config)
     compute_dtype = _compute_dtype(config, device)
@@ -616,13 +599,11 @@ def train_reward_model(
         weights = full_state_dict(model, group)
 
         def publish() -> str:
-            plain, _ = build_reward_model(
-                base_path, replace(config, device="cpu", gradient_checkpointing=False)
-            )
+            plain, _ = build_reward_model(base_path, replace(config, device="cpu"))
             plain.load_state_dict(weights, assign=True)  # assign: keep the trained dtypes
             return atomic_publish(lambda tmp: _write_model(tmp, plain, tokenizer, stats, history), output_dir)
 
-        sha = _on_main(group, publish)
+        sha = on_main(group, publish)
         del weights
     return RewardResult(output_dir, step, dict(last_eval), history, sha)
 

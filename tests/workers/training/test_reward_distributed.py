@@ -21,6 +21,7 @@ from tests.distributed_harness import spawn_group
 from tests.workers.training.test_reward import StopAfter, marker_rankings
 from workers.training.checkpoint import latest_checkpoint
 from workers.training.data import group_batches, split_by_prompt
+from workers.training.lora import LoraSettings
 from workers.training.reward import REWARD_STATS_FILE, RewardConfig, train_reward_model
 
 CONFIG = dict(
@@ -134,3 +135,26 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_end(one_process, tin
     assert later == pytest.approx(
         {k: v for k, v in _comparable(single["rows"]).items() if k[0] >= 3}, rel=RTOL, abs=ATOL
     )
+
+
+def test_two_processes_train_the_same_lora_reward_model_as_one(tiny_model_dir, tmp_path):
+    config = {**CONFIG, "epochs": 1, "lora": LoraSettings(r=4)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _train(tiny_model_dir, tmp_path / "one", tmp_path / "one-ckpt", config, None)
+    finally:
+        torch.set_num_threads(before)
+    first, _ = spawn_group(_train, 2, tiny_model_dir, tmp_path / "rm", tmp_path / "ckpt", config, None)
+    assert _comparable(first["rows"]) == pytest.approx(_comparable(single["rows"]), rel=RTOL, abs=ATOL)
+    assert first["result"]["metrics"] == pytest.approx(single["result"]["metrics"], rel=RTOL, abs=ATOL)
+    # LoRA merged on publishing: a plain model with the same weights as one process publishes
+    assert not (tmp_path / "rm" / "adapter_config.json").exists()
+    trained, expected = (
+        load_file(str(tmp_path / "rm" / "model.safetensors")),
+        load_file(str(tmp_path / "one" / "model.safetensors")),
+    )
+    assert trained.keys() == expected.keys()
+    diff = max(float((trained[k] - expected[k]).abs().max()) for k in trained)
+    print("max abs difference of published LoRA-merged weights:", diff)
+    assert diff <= WEIGHT_ATOL
