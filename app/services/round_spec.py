@@ -225,22 +225,16 @@ class GateSection(Section):
         return value
 
 
-SHARDING_STRATEGIES = ("full_shard", "shard_grad_op")
-
-
 class ProcessesSection(Section):
-    """How many processes the reward (and judge) and policy stages train on, and how they share the
-    model. One process trains inside the worker as it always did; more start under torchrun, one per
-    device, each holding a shard of the model (FSDP2), and meet at every step."""
+    """How many processes the reward (and judge) and policy stages train on. One process trains
+    inside the worker as it always did; more start under torchrun, one per device, each holding a
+    shard of the models (FSDP2, as each trainer's `sharding` setting says), and meet at every step."""
 
     # Processes on each host: a number, or "auto" for what the worker's host offers
     # (PREFLOOP_TRAIN_PROCESSES_PER_HOST, by default one per CUDA device).
     per_host: int | Literal["auto"] = 1
     # Hosts the stage spans; more than one needs the worker's launcher prefix and rendezvous endpoint.
     hosts: Count = 1
-    # full_shard: parameters, gradients and optimiser state sharded (ZeRO-3); shard_grad_op keeps
-    # parameters gathered between forward and backward (ZeRO-2: more memory, less communication).
-    strategy: str = "full_shard"
 
     @field_validator("per_host", mode="before")
     @classmethod
@@ -249,13 +243,6 @@ class ProcessesSection(Section):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise PydanticCustomError("per_host", 'must be a whole number of at least 1, or "auto"')
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, value: str) -> str:
-        if value not in SHARDING_STRATEGIES:
-            raise ValueError(f"must be one of {', '.join(SHARDING_STRATEGIES)}")
-        return value
 
 
 class PPORound(Section):

@@ -1,7 +1,7 @@
 """A training stage on several processes: the worker starts torchrun, relays, cancels, diagnoses.
 
 A run row's `processes` section (the round spec's) says how many processes per host, on how many
-hosts, with which sharding strategy; the worker's settings say what its host offers. One process
+hosts; the worker's settings say what its host offers. One process
 trains inside the worker (`run_stage` directly). More: the worker writes the StageJob into a fresh
 attempt folder under the run's folder and starts
 
@@ -21,7 +21,6 @@ run's, counted on its row.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -57,11 +56,10 @@ NOT_RETRIED = ("ValueError", "TypeError", "KeyError", "FileNotFoundError")
 
 @dataclass(frozen=True)
 class ProcessPlan:
-    """How many processes a stage trains on: per host, hosts, and how they shard the models."""
+    """How many processes a stage trains on: per host, and hosts."""
 
     per_host: int = 1
     hosts: int = 1
-    strategy: str = "full_shard"
 
     @property
     def world_size(self) -> int:
@@ -100,7 +98,7 @@ def plan_processes(config: dict[str, Any], settings: Settings) -> ProcessPlan:
             "set PREFLOOP_TRAIN_LAUNCHER_PREFIX (e.g. `srun --nodes=2 --ntasks-per-node=1`) and "
             "PREFLOOP_TRAIN_RDZV_ENDPOINT (host:port the hosts meet at), or ask for processes.hosts=1"
         )
-    return ProcessPlan(per_host=per_host, hosts=section.hosts, strategy=section.strategy)
+    return ProcessPlan(per_host=per_host, hosts=section.hosts)
 
 
 def train(
@@ -115,11 +113,6 @@ def train(
     """Run the stage: in this process for a plan of one, else on the plan's processes (see above)."""
     if not plan.distributed:
         return run_stage(job, reporter)
-    # The spec's processes.strategy is the one sharding setting: the group carries it, and so does a
-    # trainer's own `sharding` setting where it has one.
-    job.strategy = plan.strategy
-    if "sharding" in {f.name for f in dataclasses.fields(job.config)}:
-        job.config = dataclasses.replace(job.config, sharding=plan.strategy)
     return StageProcesses(job, plan, workdir, run_id, attempt, settings).run(reporter)
 
 

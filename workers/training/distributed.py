@@ -43,9 +43,6 @@ class ProcessGroup:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
-    # How `shard_model` shares a model over this group unless told otherwise: the stage's
-    # `processes.strategy`, which the launcher passes to every rank.
-    strategy: str = "full_shard"
 
     @property
     def is_main(self) -> bool:
@@ -224,13 +221,12 @@ def _block_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: nn.Module, group: ProcessGroup, strategy: str | None = None) -> nn.Module:
+def shard_model(model: nn.Module, group: ProcessGroup, strategy: str = "full_shard") -> nn.Module:
     """Shard `model` over the group with FSDP2 (in place; returned for chaining). A group of one
-    leaves the model as it is; `strategy` defaults to the group's. Call the returned module's own `forward` (not a submodule's): the root's
+    leaves the model as it is. Call the returned module's own `forward` (not a submodule's): the root's
     hooks gather the parameters that live outside the blocks."""
     if not group.distributed:
         return model
-    strategy = strategy or group.strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     from torch.distributed.fsdp import fully_shard

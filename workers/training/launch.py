@@ -9,7 +9,6 @@ own error file, whose summary names the first rank that failed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from app.common.reporting import RunCancelled
-from workers.training.distributed import join_from_environment, leave, using_group
+from workers.training.distributed import join_from_environment, leave
 from workers.training.stage import StageJob, run_stage
 from workers.training.stage_files import EventFileReporter, StageFiles, write_json_atomically
 
@@ -53,11 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = StageJob.from_json(json.loads(job_path.read_text()))
         reporter = group.reporter(EventFileReporter(files))
-        with using_group(dataclasses.replace(group, strategy=job.strategy)):
-            try:
-                summary = run_stage(job, reporter)
-            except RunCancelled as exc:
-                summary = {"cancelled": str(exc) or "cancelled on request"}
+        try:
+            summary = run_stage(job, reporter)
+        except RunCancelled as exc:
+            summary = {"cancelled": str(exc) or "cancelled on request"}
         if group.is_main:
             write_json_atomically(files.result, summary)
     except BaseException as exc:

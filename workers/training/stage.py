@@ -52,7 +52,6 @@ class StageJob:
     ptx_conversations: list[list[dict]] | None = None  # PPO's ptx chats, when ptx_coef > 0
     reference_path: str | None = None  # PPO's and DPO's reference policy
     reward_model_path: str | None = None  # PPO's reward model
-    strategy: str = "full_shard"  # how the ranks shard the models (processes.strategy)
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

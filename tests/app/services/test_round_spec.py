@@ -109,9 +109,7 @@ def test_a_bad_setting_is_named_by_its_dotted_path():
         },
         "reward.epochs: Input should be a valid integer": {"reward": {"epochs": "two"}},
         'processes.per_host: must be a whole number of at least 1, or "auto"': {"processes": {"per_host": 0}},
-        "processes.strategy: Value error, must be one of full_shard, shard_grad_op": {
-            "processes": {"strategy": "zero3"}
-        },
+        "processes.hosts: Input should be greater than or equal to 1": {"processes": {"hosts": 0}},
         "algorithm must be 'ppo' or 'dpo'": {"algorithm": "sft"},
     }
     for expected, data in cases.items():

@@ -55,9 +55,9 @@ def test_torchruns_summary_names_the_first_rank_that_failed_and_its_last_line():
 
 def test_auto_takes_what_the_host_offers_and_more_is_refused():
     host = Settings(train_processes_per_host=4)
-    assert plan_processes({}, host) == ProcessPlan(per_host=1, hosts=1, strategy="full_shard")
-    auto = plan_processes({"processes": {"per_host": "auto", "strategy": "shard_grad_op"}}, host)
-    assert auto == ProcessPlan(per_host=4, hosts=1, strategy="shard_grad_op") and auto.world_size == 4
+    assert plan_processes({}, host) == ProcessPlan(per_host=1, hosts=1)
+    auto = plan_processes({"processes": {"per_host": "auto"}}, host)
+    assert auto == ProcessPlan(per_host=4, hosts=1) and auto.world_size == 4
     with pytest.raises(ValueError, match="processes.per_host is 8 but this worker's host offers 4"):
         plan_processes({"processes": {"per_host": 8}}, host)
     with pytest.raises(ValueError, match="processes.hosts: Input should be greater than or equal to 1"):
@@ -95,6 +95,5 @@ def test_a_job_reads_back_from_json_as_it_was_written():
         "checkpoints",
         RewardConfig(epochs=3, lora=None),
         comparisons=[Comparison(1, 2, 3, [{"role": "user", "content": "hi"}], "a", "b", 1.0)],
-        strategy="shard_grad_op",
     )
     assert StageJob.from_json(json.loads(json.dumps(job.to_json()))) == job
