@@ -1,6 +1,7 @@
-"""A reward stage on two real training processes (torchrun, gloo on CPU) through the run lifecycle:
-events relayed to run_metrics, one registration, cancel reaching every rank, and a rank killed
-mid-run failing its attempt while the retry resumes from the last checkpoint."""
+"""Training stages on two real processes (torchrun, gloo on CPU) through the run lifecycle: a reward
+stage's events relayed to run_metrics and one registration, cancel reaching every rank, a rank killed
+mid-run failing its attempt while the retry resumes from the last checkpoint, and a DPO stage
+registering one candidate."""
 
 from __future__ import annotations
 
@@ -234,3 +235,27 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes_from_the_last_che
     assert planned == {run.result["steps"]}
     last_step = db.scalar(select(func.max(RunMetric.step)).where(RunMetric.run_id == run_id))
     assert last_step == run.result["steps"]
+
+
+def test_a_dpo_stage_on_two_processes_registers_one_candidate(
+    settings, engine, db, comparisons, two_process_host
+):
+    from app.data.models import Policy
+    from workers.runs.training import execute_policy_run
+
+    dpo = {"epochs": 1, "batch_size": 2, "max_length": 64, "learning_rate": 1e-4, "checkpoint_every": 2}
+    run = create_run(
+        db,
+        "dpo",
+        {"algorithm": "dpo", "comparison_snapshot": comparisons, "policy": dpo, "processes": TWO},
+    )
+    db.commit()
+    assert execute_policy_run(run.id, session_factory(engine)) == "succeeded"
+    db.expire_all()
+    run = db.get(Run, run.id)
+    assert run.status == "succeeded" and run.attempts == 1, run.error
+    candidates = db.scalars(select(Policy).where(Policy.source == f"run:{run.id}")).all()
+    assert len(candidates) == 1 and candidates[0].version == run.result["policy_version"]
+    assert run.result["steps"] >= 1
+    assert db.scalar(select(func.count()).select_from(RunMetric).where(RunMetric.run_id == run.id)) > 0
+    assert _training_processes(settings) == []
