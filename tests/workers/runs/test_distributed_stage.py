@@ -98,7 +98,8 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 def _training_processes(settings) -> list[psutil.Process]:
-    """Ranks of this test's stages still alive (their command line names a job under its data dir)."""
+    """torchrun and the ranks of this test's stages still alive (their command lines name a job under
+    its data dir)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
@@ -259,3 +260,24 @@ def test_a_dpo_stage_on_two_processes_registers_one_candidate(
     assert run.result["steps"] >= 1
     assert db.scalar(select(func.count()).select_from(RunMetric).where(RunMetric.run_id == run.id)) > 0
     assert _training_processes(settings) == []
+
+
+def test_no_training_process_outlives_the_worker_that_started_it(settings, db, comparisons, two_process_host):
+    """A worker killed outright (OOM killer, power to its container) takes its stage's torchrun and
+    ranks with it, so the run taken over later never shares its checkpoints with orphans."""
+    import subprocess
+    import sys
+
+    run_id = _reward_run(db, comparisons, TWO, epochs=40, checkpoint_every=1000)
+    code = f"from workers.runs.training import execute_reward_run; execute_reward_run({run_id})"
+    worker = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), start_new_session=True)
+    try:
+        attempt = _attempt(settings, run_id, 1)
+        _wait_for(lambda: (attempt / "events.jsonl").exists(), 120, "the first step of rank 0")
+        assert len(_training_processes(settings)) == 3  # torchrun and its two ranks
+        worker.kill()
+        worker.wait(timeout=30)
+        _wait_for(lambda: _training_processes(settings) == [], 60, "the ranks to end with their worker")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
