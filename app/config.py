@@ -127,6 +127,30 @@ class Settings(BaseSettings):
     # does nothing (the run claims its row), so the only cost of work waiting behind a long GPU job
     # is one spare message per period.
     queued_resend_seconds: float = 600.0
+    # Training across processes (workers/runs/launcher.py): what this worker's host offers a stage
+    # whose round spec asks for `processes.per_host` > 1 or several hosts.
+    train_processes_per_host: int = Field(
+        default=0,
+        ge=0,
+        description="Training processes this host runs for one stage (what processes.per_host=auto "
+        "means, and the most a round may ask for); 0: one per CUDA device, 1 without CUDA.",
+    )
+    train_rdzv_endpoint: str = Field(
+        default="",
+        description="host:port where the processes of a stage spanning several hosts meet (torchrun's "
+        "rendezvous); a port free on that host. Empty: a free local port (one host only).",
+    )
+    train_launcher_prefix: str = Field(
+        default="",
+        description="Command that starts the same command once on every host of a multi-host stage, "
+        "e.g. `srun --nodes=2 --ntasks-per-node=1`; torchrun's command follows it. Empty: this host only.",
+    )
+    train_cancel_grace_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a cancelled multi-process stage may take to stop at its next step before "
+        "its processes are killed.",
+    )
     # Celery soft time limits per task kind; the soft limit fails the run with the reason recorded,
     # and the hard limit (5 % later, at least 30 s) kills a child that did not heed it. Long work is
     # training, evaluation, generation and rounds; the broker's visibility timeout stays above them.
@@ -339,6 +363,16 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def training_processes_per_host(self) -> int:
+        """What this host offers one training stage: the setting, or one process per CUDA device."""
+        if self.train_processes_per_host:
+            return self.train_processes_per_host
+        if self.device == "cpu":
+            return 1
+        import torch  # only a worker asks; the web process never does
+
+        return max(1, torch.cuda.device_count())
 
 
 def is_loopback(host: str) -> bool:

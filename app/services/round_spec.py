@@ -7,8 +7,10 @@ worker reads it back with `RoundSpec.model_validate` and hands each stage its se
 
 Each section mirrors a trainer's settings dataclass, field for field with the same defaults:
 `reward` → RewardConfig, `policy` → PPOConfig or DPOConfig, `gate` → GateConfig, and inside them
-LoRA → LoraSettings and sampling → SamplingConfig (PPO's rollouts: RolloutSampling). The reasons
-for every default are written next to the dataclasses (workers/training/);
+LoRA → LoraSettings and sampling → SamplingConfig (PPO's rollouts: RolloutSampling). `processes`
+belongs to no trainer: it says how many processes the reward and policy stages train on (the
+worker's launcher, workers/runs/launcher.py, reads it). The reasons for every default are written
+next to the dataclasses (workers/training/);
 tests/app/services/test_round_spec.py fails when the two disagree.
 The web process imports this module and must not load torch, hence the mirror instead of the
 dataclasses themselves.
@@ -36,7 +38,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 ALGORITHMS = ("ppo", "dpo")
-SECTIONS = ("reward", "policy", "gate")
+SECTIONS = ("reward", "policy", "gate", "processes")
 
 
 # Bounds a trainer would otherwise trip over minutes into a run (the dataclasses do not check them).
@@ -225,6 +227,26 @@ class GateSection(Section):
         return value
 
 
+class ProcessesSection(Section):
+    """How many processes the reward (and judge) and policy stages train on. One process trains
+    inside the worker as it always did; more start under torchrun, one per device, each holding a
+    shard of the models (FSDP2, as each trainer's `sharding` setting says), and meet at every step."""
+
+    # Processes on each host: a number, or "auto" for what the worker's host offers
+    # (PREFLOOP_TRAIN_PROCESSES_PER_HOST, by default one per CUDA device).
+    per_host: int | Literal["auto"] = 1
+    # Hosts the stage spans; more than one needs the worker's launcher prefix and rendezvous endpoint.
+    hosts: Count = 1
+
+    @field_validator("per_host", mode="before")
+    @classmethod
+    def _whole_number_or_auto(cls, value: Any) -> Any:
+        # One message for every wrong value, instead of one per member of the union.
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise PydanticCustomError("per_host", 'must be a whole number of at least 1, or "auto"')
+
+
 class PPORound(Section):
     """A round that trains the policy with PPO-max."""
 
@@ -234,6 +256,7 @@ class PPORound(Section):
     reward: RewardSection = Field(default_factory=RewardSection)
     policy: PPOSection = Field(default_factory=PPOSection)
     gate: GateSection = Field(default_factory=GateSection)
+    processes: ProcessesSection = Field(default_factory=ProcessesSection)
 
 
 class DPORound(Section):
@@ -244,6 +267,7 @@ class DPORound(Section):
     reward: RewardSection = Field(default_factory=RewardSection)
     policy: DPOSection = Field(default_factory=DPOSection)
     gate: GateSection = Field(default_factory=GateSection)
+    processes: ProcessesSection = Field(default_factory=ProcessesSection)
 
 
 def _algorithm_of(data: Any) -> str | None:

@@ -3,8 +3,9 @@
 Every run body (workers/runs/) goes through `execute`: claim the row (a redelivered message or a
 second worker does nothing), report progress and metrics through DbReporter, stop on cancel, record
 the result, or a short error with an error id on the row (the traceback goes to the log). Trainers checkpoint under DATA_DIR/runs/<id>/checkpoints, so
-a run whose worker died resumes where it stopped when the message is delivered again; the checkpoints
-are deleted once the run has succeeded.
+a run whose worker died resumes where it stopped when the message is delivered again, and a body
+that raises RetryableRunError (a training process died) is started again at once, from the same
+checkpoints, while the run has attempts left; the checkpoints are deleted once the run has succeeded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.common.errors import record_failure
+from app.common.errors import describe_exception, record_failure
 from app.common.reporting import RunCancelled
 from app.config import Settings, get_settings
 from app.data.db import session_factory
@@ -259,8 +260,33 @@ def enqueue_run(run: Run) -> None:
 # ---------------------------------------------------------------- lifecycle
 
 
+class RetryableRunError(RuntimeError):
+    """Raised by a body whose attempt failed for a reason that may not recur (a training process
+    died: out of memory, a lost host, a signal). The lifecycle starts the run again, resuming from its
+    checkpoints, until it has made PREFLOOP_RUN_MAX_ATTEMPTS attempts; then the run fails with it."""
+
+
+def requeue_for_retry(db: Session, run_id: int, exc: BaseException, max_attempts: int) -> bool:
+    """Put a running run whose attempt failed back in the queue, its checkpoints kept, when it has
+    attempts left and nobody cancelled it. The row says which attempt failed and why."""
+    run = db.get(Run, run_id)
+    db.refresh(run)
+    if run.cancel_requested or run.attempts >= max_attempts:
+        return False
+    detail = describe_exception(exc)
+    run.status, run.sent_at = "queued", utcnow()
+    run.progress_message = f"attempt {run.attempts} of {max_attempts} failed ({detail}); the next resumes from the last checkpoint"
+    db.commit()
+    log.warning("run %s: attempt %s failed, trying again: %s", run_id, run.attempts, detail)
+    return True
+
+
 def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = None) -> str | None:
-    """Claim, run the body, finish. Returns the final status, or None when the run was not ours."""
+    """Claim, run the body, finish. Returns the final status, or None when the run was not ours.
+
+    A body that raises RetryableRunError is started again here, from the run's checkpoints, while
+    the run has attempts left (each claim counts one); any other exception fails the run at once.
+    """
     sessions = sessions or session_factory()
     with sessions() as db:
         if not claim_run(db, run_id):
@@ -274,20 +300,37 @@ def execute(run_id: int, body: Body, sessions: sessionmaker[Session] | None = No
         except LowDiskSpace as exc:
             finish_run(db, run_id, "failed", error=f"not started: {exc}")
             return "failed"
-    reporter = DbReporter(sessions, run_id)
-    try:
-        with Heartbeat(sessions, run_id):
-            result = body(run_id, config, reporter)
-    except RunCancelled:
-        reporter.flush()
-        with sessions() as db:
-            finish_run(db, run_id, "cancelled", error="cancelled on request")
-        return "cancelled"
-    except Exception as exc:
-        reporter.flush()
-        with sessions() as db:
-            fail_run(db, run_id, exc)
-        return "failed"
+    while True:
+        reporter = DbReporter(sessions, run_id)
+        try:
+            with Heartbeat(sessions, run_id):
+                result = body(run_id, config, reporter)
+        except RunCancelled:
+            reporter.flush()
+            with sessions() as db:
+                finish_run(db, run_id, "cancelled", error="cancelled on request")
+            return "cancelled"
+        except RetryableRunError as exc:
+            reporter.flush()
+            with sessions() as db:
+                if db.scalar(select(Run.cancel_requested).where(Run.id == run_id)):
+                    # Asked to stop while its processes failed: what was asked is what it ends as.
+                    finish_run(db, run_id, "cancelled", error="cancelled on request")
+                    return "cancelled"
+                if requeue_for_retry(db, run_id, exc, get_settings().run_max_attempts):
+                    if claim_run(db, run_id):
+                        continue
+                    # Cancelled in between (a queued run is cancelled at once), or taken by another.
+                    db.expire_all()
+                    return db.get(Run, run_id).status
+                fail_run(db, run_id, exc)
+            return "failed"
+        except Exception as exc:
+            reporter.flush()
+            with sessions() as db:
+                fail_run(db, run_id, exc)
+            return "failed"
+        break
     reporter.flush()
     with sessions() as db:
         finish_run(db, run_id, "succeeded", result=result)

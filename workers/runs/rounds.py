@@ -155,10 +155,13 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
     else:
         with sessions() as db:
             training_length = answers_length(db, snapshot) or settings.refill_max_new_tokens
+    # The training stages (reward, judge, policy) run on the processes the spec asks for.
+    processes = spec.processes.model_dump(mode="json")
     reward_config = {
         "comparison_snapshot": snapshot,
         "policy_version": start_version,
         "reward": spec.reward.model_dump(mode="json"),
+        "processes": processes,
     }
     try:
         reward = _stage(
@@ -191,6 +194,7 @@ def _drive_round(round_id: int, sessions: sessionmaker[Session]) -> str:
                 "comparison_split": {**split, "side": "policy"},
                 "reward_model_id": reward["reward_model_id"],
                 "policy": spec.policy.model_dump(mode="json"),
+                "processes": processes,
             },
             policy_body(sessions, settings),
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.common.files import sha256_folder
 from app.config import Settings, get_settings
 from app.data.db import session_factory
-from app.data.models import Policy, RewardModel
+from app.data.models import Policy, RewardModel, Run
 from app.services.prompt_sets import reference_answers
 from app.services.quality.gold import record_round_annotations
 from app.services.registry import (
@@ -39,6 +39,9 @@ from app.services.round_spec import (
 )
 from app.services.runs import Body, DbReporter, execute, run_dir
 from workers.training.config import TrainerConfig
+
+if TYPE_CHECKING:
+    from workers.training.stage import StageJob
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,25 @@ def _policy_for(db: Session, version: int | None) -> Policy:
     return policy
 
 
+def _train(
+    job: StageJob,
+    config: dict[str, Any],
+    reporter: DbReporter,
+    run_id: int,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+) -> dict[str, Any]:
+    """Hand the stage's job to its trainer: in this process, or on the processes the run's
+    `processes` section asks for (workers/runs/launcher.py); the trainer's summary either way."""
+    from workers.runs.launcher import plan_processes, train
+
+    with sessions() as db:
+        attempt = db.scalar(select(Run.attempts).where(Run.id == run_id)) or 1
+    return train(
+        job, plan_processes(config, settings), reporter, run_dir(run_id, settings), run_id, attempt, settings
+    )
+
+
 # ---------------------------------------------------------------- reward model
 
 
@@ -70,9 +92,12 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
         # Imported when a stage runs, like every trainer below: the trainers and the comparisons loader
         # load torch (and CUDA), and importing this module (the round driver does) must not.
         from workers.runs.comparisons import comparisons_for_side, load_comparisons
-        from workers.training.reward import RewardConfig, train_reward_model
+        from workers.runs.launcher import plan_processes
+        from workers.training.reward import RewardConfig
+        from workers.training.stage import StageJob
 
         reward_config = trainer_config(config, "reward", RewardSection, RewardConfig)
+        plan_processes(config, settings)  # a stage asking more than this host offers fails before loading
         with sessions() as db:
             existing = db.scalar(select(RewardModel).where(RewardModel.run_id == run_id))
             if existing is not None:  # registered by an earlier delivery that died before finishing
@@ -92,16 +117,17 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                 "there are no comparisons to train on yet: annotators must rank some tasks first"
             )
         output = reward_models_dir(settings) / f"run-{run_id}"
-        # Returns the published result without training again when an earlier delivery published it.
-        result = train_reward_model(
-            Path(policy.path),
-            comparisons,
-            output,
-            run_dir(run_id, settings) / "checkpoints",
-            reward_config,
-            reporter,
+        job = StageJob(
+            kind="reward",
+            start_path=str(policy.path),
+            output_dir=str(output),
+            checkpoint_dir=str(run_dir(run_id, settings) / "checkpoints"),
+            config=reward_config,
+            comparisons=comparisons,
         )
-        metrics = dict(result.metrics)
+        # Returns the published result without training again when an earlier delivery published it.
+        result = _train(job, config, reporter, run_id, sessions, settings)
+        metrics = dict(result["metrics"])
         if split:
             metrics["trained_for"] = split["side"]  # the policy's reward model, or the gate's judge
         with sessions() as db:
@@ -121,7 +147,7 @@ def reward_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
             return {
                 "reward_model_id": row.id,
                 "comparisons": len(comparisons),
-                "steps": result.steps,
+                "steps": result["steps"],
                 **metrics,
             }
 
@@ -147,9 +173,12 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
     def body(run_id: int, config: dict[str, Any], reporter: DbReporter) -> dict[str, Any]:
         # The comparisons loader and the trainers load torch: imported here, as in reward_body.
         from workers.runs.comparisons import comparisons_for_side, load_comparisons, load_prompts
+        from workers.runs.launcher import plan_processes
+        from workers.training.stage import StageJob
 
         algorithm = config.get("algorithm", "ppo")
         source = f"run:{run_id}"
+        plan_processes(config, settings)  # a stage asking more than this host offers fails before loading
         with sessions() as db:
             existing = db.scalar(select(Policy).where(Policy.source == source))
             if existing is not None:  # registered by an earlier delivery that died before finishing
@@ -178,7 +207,7 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
         if (output / "config.json").exists():
             metrics = json.loads((workdir / "policy-metrics.json").read_text())
         elif algorithm == "ppo":
-            from workers.training.ppo import PPOConfig, train_ppo
+            from workers.training.ppo import PPOConfig
 
             if reward_model is None:
                 raise ValueError("PPO needs a reward model: the round's reward stage did not produce one")
@@ -190,35 +219,37 @@ def policy_body(sessions: sessionmaker[Session], settings: Settings) -> Body:
                     f"policy.ptx_coef is {ppo_config.ptx_coef} but no train prompt carries a reference "
                     "answer: upload a prompt set with a 'reference' column, or set policy.ptx_coef to 0"
                 )
-            result = train_ppo(
-                start_path,
-                reference_path,
-                Path(reward_model.path),
-                prompts,
-                output,
-                workdir / "checkpoints",
-                ppo_config,
-                reporter,
+            job = StageJob(
+                kind="ppo",
+                start_path=str(start_path),
+                output_dir=str(output),
+                checkpoint_dir=str(workdir / "checkpoints"),
+                config=ppo_config,
+                prompts=prompts,
                 ptx_conversations=ptx if ppo_config.ptx_coef > 0 else None,
+                reference_path=str(reference_path),
+                reward_model_path=str(reward_model.path),
             )
-            if result.rejected_reason:
-                return {"rejected_reason": result.rejected_reason, **result.final_metrics}
-            metrics = dict(result.final_metrics)
-            schedule = {"steps": result.steps_done, "resumed_from_step": result.resumed_from_step}
+            result = _train(job, config, reporter, run_id, sessions, settings)
+            if result["rejected_reason"]:
+                return {"rejected_reason": result["rejected_reason"], **result["metrics"]}
+            metrics = dict(result["metrics"])
+            schedule = {"steps": result["steps"], "resumed_from_step": result["resumed_from_step"]}
         else:
-            from workers.training.dpo import DPOConfig, train_dpo
+            from workers.training.dpo import DPOConfig
 
-            result = train_dpo(
-                start_path,
-                comparisons,
-                output,
-                workdir / "checkpoints",
-                trainer_config(config, "policy", DPOSection, DPOConfig),
-                reporter,
-                reference_path=reference_path,  # the base: drift stays bounded across rounds
+            job = StageJob(
+                kind="dpo",
+                start_path=str(start_path),
+                output_dir=str(output),
+                checkpoint_dir=str(workdir / "checkpoints"),
+                config=trainer_config(config, "policy", DPOSection, DPOConfig),
+                comparisons=comparisons,
+                reference_path=str(reference_path),  # the base: drift stays bounded across rounds
             )
-            metrics = dict(getattr(result, "final_metrics", None) or getattr(result, "metrics", {}) or {})
-            schedule = {"steps": result.steps_done, "resumed_from_step": result.resumed_from_step}
+            result = _train(job, config, reporter, run_id, sessions, settings)
+            metrics = dict(result["metrics"])
+            schedule = {"steps": result["steps"], "resumed_from_step": result["resumed_from_step"]}
         (workdir / "policy-metrics.json").write_text(json.dumps(metrics))
         with sessions() as db:
             parent = db.get(Policy, start_id)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from app.inference.sampling import SamplingConfig
 from app.services.round_spec import (
+    SECTIONS,
     DPOSection,
     GateSection,
     LoraSection,
@@ -107,6 +108,8 @@ def test_a_bad_setting_is_named_by_its_dotted_path():
             "policy": {"lora": {"rank": 4}},
         },
         "reward.epochs: Input should be a valid integer": {"reward": {"epochs": "two"}},
+        'processes.per_host: must be a whole number of at least 1, or "auto"': {"processes": {"per_host": 0}},
+        "processes.hosts: Input should be greater than or equal to 1": {"processes": {"hosts": 0}},
         "algorithm must be 'ppo' or 'dpo'": {"algorithm": "sft"},
     }
     for expected, data in cases.items():
@@ -161,7 +164,7 @@ def test_setting_fields_list_every_leaf_setting_of_the_spec(algorithm):
     everything = RoundSpec.model_validate(
         {"algorithm": algorithm, "reward": {"lora": {}}, "policy": {"lora": {}}}
     )
-    expected = leaves({k: everything.to_json()[k] for k in ("reward", "policy", "gate")}, "")
+    expected = leaves({k: everything.to_json()[k] for k in SECTIONS}, "")
     fields = setting_fields(algorithm)
     assert {f.name for f in fields} == expected
     by_name = {f.name: f for f in fields}

@@ -58,6 +58,10 @@ def test_a_round_hands_each_stage_its_section_and_goes_live(
     assert runs["evaluate"].config["judge_model_id"] != runs["reward"].result["reward_model_id"]
     assert runs["reward"].result["comparisons"] + runs["judge"].result["comparisons"] == 8
     assert runs["dpo"].config["policy"] == spec.root.policy.model_dump(mode="json")
+    # Every training stage runs on the processes the spec asks for (one, by default: inside the worker).
+    processes = spec.root.processes.model_dump(mode="json")
+    assert runs["reward"].config["processes"] == runs["judge"].config["processes"] == processes
+    assert runs["dpo"].config["processes"] == processes
     assert runs["evaluate"].config["gate"] == spec.root.gate.model_dump(mode="json")
     assert runs["evaluate"].result["prompts"] == 2  # the gate's own prompt count, out of three held out
     assert live_policy(db).round_id == round_id and db.get(Round, round_id).status == "succeeded"
