@@ -49,6 +49,11 @@ NonNegative = Annotated[float, Field(ge=0)]  # coefficients and penalties: 0 swi
 Fraction = Annotated[float, Field(ge=0, le=1)]  # shares and probabilities
 
 
+# Mirrors of the trainers' named choices (workers/training/config.py).
+Sharding = Literal["full_shard", "shard_grad_op"]
+RolloutEngineName = Literal["builtin", "vllm"]
+
+
 class Section(BaseModel):
     """A section of settings: a name it does not have is an error, not ignored."""
 
@@ -106,7 +111,7 @@ class RewardSection(Section):
     dtype: str = "auto"
     device: str = "auto"
     above_chance_alpha: float | None = Field(0.05, gt=0, lt=1)
-    sharding: str = "full_shard"
+    sharding: Sharding = "full_shard"
 
 
 class PPOSection(Section):
@@ -156,8 +161,8 @@ class PPOSection(Section):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSection | None = None
-    sharding: str = "full_shard"
-    rollout_engine: str = "builtin"
+    sharding: Sharding = "full_shard"
+    rollout_engine: RolloutEngineName = "builtin"
 
 
 class DPOSection(Section):
@@ -181,7 +186,7 @@ class DPOSection(Section):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSection | None = None
-    sharding: str = "full_shard"
+    sharding: Sharding = "full_shard"
 
 
 GATE_MODES = ("judge", "human")

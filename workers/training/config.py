@@ -11,7 +11,13 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, Literal, Self
+
+# How a trainer shards its models over several training processes (workers/training/distributed.py):
+# full_shard is ZeRO-3, shard_grad_op ZeRO-2. One process ignores it.
+Sharding = Literal["full_shard", "shard_grad_op"]
+# Who draws PPO's rollouts (workers/training/rollout_engines.py).
+RolloutEngineName = Literal["builtin", "vllm"]
 
 
 class TrainerConfig:

@@ -23,17 +23,18 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from app.common.reporting import Reporter
+from workers.training.config import Sharding
 
 T = TypeVar("T")
 
-STRATEGIES = ("full_shard", "shard_grad_op")
+STRATEGIES: tuple[str, ...] = get_args(Sharding)
 
 
 @dataclass(frozen=True)

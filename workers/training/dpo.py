@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from app.common.files import atomic_publish
 from app.common.reporting import Reporter, RunCancelled
 from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.training.config import TrainerConfig
+from workers.training.config import Sharding, TrainerConfig
 from workers.training.data import Comparison, format_conversation, format_prompt, split_by_prompt
 from workers.training.distributed import (
     STRATEGIES,
@@ -88,7 +88,7 @@ class DPOConfig(TrainerConfig):
     dtype: str = "auto"
     lora: LoraSettings | None = None  # None = full fine-tuning
     # Under several training processes: "full_shard" (FSDP2 / ZeRO-3) or "shard_grad_op" (ZeRO-2).
-    sharding: str = "full_shard"
+    sharding: Sharding = "full_shard"
 
 
 @dataclass

@@ -56,7 +56,7 @@ from app.common.reporting import Reporter, RunCancelled
 from app.inference.sampling import SamplingConfig
 from workers.training import ppo_math as pm
 from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.training.config import TrainerConfig
+from workers.training.config import RolloutEngineName, Sharding, TrainerConfig
 from workers.training.distributed import (
     STRATEGIES,
     ProcessGroup,
@@ -208,10 +208,10 @@ class PPOConfig(TrainerConfig):
     # --- across processes (a single process ignores both)
     # FSDP2 sharding of the trained models: full_shard (ZeRO-3) or shard_grad_op (ZeRO-2: parameters
     # stay gathered between forward and backward; more memory, less communication)
-    sharding: str = "full_shard"
+    sharding: Sharding = "full_shard"
     # What samples the rollouts (workers/training/rollout_engines.py): "builtin", the project's batched
     # generator (on a copy of the policy when it is sharded), or "vllm" on GPU hosts that have it
-    rollout_engine: str = "builtin"
+    rollout_engine: RolloutEngineName = "builtin"
 
     def __post_init__(self) -> None:
         if self.sharding not in STRATEGIES:

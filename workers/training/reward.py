@@ -44,7 +44,7 @@ from torch import nn
 from app.common.files import atomic_publish, sha256_folder
 from app.common.reporting import Reporter, RunCancelled
 from workers.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from workers.training.config import TrainerConfig
+from workers.training.config import Sharding, TrainerConfig
 from workers.training.data import (
     Comparison,
     PackedBatch,
@@ -120,7 +120,7 @@ class RewardConfig(TrainerConfig):
     above_chance_alpha: float | None = 0.05
     # Under several training processes: "full_shard" (FSDP2 / ZeRO-3) or "shard_grad_op" (ZeRO-2:
     # parameters stay gathered from forward to backward). Ignored by a single process.
-    sharding: str = "full_shard"
+    sharding: Sharding = "full_shard"
 
 
 @dataclass
