@@ -161,6 +161,7 @@ class PPOSection(Section):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSection | None = None
+    gradient_checkpointing: bool = False
     sharding: Sharding = "full_shard"
     rollout_engine: RolloutEngineName = "builtin"
 
@@ -186,6 +187,7 @@ class DPOSection(Section):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSection | None = None
+    gradient_checkpointing: bool = False
     sharding: Sharding = "full_shard"
 
 

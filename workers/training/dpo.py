@@ -56,6 +56,7 @@ from workers.training.lora import (
     add_adapter,
     compute_context,
     disable_dropout,
+    enable_gradient_checkpointing,
     freeze,
     pack,
     resolve_dtype,
@@ -87,6 +88,8 @@ class DPOConfig(TrainerConfig):
     device: str = "auto"
     dtype: str = "auto"
     lora: LoraSettings | None = None  # None = full fine-tuning
+    # Trade compute for activation memory (about one more forward pass per step): large models.
+    gradient_checkpointing: bool = False
     # Under several training processes: "full_shard" (FSDP2 / ZeRO-3) or "shard_grad_op" (ZeRO-2).
     sharding: Sharding = "full_shard"
 
@@ -248,6 +251,8 @@ def _load_policy(policy_path, config: DPOConfig, load_dtype: torch.dtype, device
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 

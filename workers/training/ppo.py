@@ -73,6 +73,7 @@ from workers.training.lora import (
     add_adapter,
     compute_context,
     disable_dropout,
+    enable_gradient_checkpointing,
     freeze,
     hf_model,
     merged_causal_lm_state,
@@ -205,6 +206,9 @@ class PPOConfig(TrainerConfig):
     device: str = "auto"  # "auto": CUDA if present, else CPU
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     lora: LoraSettings | None = None  # None = full fine-tuning
+    # Recompute the policy's and the critic's activations in the backward pass (about one more forward
+    # pass per mini-batch) instead of keeping them: large models, long responses.
+    gradient_checkpointing: bool = False
     # --- across processes (a single process ignores both)
     # FSDP2 sharding of the trained models: full_shard (ZeRO-3) or shard_grad_op (ZeRO-2: parameters
     # stay gathered between forward and backward; more memory, less communication)
@@ -401,6 +405,17 @@ class PPOModels:
         self._collect_trainable()
         for param in self.all_trainable():  # adapters and head copies train in float32
             param.data = param.data.float()
+        if config.gradient_checkpointing:
+            if self.shared_base:
+                # Recomputation runs in the backward pass with whichever adapter is active then: the
+                # policy's blocks would be recomputed with the critic's adapter, and the gradients be wrong.
+                raise ValueError(
+                    "policy.gradient_checkpointing does not work with LoRA and a reward function, where the "
+                    "policy and the critic switch adapters on one base: train against a reward model, or "
+                    "turn gradient checkpointing off"
+                )
+            for trained in (self.policy, self.critic):
+                enable_gradient_checkpointing(trained)
         if self.reward_fn is None:
             self._fold_reward_map_into_critic()
 
