@@ -85,6 +85,10 @@ def beat(loglevel: str) -> None:
     )
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -125,6 +129,9 @@ def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
     if settings.environment == "development":
         logins = ", ".join(f"{u} / {p}" for u, _role, p in DEMO_USERS)
         click.echo(f"  demo logins (after `prefloop init --demo`): {logins}")
+    # Until uvicorn takes SIGTERM over, a stop request must unwind through the `finally` below like
+    # Ctrl-C does; the default action would end `serve` at once and leave its workers running.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with supervisor:
         try:
             if web_workers > 1:

@@ -53,7 +53,7 @@ def test_a_smoke_run_ranks_through_the_api_runs_a_round_and_measures_the_candida
 
 
 def _serve_processes(marker: str) -> list[int]:
-    """Pids of `prefloop serve` processes (and their workers) whose environment names `marker`'s folder."""
+    """Pids of `prefloop serve` processes and their Celery workers whose environment names `marker`'s folder."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -63,7 +63,7 @@ def _serve_processes(marker: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if marker.encode() in environ and b"app.cli" in cmdline:
+        if marker.encode() in environ and (b"app.cli" in cmdline or b"celery" in cmdline):
             found.append(int(entry.name))
     return found
 
