@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
+    # Once: a second request (the parent passes its own on) must not cut the stack's shutdown short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

@@ -86,6 +86,8 @@ def beat(loglevel: str) -> None:
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # Once: a second request while the workers are being stopped must not cut that short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

@@ -86,14 +86,18 @@ def test_stopping_the_benchmark_stops_its_stack(tiny_model_dir, tmp_path):
         "--out",
         str(tmp_path / "efficacy.json"),
     ]
-    bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bench = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not _serve_processes(str(legs)) and time.monotonic() < deadline:
             assert bench.poll() is None, "the benchmark ended before its stack started"
             time.sleep(0.5)
         assert _serve_processes(str(legs)), "the stack never started"
-        bench.send_signal(signal.SIGTERM)
+        # To the benchmark and its leg at once, as `pkill -f efficacy.py` or a terminal's Ctrl-C does: the
+        # leg then gets a second request from its parent while it stops the stack.
+        os.killpg(bench.pid, signal.SIGTERM)
         bench.wait(timeout=120)
         deadline = time.monotonic() + 60
         while _serve_processes(str(legs)) and time.monotonic() < deadline:
