@@ -89,6 +89,17 @@ def _checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_STEP_PREFIX) :]))
 
 
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a complete, fsynced checkpoint folder to its `step-*` name, replacing one of the same
+    step (a resumed final step saved again)."""
+    if final.exists():
+        old = final.parent / f"{_TMP_PREFIX}old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def save_checkpoint(
     ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict, group: ProcessGroup | None = None
 ) -> Path:
@@ -114,12 +125,7 @@ def save_checkpoint(
         (tmp / _EXTRA).write_text(json.dumps({"step": step, **extra}, indent=1))
         fsync_tree(tmp)
         final = ckpt_root / f"{_STEP_PREFIX}{step:06d}"
-        if final.exists():  # the same step saved again (a resumed final step): swap it out
-            old = ckpt_root / f"{_TMP_PREFIX}old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(ckpt_root)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -278,12 +284,7 @@ def _save_sharded(
                 json.dumps({"step": step, **extra, "world_size": group.world_size}, indent=1)
             )
             fsync_tree(tmp)
-            if final.exists():  # the same step saved again (a resumed final step): swap it out
-                old = ckpt_root / f"{_TMP_PREFIX}old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(ckpt_root)
+            _move_into_place(tmp, final)
             for old in _checkpoints(ckpt_root)[:-KEEP_LAST]:
                 shutil.rmtree(old, ignore_errors=True)
         except Exception as exc:
