@@ -15,7 +15,8 @@ from workers.training.data import Comparison as TrainingComparison
 
 def load_comparisons(db: Session, snapshot: int) -> list[TrainingComparison]:
     """Every usable comparison with id <= snapshot (annotators excluded by quality control are left
-    out) on a train-split prompt, joined to its prompt and both response texts. Comparisons on eval
+    out) on a train-split prompt, joined to its prompt and both response texts (and whether each
+    ended on its own or was cut off at the length limit). Comparisons on eval
     prompts (the arena votes of a human-confirmed round) never train: those prompts stay held out."""
     chosen = aliased(Response)
     rejected = aliased(Response)
@@ -28,6 +29,8 @@ def load_comparisons(db: Session, snapshot: int) -> list[TrainingComparison]:
             chosen.text,
             rejected.text,
             Comparison.margin,
+            chosen.ended_with_eos,
+            rejected.ended_with_eos,
         )
         .join(Prompt, Prompt.id == Comparison.prompt_id)
         .join(chosen, chosen.id == Comparison.chosen_response_id)
@@ -45,6 +48,8 @@ def load_comparisons(db: Session, snapshot: int) -> list[TrainingComparison]:
             chosen=row[4],
             rejected=row[5],
             margin=float(row[6] or 0.0),
+            chosen_ended=bool(row[7]),
+            rejected_ended=bool(row[8]),
         )
         for row in db.execute(query)
     ]

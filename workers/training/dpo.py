@@ -135,14 +135,17 @@ class _Pair:
 
 
 def _split_tokens(
-    tokenizer, prompt: list[dict], response: str, max_length: int
+    tokenizer, prompt: list[dict], response: str, max_length: int, ended: bool = True
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one rendered conversation, split where the two stop agreeing.
 
-    The response part includes the template's end-of-turn tokens, so DPO also teaches when to stop.
+    The response part of a finished answer includes the template's end-of-turn tokens, so DPO also
+    teaches when to stop; that of an answer cut off at the length limit does not, so a preferred
+    cut-off answer never teaches the policy to end mid-sentence.
     """
     prompt_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-    full = tokenizer(format_conversation(tokenizer, prompt, response), add_special_tokens=False).input_ids
+    rendered = format_conversation(tokenizer, prompt, response, ended)
+    full = tokenizer(rendered, add_special_tokens=False).input_ids
     common = 0
     for a, b in zip(prompt_ids, full, strict=False):
         if a != b:
@@ -158,8 +161,8 @@ def _split_tokens(
 def _encode(tokenizer, items: list[Comparison], max_length: int) -> list[_Pair]:
     pairs = []
     for c in items:
-        prompt, chosen = _split_tokens(tokenizer, c.prompt, c.chosen, max_length)
-        prompt_r, rejected = _split_tokens(tokenizer, c.prompt, c.rejected, max_length)
+        prompt, chosen = _split_tokens(tokenizer, c.prompt, c.chosen, max_length, c.chosen_ended)
+        prompt_r, rejected = _split_tokens(tokenizer, c.prompt, c.rejected, max_length, c.rejected_ended)
         # Both sides must condition on the same prompt tokens; differences come only from truncation.
         shared = min(len(prompt), len(prompt_r))
         pairs.append(_Pair(prompt[len(prompt) - shared :], chosen, rejected))

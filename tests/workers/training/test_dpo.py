@@ -72,6 +72,24 @@ def comparisons(n: int = 24) -> list[Comparison]:
     return items
 
 
+def test_a_cut_off_answer_teaches_no_end_of_turn(tiny_model_dir):
+    """DPO learns the tokens of each answer as the annotator saw it: a finished answer with the
+    template's end-of-turn tokens (so DPO teaches when to stop), a cut-off one without them (so a
+    preferred cut-off answer never teaches the policy to stop mid-sentence)."""
+    from transformers import AutoTokenizer
+
+    from workers.training.dpo import _split_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompt = [{"role": "user", "content": "Describe a river."}]
+    head, finished = _split_tokens(tokenizer, prompt, "A river flows", 256)
+    head_cut, cut = _split_tokens(tokenizer, prompt, "A river flows", 256, ended=False)
+    assert head == head_cut
+    assert finished[: len(cut)] == cut and len(finished) > len(cut)
+    assert tokenizer.eos_token_id in finished and tokenizer.eos_token_id not in cut
+    assert tokenizer.decode(cut) == "A river flows"
+
+
 def small_config(**overrides) -> DPOConfig:
     base = dict(
         learning_rate=2e-3,
