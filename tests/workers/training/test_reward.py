@@ -153,7 +153,9 @@ def test_a_cut_off_answer_is_scored_with_its_turn_open(reward_model):
     plain = []
     for prompt, text, finished in zip(prompts, texts, ended, strict=True):
         enc = tokenizer(
-            format_conversation(tokenizer, prompt, text, finished), return_tensors="pt", add_special_tokens=False
+            format_conversation(tokenizer, prompt, text, finished),
+            return_tensors="pt",
+            add_special_tokens=False,
         )
         with torch.no_grad():
             plain.append(model(**enc).logits[0, 0].item())
