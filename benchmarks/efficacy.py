@@ -345,7 +345,9 @@ class Stack:
         if self.process is not None and self.process.poll() is None:
             from app.cli.supervisor import stop_children
 
-            stop_children([self.process])
+            # Longer than serve's own grace for its workers (20 s): they run in sessions of their own,
+            # so killing serve before it has killed them would leave a worker finishing its task.
+            stop_children([self.process], timeout=45.0)
 
 
 def _respecting_rate_limits(send: Callable[[], Any]) -> Any:
