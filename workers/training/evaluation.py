@@ -11,8 +11,8 @@ of the candidate is compared with sample i of the live policy; the prompt is the
 interval (app/common/win_rate.py). The candidate passes only when the lower confidence bound of its
 win rate is above `min_win_rate` (0.5: better than the live policy beyond chance) and its drift and
 answers look sane: KL to the live and to the base policy, length ratio, and the share of answers
-that end with EOS (the judge sees a truncated answer's open turn, but need not have learnt to mind
-it; the gate checks the share itself). Every check is recorded with its figure and
+that end with EOS (a truncated answer is re-rendered by the chat template as a finished turn, so
+the judge cannot see truncation; the gate does). Every check is recorded with its figure and
 threshold; every failed check is one line in `reasons`.
 """
 
@@ -226,12 +226,9 @@ def apply_gate(report: EvaluationReport, gate: GateConfig) -> EvaluationReport:
 
 
 def _scorer(judge: RewardFn | str | Path, device: torch.device, dtype: torch.dtype):
-    """A function (messages, prompt_texts, texts, ids, ended) -> list of raw scores. A reward model
-    sees a cut-off answer with its turn left open, as the comparisons it learnt from showed it."""
+    """A function (messages, prompt_texts, texts, ids) -> list of raw scores."""
     if callable(judge):
-        return lambda _messages, prompt_texts, texts, ids, _ended: [
-            float(x) for x in judge(prompt_texts, texts, ids)
-        ]
+        return lambda _messages, prompt_texts, texts, ids: [float(x) for x in judge(prompt_texts, texts, ids)]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = Path(judge)
@@ -240,8 +237,8 @@ def _scorer(judge: RewardFn | str | Path, device: torch.device, dtype: torch.dty
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = freeze(model.to(device))
-    return lambda messages, _prompt_texts, texts, _ids, ended: (
-        score(model, tokenizer, messages, texts, ended=ended).float().tolist()
+    return lambda messages, _prompt_texts, texts, _ids: (
+        score(model, tokenizer, messages, texts).float().tolist()
     )
 
 
@@ -329,9 +326,7 @@ def evaluate_candidate(
             ids += out.response_ids
             ended += out.ended_with_eos
             texts += out.texts
-            scores += score_responses(
-                conversations[chunk], prompt_texts[chunk], out.texts, out.response_ids, out.ended_with_eos
-            )
+            scores += score_responses(conversations[chunk], prompt_texts[chunk], out.texts, out.response_ids)
             if name == "candidate":
                 batch = pack(prompt_ids[chunk], out.response_ids, tokenizer.pad_token_id).to(dev)
                 with compute_context(dev, dt):

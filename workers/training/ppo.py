@@ -8,9 +8,9 @@ that small on-policy buffer in mini-batches. Per step:
    engine (`rollout_engines`: the batched KV-cache generator, or vLLM);
 2. score each (prompt, response) with the reward model (or a Python reward function), standardise
    with the reward model's held-out statistics, subtract a penalty from responses that never emitted
-   EOS (TRL's `missing_eos_penalty`: the reward model sees a cut-off answer with its turn left open,
-   as annotators ranked it, but it may not have learnt to mind), divide by the running std of all
-   scores so far and clip to +-10 (MOSS `reward_scale` / `reward_clip`);
+   EOS (the reward model cannot see a cut-off answer: it re-renders the text through the chat
+   template, which closes the turn), divide by the running std of all scores so far and clip to
+   +-10 (MOSS `reward_scale` / `reward_clip`);
 3. per-token reward = -beta * (log pi - log pi_ref) on every response token (k1 KL penalty), plus the
    score on the last real token;
 4. GAE (gamma 1, lambda 0.95) on the critic's values, advantages whitened over the batch;
@@ -160,8 +160,7 @@ class PPOConfig(TrainerConfig):
     reward_scaling: bool = True  # divide scores by their running std (MOSS use_reward_scaling)
     reward_clip: float | None = 10.0  # clip scaled scores to +-10 (MOSS reward_clip)
     # Subtracted from the standardised score of a response cut at max_new_tokens (TRL's
-    # missing_eos_penalty): the reward model sees the cut, but a few hundred comparisons seldom teach
-    # it to mind, and a policy that learns to ramble past the limit is the first hack. 1 = one RM std.
+    # missing_eos_penalty): to the reward model a truncated answer looks finished. 1 = one RM std.
     missing_eos_penalty: float | None = 1.0
     use_reward_stats: bool = True  # standardise RM scores with its held-out mean/std before scaling
 
@@ -287,12 +286,10 @@ class TrainedModel(nn.Module):
         with self._compute():
             return head(response_hidden(self.model, batch)).squeeze(-1).float() + self.value_bias
 
-    def reward_scores(
-        self, tokenizer, messages: list[list[dict]], texts: list[str], ended: list[bool]
-    ) -> Tensor:
+    def reward_scores(self, tokenizer, messages: list[list[dict]], texts: list[str]) -> Tensor:
         """The reward model's raw scores: the critic's base with its adapter off (original score head)."""
         with self.model.disable_adapter():
-            return score(self.model, tokenizer, messages, texts, ended=ended)
+            return score(self.model, tokenizer, messages, texts)
 
 
 def _shard(root: TrainedModel, group: ProcessGroup, strategy: str) -> None:
@@ -522,21 +519,15 @@ class PPOModels:
 
     @torch.no_grad()
     def scores(
-        self,
-        messages: list[list[dict]],
-        prompt_texts: list[str],
-        texts: list[str],
-        ids: list[list[int]],
-        ended: list[bool],
+        self, messages: list[list[dict]], prompt_texts: list[str], texts: list[str], ids: list[list[int]]
     ) -> Tensor:
-        """Raw reward per response (the RM's score or the reward function's value). The reward model
-        sees a cut-off answer with its turn open, as the comparisons it learnt from showed it."""
+        """Raw reward per response (the RM's score or the reward function's value)."""
         if self.reward_fn is not None:
             return torch.tensor([float(x) for x in self.reward_fn(prompt_texts, texts, ids)])
         if self.lora is not None:  # the critic's base: a sharded model, entered through its root
-            raw = self.critic_root.reward_scores(self.reward_tokenizer, messages, texts, ended)
+            raw = self.critic_root.reward_scores(self.reward_tokenizer, messages, texts)
         else:
-            raw = score(self.reward_model, self.reward_tokenizer, messages, texts, ended=ended)
+            raw = score(self.reward_model, self.reward_tokenizer, messages, texts)
         return raw.detach().float().cpu()
 
 
@@ -771,11 +762,7 @@ class PPORun:
         responses = [list(r) for r in out.response_ids]
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         raw = models.scores(
-            [self.prompts[i] for i in mine],
-            [self.prompt_texts[i] for i in mine],
-            texts,
-            responses,
-            [bool(e) for e in out.ended_with_eos],
+            [self.prompts[i] for i in mine], [self.prompt_texts[i] for i in mine], texts, responses
         )
         # The whole step's buffer on every process, in global row order (shares are contiguous).
         shares = group.gather_objects(

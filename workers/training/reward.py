@@ -33,7 +33,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -634,23 +633,15 @@ def _published_result(output_dir: Path) -> RewardResult:
 
 @torch.no_grad()
 def score(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    responses: list[str],
-    batch_size: int = 16,
-    ended: Sequence[bool] | None = None,
+    model, tokenizer, prompts: list[list[dict]], responses: list[str], batch_size: int = 16
 ) -> torch.Tensor:
     """Reward of each (prompt, response), as a float32 CPU tensor in input order.
 
     Responses to the same prompt inside a chunk of `batch_size` share one prompt copy, so PPO's
-    K samples per prompt cost little more than K responses. `ended` says which answers ended on
-    their own (all when None): a cut-off one is scored with its turn left open, as it was ranked.
+    K samples per prompt cost little more than K responses.
     """
     if len(prompts) != len(responses):
         raise ValueError("prompts and responses must have the same length")
-    if ended is not None and len(ended) != len(responses):
-        raise ValueError("ended must have one flag per response")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -663,8 +654,7 @@ def score(
             items = list(
                 zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
             )
-            flags = None if ended is None else list(ended[start : start + batch_size])
-            batch, item_to_seq = pack_sequences(items, cache, tokenizer.pad_token_id, ended=flags)
+            batch, item_to_seq = pack_sequences(items, cache, tokenizer.pad_token_id)
             rewards = sequence_rewards(model, batch.to(device), compute_dtype)
             out.append(rewards[torch.tensor(item_to_seq, device=device)].cpu())
     finally:

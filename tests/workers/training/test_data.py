@@ -226,34 +226,13 @@ def test_a_cut_off_answer_keeps_its_turn_open(tokenizer):
     assert finished.rstrip().endswith(tokenizer.eos_token)
 
 
-def test_the_same_text_finished_and_cut_off_are_two_sequences_scored_at_their_own_ends(tokenizer):
-    prompt = [{"role": "user", "content": "Name three rivers"}]
-    text = "The Nile, the Amazon and the"
-    cache = TokenCache(tokenizer, max_length=256)
-    items = [(prompt, text), (prompt, text), (prompt, "The Rhine.")]
-    batch, index = pack_sequences(items, cache, tokenizer.pad_token_id, ended=[True, False, True])
-    assert index == [0, 1, 2] and batch.num_sequences == 3
-
-    finished, cut = cache.encode(prompt, text), cache.encode(prompt, text, ended=False)
-    assert finished.prefix == cut.prefix == cache.prompt_ids(prompt)
-    # The cut-off answer is the finished one without its end-of-turn tokens.
-    assert len(cut.suffix) < len(finished.suffix) and finished.suffix[: len(cut.suffix)] == cut.suffix
-    assert tokenizer.decode(list(cut.suffix)) == text
-    # Its score is read on its last word, not on a closing token it never produced.
-    row, col = batch.score_row[1].item(), batch.score_col[1].item()
-    assert batch.input_ids[row, col].item() == cut.suffix[-1]
-
-    with pytest.raises(ValueError, match="ended has 2 flags for 3 items"):
-        pack_sequences(items, cache, tokenizer.pad_token_id, ended=[True, False])
-
-
-def test_comparisons_carry_whether_each_side_was_cut_off(tokenizer):
+def test_the_reward_model_reads_every_answer_at_its_closing_token(tokenizer):
+    """Cut off or not, the reward model scores an answer with its turn closed: the score is read on
+    the same closing token for every answer (see `Comparison`)."""
     prompt = [{"role": "user", "content": "Say something"}]
     cache = TokenCache(tokenizer, max_length=256)
     both = [Comparison(1, 1, 1, prompt, "Done.", "Not done", chosen_ended=True, rejected_ended=False)]
     batch = pack_comparisons(both, cache, tokenizer.pad_token_id)
-    rejected = batch.rejected_index[0].item()
-    col = batch.score_col[rejected].item()
-    last_token = batch.input_ids[batch.score_row[rejected], col].item()
-    assert last_token == cache.encode(prompt, "Not done", ended=False).suffix[-1]
-    assert last_token != cache.encode(prompt, "Not done").suffix[-1]
+    closed = format_conversation(tokenizer, prompt, "Not done")
+    last = [batch.input_ids[r, c].item() for r, c in zip(batch.score_row, batch.score_col, strict=True)]
+    assert last[0] == last[1] == tokenizer(closed, add_special_tokens=False)["input_ids"][-1]

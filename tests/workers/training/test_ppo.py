@@ -400,7 +400,7 @@ def test_critic_starts_as_the_reward_model(policy_dir, reward_model_dir, lora):
         expected = (raw - 0.5) / 2.0
         torch.testing.assert_close(models.values(batch), expected, rtol=1e-4, atol=1e-5)
         # The reward model itself still gives raw scores.
-        rm_scores = models.scores(PROMPTS[:2], ["", ""], ["a cat", "the dog"], [[], []], [True, True])
+        rm_scores = models.scores(PROMPTS[:2], ["", ""], ["a cat", "the dog"], [[], []])
         torch.testing.assert_close(
             rm_scores, score(rm, tokenizer, PROMPTS[:2], ["a cat", "the dog"]), rtol=1e-4, atol=1e-5
         )

@@ -143,31 +143,6 @@ def test_score_equals_the_plain_forward_of_each_sequence(reward_model):
     assert torch.allclose(got, _plain_scores(model, tokenizer, ITEMS), atol=1e-5)
 
 
-def test_a_cut_off_answer_is_scored_with_its_turn_open(reward_model):
-    """Scoring with `ended` flags equals the plain forward of each conversation as the annotator saw
-    it: a cut-off answer without the end-of-turn tokens the chat template would add."""
-    model, tokenizer = reward_model
-    prompts, texts = [p for p, _ in ITEMS], [r for _, r in ITEMS]
-    ended = [True, False, False, True, False]
-    got = score(model, tokenizer, prompts, texts, batch_size=4, ended=ended)
-    plain = []
-    for prompt, text, finished in zip(prompts, texts, ended, strict=True):
-        enc = tokenizer(
-            format_conversation(tokenizer, prompt, text, finished),
-            return_tensors="pt",
-            add_special_tokens=False,
-        )
-        with torch.no_grad():
-            plain.append(model(**enc).logits[0, 0].item())
-    assert torch.allclose(got, torch.tensor(plain), atol=1e-5)
-    # The flags matter: the same texts all finished score differently where they were cut.
-    finished = score(model, tokenizer, prompts, texts, batch_size=4)
-    assert not torch.allclose(got[1], finished[1], atol=1e-4)
-    assert torch.allclose(got[0], finished[0], atol=1e-5)
-    with pytest.raises(ValueError, match="one flag per response"):
-        score(model, tokenizer, prompts, texts, ended=[True])
-
-
 def test_prompt_sharing_changes_no_score(reward_model):
     model, tokenizer = reward_model
     cache = TokenCache(tokenizer, max_length=512)
