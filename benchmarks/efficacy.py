@@ -12,7 +12,7 @@ held-out judge, is set beside the annotator's: do they agree, and is the gate's 
 0.1 of the annotator's?
 
     python benchmarks/efficacy.py                         # cpu profile, PPO-max, all three standards
-    python benchmarks/efficacy.py --standards concise     # one annotator (about 30 minutes on a CPU)
+    python benchmarks/efficacy.py --standards structured  # one annotator (about 30 minutes on a CPU)
     python benchmarks/efficacy.py --rounds 2 --algorithms ppo,dpo
     python benchmarks/efficacy.py --profile gpu --out efficacy-gpu.json
 
