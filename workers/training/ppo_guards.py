@@ -10,12 +10,21 @@ first rollout already ends less often than `min_eos_share` (a small model rambli
 `max_new_tokens`: SmolLM2-135M at temperature 1 ends 2% of its answers within 64 tokens and 6% within
 96), the guard stays off for the run and says so once; the missing-EOS penalty still marks every
 cut-off answer, and the gate compares the candidate's EOS share with the live policy's.
+
+The length-rise guard likewise needs room to rise: when the first rollout already averages within
+`LENGTH_ROOM_FLOOR` of `max_new_tokens` (SmolLM2-135M averages about 60 of 64 tokens), nearly every
+answer is cut at the cap, a "rise" can only be a few more answers cut, and the guard would fire on the
+noise of eight samples. It stays off for the run and says so once; the missing-EOS penalty and the
+gate's EOS-share and length checks watch those answers instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+# The share of max_new_tokens the first rollout must leave free for the length-rise guard to watch.
+LENGTH_ROOM_FLOOR = 0.1
 
 
 @dataclass
@@ -55,6 +64,14 @@ class CollapseGuards:
         self.strikes = 0
 
     @property
+    def length_guard_off(self) -> bool:
+        """True when the first rollout left too little room below the cap to see a rise."""
+        if self.baseline_length is None:
+            return False
+        cap = self.settings.max_new_tokens
+        return cap - self.baseline_length < LENGTH_ROOM_FLOOR * cap
+
+    @property
     def eos_guard_off(self) -> bool:
         """True when the first rollout already ended less often than the guard's floor."""
         floor = self.settings.min_eos_share
@@ -72,7 +89,7 @@ class CollapseGuards:
         out = []
         if cfg.max_kl is not None and metrics["kl_ref"] > cfg.max_kl:
             out.append(f"KL to reference {metrics['kl_ref']:.2f} nats > {cfg.max_kl}")
-        ceiling = max_length_allowed(cfg, base)
+        ceiling = None if self.length_guard_off else max_length_allowed(cfg, base)
         if ceiling is not None and length > ceiling:
             out.append(
                 f"mean response length {length:.1f} > {ceiling:.1f} (the first rollout's was {base:.1f})"

@@ -44,6 +44,26 @@ def test_the_length_rise_guard_can_fire_below_the_cap_whatever_the_first_length(
     assert reason == "mean response length 95.0 > 94.0 (the first rollout's was 60.0)"
 
 
+def test_the_length_rise_guard_is_off_when_the_first_rollout_leaves_no_room_to_rise():
+    # 64-token cap: a first rollout of 60.2 tokens leaves 3.8 (< 10% of the cap). With the headroom
+    # rule alone the ceiling would be 62.1, and 64.0 (every answer cut) would strike.
+    settings = dataclasses.replace(OFF, max_length_ratio=2.5, length_headroom=0.5, max_new_tokens=64)
+    assert max_length_allowed(settings, 60.2) == pytest.approx(62.1)
+    crowded = CollapseGuards(settings)
+    assert not crowded.length_guard_off  # no baseline yet
+    assert crowded.reasons(step(60.2)) == [] and crowded.length_guard_off
+    assert crowded.reasons(step(64.0)) == []
+    # 57 of 64 leaves 7 tokens, more than 10%: the guard watches (ceiling 57 + 3.5 = 60.5).
+    roomy = CollapseGuards(settings)
+    assert roomy.reasons(step(57.0)) == [] and not roomy.length_guard_off
+    (reason,) = roomy.reasons(step(61.0))
+    assert reason == "mean response length 61.0 > 60.5 (the first rollout's was 57.0)"
+    # The other length guards still watch a crowded run: answers shrinking towards nothing.
+    shrinking = CollapseGuards(dataclasses.replace(settings, min_length_ratio=0.3))
+    shrinking.reasons(step(62.0))
+    assert shrinking.reasons(step(10.0)) == ["mean response length 10.0 < 0.3x the first 62.0"]
+
+
 def test_the_eos_share_guard_says_what_to_change():
     guards = CollapseGuards(dataclasses.replace(OFF, min_eos_share=0.25))
     assert guards.reasons(step(eos=0.5)) == []  # the first rollout: half its answers end
