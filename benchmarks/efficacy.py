@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.leg:
         # SIGTERM unwinds like an exception, so the stack's `with` block stops `prefloop serve` and its workers.
-        signal.signal(signal.SIGTERM, _exit_on_signal)
+        from app.cli.supervisor import exit_once_on_sigterm
+
+        signal.signal(signal.SIGTERM, exit_once_on_sigterm)
         result = run_leg(json.loads(args.leg))
         return 0 if result.get("error") is None else 1
     standards = [s.strip() for s in args.standards.split(",") if s.strip()]
@@ -184,12 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     summarise(legs)
     log(f"results written to {args.out}")
     return 0 if all(leg.get("error") is None for leg in legs) else 1
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    # Once: a second request (the parent passes its own on) must not cut the stack's shutdown short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
 
 
 def run_leg_process(leg: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import click
 
 from app.cli.display import redact
-from app.cli.supervisor import Backoff, Supervisor
+from app.cli.supervisor import Backoff, Supervisor, exit_once_on_sigterm
 from app.config import default_secret_refusal, get_settings, is_loopback
 from app.data.db import session_scope
 from app.data.migrate import run_migrations
@@ -85,12 +85,6 @@ def beat(loglevel: str) -> None:
     )
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    # Once: a second request while the workers are being stopped must not cut that short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -133,7 +127,7 @@ def serve(host: str, port: int, no_worker: bool, web_workers: int) -> None:
         click.echo(f"  demo logins (after `prefloop init --demo`): {logins}")
     # Until uvicorn takes SIGTERM over, a stop request must unwind through the `finally` below like
     # Ctrl-C does; the default action would end `serve` at once and leave its workers running.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_once_on_sigterm)
     with supervisor:
         try:
             if web_workers > 1:

@@ -197,3 +197,12 @@ def stop_children(children: list[subprocess.Popen], timeout: float = 20.0) -> No
         except subprocess.TimeoutExpired:
             _kill_group(child.pid)
             child.wait()
+
+
+def exit_once_on_sigterm(signum: int, _frame: object) -> None:
+    """A SIGTERM handler that unwinds like an exception, so `finally` and `with` blocks stop children.
+
+    Once: a second request (a parent passing its own on) must not cut that shutdown short.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)

@@ -1114,25 +1114,13 @@ def train_ppo(
             reporter.progress(
                 step + 1, config.steps, f"reward {metrics['reward_raw']:.3f} kl {metrics['kl_ref']:.2f}"
             )
-            eos_guard_was_off, length_guard_was_off = run.guards.eos_guard_off, run.guards.length_guard_off
+            first_check = run.guards.baseline_length is None
             reason = run.guards.check(metrics)
             if reason is not None:
                 raise CollapseDetected(reason)
-            if run.guards.length_guard_off and not length_guard_was_off:
-                log.warning(
-                    "the first rollout's answers averaged %.1f of %d tokens: too close to the cap to see "
-                    "them grow, so the length-rise guard is off for this run (raise "
-                    "policy.sampling.max_new_tokens to keep it on)",
-                    metrics["response_length"],
-                    config.sampling.max_new_tokens,
-                )
-            if run.guards.eos_guard_off and not eos_guard_was_off:
-                log.warning(
-                    "only %.0f%% of the first rollout's answers ended within %d tokens: the EOS-share guard "
-                    "is off for this run (raise policy.sampling.max_new_tokens to keep it on)",
-                    100 * metrics["eos_share"],
-                    config.sampling.max_new_tokens,
-                )
+            if first_check:  # the first rollout sets the baselines, and may turn guards off
+                for notice in run.guards.off_notices():
+                    log.warning(notice)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save_checkpoint(
                     checkpoint_dir,

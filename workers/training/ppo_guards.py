@@ -63,6 +63,24 @@ class CollapseGuards:
         self.baseline_eos_share: float | None = None
         self.strikes = 0
 
+    def off_notices(self) -> list[str]:
+        """One line per guard the first rollout turned off, with what keeps it on (logged once)."""
+        max_new_tokens = self.settings.max_new_tokens
+        notices = []
+        if self.length_guard_off:
+            notices.append(
+                f"the first rollout's answers averaged {self.baseline_length:.1f} of {max_new_tokens} "
+                "tokens: too close to the cap to see them grow, so the length-rise guard is off for this "
+                "run (raise policy.sampling.max_new_tokens to keep it on)"
+            )
+        if self.eos_guard_off:
+            notices.append(
+                f"only {100 * self.baseline_eos_share:.0f}% of the first rollout's answers ended within "
+                f"{max_new_tokens} tokens: the EOS-share guard is off for this run (raise "
+                "policy.sampling.max_new_tokens to keep it on)"
+            )
+        return notices
+
     @property
     def length_guard_off(self) -> bool:
         """True when the first rollout left too little room below the cap to see a rise."""
